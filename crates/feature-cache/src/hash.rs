@@ -1,0 +1,78 @@
+//! A small, fast, deterministic hasher for shard selection and the frequency sketch.
+
+use std::hash::{Hash, Hasher};
+
+/// Multiply-rotate hasher (FxHash's step) with a murmur3 finaliser so that the
+/// low and high bits are both well mixed.
+#[derive(Default)]
+pub(crate) struct MixHasher {
+    state: u64,
+}
+
+const K: u64 = 0xf135_7aea_2e62_a9c5;
+
+impl Hasher for MixHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut b = [0u8; 8];
+            b[..rest.len()].copy_from_slice(rest);
+            self.write_u64(u64::from_le_bytes(b) ^ ((rest.len() as u64) << 56));
+        }
+    }
+
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.state = (self.state.rotate_left(26) ^ i).wrapping_mul(K);
+    }
+
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        fmix64(self.state)
+    }
+}
+
+#[inline]
+pub(crate) fn fmix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    h
+}
+
+/// The 64-bit hash of `key`.
+#[inline]
+pub(crate) fn hash_key<K: Hash + ?Sized>(key: &K) -> u64 {
+    let mut h = MixHasher::default();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// FNV-1a over bytes: a stable hash for file names and schema strings.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}

@@ -1,0 +1,516 @@
+//! One shard's eviction policy: weighted LRU, or W-TinyLFU (an admission
+//! window LRU in front of a segmented main space, a frequency sketch deciding
+//! who enters main, and a hill climber sizing the window), after Caffeine.
+
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+
+use crate::hash::hash_key;
+use crate::sketch::FrequencySketch;
+use crate::stats::EvictionCause;
+
+/// A stored value with its bookkeeping.
+#[derive(Debug)]
+pub(crate) struct Entry<V> {
+    pub(crate) value: V,
+    pub(crate) weight: u64,
+    pub(crate) expires_at: Option<Instant>,
+    pub(crate) tags: Vec<String>,
+    pub(crate) load_time: Duration,
+}
+
+impl<V> Entry<V> {
+    #[inline]
+    pub(crate) fn is_expired(&self, now: &mut Option<Instant>, clock: &dyn crate::Clock) -> bool {
+        match self.expires_at {
+            None => false,
+            Some(at) => *now.get_or_insert_with(|| clock.now()) >= at,
+        }
+    }
+}
+
+/// Evicted or removed entries, handed to listeners after the lock is released.
+pub(crate) type Removed<K, V> = Vec<(K, Entry<V>, EvictionCause)>;
+
+/// Per-shard counters, updated under the shard's lock.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct ShardCounters {
+    pub(crate) hits: u64,
+    pub(crate) misses: u64,
+    pub(crate) inserts: u64,
+    pub(crate) evictions: [u64; 4],
+    pub(crate) time_saved: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Region {
+    Window,
+    Probation,
+    Protected,
+}
+
+/// Caffeine's climber constants.
+const STEP_PERCENT: f64 = 0.0625;
+const STEP_DECAY: f64 = 0.98;
+const RESTART_THRESHOLD: f64 = 0.05;
+/// A candidate at least this frequent is admitted against a hotter victim
+/// with probability 1/128 (Caffeine's defence against hash flooding).
+const HASHDOS_THRESHOLD: u8 = 6;
+
+/// One shard's storage and policy.
+#[derive(Debug)]
+pub(crate) struct Shard<K: Hash + Eq, V> {
+    admission: bool,
+    window: LruCache<K, Entry<V>>,
+    probation: LruCache<K, Entry<V>>,
+    protected: LruCache<K, Entry<V>>,
+    window_weight: u64,
+    probation_weight: u64,
+    protected_weight: u64,
+    capacity: u64,
+    window_max: u64,
+    protected_max: u64,
+    sketch: Option<FrequencySketch>,
+    hits_in_sample: u64,
+    misses_in_sample: u64,
+    previous_hit_rate: f64,
+    step: f64,
+    rng: u64,
+    pub(crate) counters: ShardCounters,
+}
+
+/// Starting share of the window in admission mode (Caffeine: 1%).
+const INITIAL_WINDOW: f64 = 0.01;
+/// Share of the main space kept for the protected segment (Caffeine: 80%).
+const PROTECTED_SHARE: f64 = 0.80;
+
+impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
+    pub(crate) fn new(capacity: u64, admission: bool, sketch_width: usize) -> Self {
+        let mut s = Self {
+            admission,
+            window: LruCache::unbounded(),
+            probation: LruCache::unbounded(),
+            protected: LruCache::unbounded(),
+            window_weight: 0,
+            probation_weight: 0,
+            protected_weight: 0,
+            capacity,
+            window_max: capacity,
+            protected_max: 0,
+            sketch: admission.then(|| FrequencySketch::new(sketch_width)),
+            hits_in_sample: 0,
+            misses_in_sample: 0,
+            previous_hit_rate: 0.0,
+            step: 0.0,
+            rng: 0x9e37_79b9_7f4a_7c15,
+            counters: ShardCounters::default(),
+        };
+        s.reset_partition();
+        s
+    }
+
+    fn reset_partition(&mut self) {
+        if self.admission {
+            let cap = self.capacity as f64;
+            self.window_max = ((cap * INITIAL_WINDOW) as u64).max(1).min(self.capacity);
+            let main = self.capacity - self.window_max;
+            self.protected_max = (main as f64 * PROTECTED_SHARE) as u64;
+            self.step = -STEP_PERCENT * cap;
+        } else {
+            self.window_max = self.capacity;
+            self.protected_max = 0;
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.window.len() + self.probation.len() + self.protected.len()
+    }
+
+    pub(crate) fn weight(&self) -> u64 {
+        self.window_weight + self.probation_weight + self.protected_weight
+    }
+
+    pub(crate) fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// The admission window's current target size (for diagnostics).
+    pub(crate) fn window_max(&self) -> u64 {
+        self.window_max
+    }
+
+    fn region_mut(&mut self, r: Region) -> (&mut LruCache<K, Entry<V>>, &mut u64) {
+        match r {
+            Region::Window => (&mut self.window, &mut self.window_weight),
+            Region::Probation => (&mut self.probation, &mut self.probation_weight),
+            Region::Protected => (&mut self.protected, &mut self.protected_weight),
+        }
+    }
+
+    fn locate(&self, key: &K) -> Option<Region> {
+        if self.protected.contains(key) {
+            Some(Region::Protected)
+        } else if self.probation.contains(key) {
+            Some(Region::Probation)
+        } else if self.window.contains(key) {
+            Some(Region::Window)
+        } else {
+            None
+        }
+    }
+
+    fn take(&mut self, key: &K, r: Region) -> Option<(K, Entry<V>)> {
+        let (list, w) = self.region_mut(r);
+        let (k, e) = list.pop_entry(key)?;
+        *w -= e.weight;
+        Some((k, e))
+    }
+
+    fn put(&mut self, key: K, e: Entry<V>, r: Region) {
+        let (list, w) = self.region_mut(r);
+        *w += e.weight;
+        list.push(key, e);
+    }
+
+    /// Looks `key` up; a hit counts as an access. Expired entries are removed
+    /// (into `removed`) and reported as a miss.
+    pub(crate) fn get(
+        &mut self,
+        key: &K,
+        hash: u64,
+        clock: &dyn crate::Clock,
+        removed: &mut Removed<K, V>,
+    ) -> Option<V> {
+        let mut now = None;
+        let found = if let Some(e) = self.protected.get(key) {
+            Some((Region::Protected, e.is_expired(&mut now, clock)))
+        } else if let Some(e) = self.probation.peek(key) {
+            Some((Region::Probation, e.is_expired(&mut now, clock)))
+        } else if let Some(e) = self.window.get(key) {
+            Some((Region::Window, e.is_expired(&mut now, clock)))
+        } else {
+            None
+        };
+        let value = match found {
+            None => None,
+            Some((r, true)) => {
+                if let Some((k, e)) = self.take(key, r) {
+                    self.counters.evictions[EvictionCause::Expired as usize] += 1;
+                    removed.push((k, e, EvictionCause::Expired));
+                }
+                None
+            }
+            Some((Region::Probation, false)) => {
+                // A second access in main: promote to protected.
+                let (k, e) = self.take(key, Region::Probation)?;
+                let v = e.value.clone();
+                self.counters.time_saved += e.load_time;
+                self.put(k, e, Region::Protected);
+                self.demote_protected_overflow();
+                if let Some(s) = &mut self.sketch {
+                    s.increment(hash);
+                }
+                self.record(true);
+                return Some(v);
+            }
+            Some((r, false)) => {
+                let (list, _) = self.region_mut(r);
+                let e = list.peek(key)?;
+                let v = e.value.clone();
+                let saved = e.load_time;
+                self.counters.time_saved += saved;
+                if let Some(s) = &mut self.sketch {
+                    s.increment(hash);
+                }
+                self.record(true);
+                return Some(v);
+            }
+        };
+        self.record(false);
+        value
+    }
+
+    /// Like `get` but without counting an access or a hit/miss.
+    pub(crate) fn peek(&self, key: &K, clock: &dyn crate::Clock) -> Option<&Entry<V>> {
+        let r = self.locate(key)?;
+        let e = match r {
+            Region::Window => self.window.peek(key),
+            Region::Probation => self.probation.peek(key),
+            Region::Protected => self.protected.peek(key),
+        }?;
+        let mut now = None;
+        (!e.is_expired(&mut now, clock)).then_some(e)
+    }
+
+    /// Inserts or replaces `key`; evictions go to `removed`.
+    pub(crate) fn insert(&mut self, key: K, hash: u64, entry: Entry<V>, removed: &mut Removed<K, V>) {
+        self.counters.inserts += 1;
+        if let Some(s) = &mut self.sketch {
+            s.increment(hash);
+        }
+        let region = match self.locate(&key) {
+            Some(r) => {
+                if let Some((k, old)) = self.take(&key, r) {
+                    self.counters.evictions[EvictionCause::Replaced as usize] += 1;
+                    removed.push((k, old, EvictionCause::Replaced));
+                }
+                r
+            }
+            None => Region::Window,
+        };
+        self.put(key, entry, region);
+        if region == Region::Protected {
+            self.demote_protected_overflow();
+        }
+        self.grow_sketch();
+        self.maintain(removed);
+    }
+
+    /// Removes `key` explicitly.
+    pub(crate) fn remove(&mut self, key: &K) -> Option<(K, Entry<V>)> {
+        let r = self.locate(key)?;
+        let out = self.take(key, r);
+        if out.is_some() {
+            self.counters.evictions[EvictionCause::Explicit as usize] += 1;
+        }
+        out
+    }
+
+    /// Removes every entry for which `pred` holds, with `cause`.
+    pub(crate) fn remove_where(
+        &mut self,
+        mut pred: impl FnMut(&K, &Entry<V>) -> bool,
+        cause: EvictionCause,
+        removed: &mut Removed<K, V>,
+    ) {
+        for r in [Region::Window, Region::Probation, Region::Protected] {
+            let (list, _) = self.region_mut(r);
+            let keys: Vec<K> = list
+                .iter()
+                .filter(|(k, e)| pred(k, e))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in keys {
+                if let Some((k, e)) = self.take(&k, r) {
+                    self.counters.evictions[cause as usize] += 1;
+                    removed.push((k, e, cause));
+                }
+            }
+        }
+    }
+
+    /// Sets a new capacity and evicts down to it at once.
+    pub(crate) fn set_capacity(&mut self, capacity: u64, removed: &mut Removed<K, V>) {
+        self.capacity = capacity;
+        self.reset_partition();
+        self.demote_protected_overflow();
+        self.maintain(removed);
+    }
+
+    fn grow_sketch(&mut self) {
+        let len = self.len();
+        if let Some(s) = &mut self.sketch {
+            if len > s.width() {
+                s.grow(len * 2);
+            }
+        }
+    }
+
+    fn demote_protected_overflow(&mut self) {
+        while self.protected_weight > self.protected_max {
+            let Some((k, e)) = self.protected.pop_lru() else {
+                break;
+            };
+            self.protected_weight -= e.weight;
+            self.put(k, e, Region::Probation);
+        }
+    }
+
+    fn evict(&mut self, r: Region, removed: &mut Removed<K, V>) {
+        let (list, w) = self.region_mut(r);
+        if let Some((k, e)) = list.pop_lru() {
+            *w -= e.weight;
+            self.counters.evictions[EvictionCause::Capacity as usize] += 1;
+            removed.push((k, e, EvictionCause::Capacity));
+        }
+    }
+
+    fn evict_key(&mut self, key: &K, r: Region, removed: &mut Removed<K, V>) {
+        if let Some((k, e)) = self.take(key, r) {
+            self.counters.evictions[EvictionCause::Capacity as usize] += 1;
+            removed.push((k, e, EvictionCause::Capacity));
+        }
+    }
+
+    /// Restores the size invariants after an insert or a resize.
+    fn maintain(&mut self, removed: &mut Removed<K, V>) {
+        if !self.admission {
+            while self.weight() > self.capacity && !self.window.is_empty() {
+                self.evict(Region::Window, removed);
+            }
+            return;
+        }
+        // Window overflow moves to probation; those entries are the candidates.
+        let mut candidates = std::collections::VecDeque::new();
+        while self.window_weight > self.window_max {
+            let Some((k, e)) = self.window.pop_lru() else {
+                break;
+            };
+            self.window_weight -= e.weight;
+            candidates.push_back(k.clone());
+            self.put(k, e, Region::Probation);
+        }
+        while self.weight() > self.capacity {
+            // Drop candidates that already left (evicted as victims).
+            while candidates
+                .front()
+                .is_some_and(|c| !self.probation.contains(c))
+            {
+                candidates.pop_front();
+            }
+            let candidate = candidates.front().cloned();
+            // The victim: probation's LRU unless only candidates remain there,
+            // then protected's LRU, then the window's.
+            let victim = if self.probation.len() > candidates.len() {
+                self.probation.peek_lru().map(|(k, _)| (k.clone(), Region::Probation))
+            } else if let Some((k, _)) = self.protected.peek_lru() {
+                Some((k.clone(), Region::Protected))
+            } else if candidate.is_none() {
+                self.window.peek_lru().map(|(k, _)| (k.clone(), Region::Window))
+            } else {
+                None
+            };
+            match (candidate, victim) {
+                (None, None) => break,
+                (Some(c), None) => {
+                    candidates.pop_front();
+                    self.evict_key(&c, Region::Probation, removed);
+                }
+                (None, Some((v, r))) => self.evict_key(&v, r, removed),
+                (Some(c), Some((v, r))) => {
+                    candidates.pop_front();
+                    if self.admit(&c, &v) {
+                        self.evict_key(&v, r, removed);
+                    } else {
+                        self.evict_key(&c, Region::Probation, removed);
+                    }
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, candidate: &K, victim: &K) -> bool {
+        let Some(s) = &self.sketch else { return true };
+        let cf = s.frequency(hash_key(candidate));
+        let vf = s.frequency(hash_key(victim));
+        if cf > vf {
+            true
+        } else if cf >= HASHDOS_THRESHOLD {
+            // xorshift64
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            self.rng & 127 == 0
+        } else {
+            false
+        }
+    }
+
+    /// Counts a hit or miss; in admission mode feeds the hill climber.
+    #[inline]
+    fn record(&mut self, hit: bool) {
+        if hit {
+            self.counters.hits += 1;
+        } else {
+            self.counters.misses += 1;
+        }
+        let Some(s) = &self.sketch else { return };
+        if hit {
+            self.hits_in_sample += 1;
+        } else {
+            self.misses_in_sample += 1;
+        }
+        let requests = self.hits_in_sample + self.misses_in_sample;
+        if requests >= s.sample_size() {
+            self.climb(requests);
+        }
+    }
+
+    /// One step of the hill climber: keep moving the window in the direction
+    /// that improved the hit rate; restart with a large step when the
+    /// workload changes.
+    fn climb(&mut self, requests: u64) {
+        let hit_rate = self.hits_in_sample as f64 / requests as f64;
+        let change = hit_rate - self.previous_hit_rate;
+        let amount = if change >= 0.0 { self.step } else { -self.step };
+        let next = if change.abs() >= RESTART_THRESHOLD {
+            STEP_PERCENT * self.capacity as f64 * amount.signum()
+        } else {
+            STEP_DECAY * amount
+        };
+        self.previous_hit_rate = hit_rate;
+        self.step = next;
+        self.hits_in_sample = 0;
+        self.misses_in_sample = 0;
+        let amount = amount as i64;
+        if amount > 0 {
+            self.increase_window(amount.unsigned_abs());
+        } else if amount < 0 {
+            self.decrease_window(amount.unsigned_abs());
+        }
+    }
+
+    fn increase_window(&mut self, amount: u64) {
+        let mut quota = amount.min(self.protected_max);
+        self.protected_max -= quota;
+        self.window_max += quota;
+        self.demote_protected_overflow();
+        // Move entries from main into the window to fill the new room.
+        while quota > 0 {
+            let next = if !self.probation.is_empty() {
+                self.probation.pop_lru().map(|x| (x, Region::Probation))
+            } else {
+                self.protected.pop_lru().map(|x| (x, Region::Protected))
+            };
+            let Some(((k, e), r)) = next else { break };
+            if e.weight > quota {
+                // Too heavy for the room left: back to the LRU end, unchanged.
+                let (list, _) = self.region_mut(r);
+                list.push(k.clone(), e);
+                list.demote(&k);
+                break;
+            }
+            match r {
+                Region::Probation => self.probation_weight -= e.weight,
+                _ => self.protected_weight -= e.weight,
+            }
+            quota -= e.weight;
+            self.put(k, e, Region::Window);
+        }
+        self.protected_max += quota;
+        self.window_max -= quota;
+    }
+
+    fn decrease_window(&mut self, amount: u64) {
+        let mut quota = amount.min(self.window_max.saturating_sub(1));
+        self.protected_max += quota;
+        self.window_max -= quota;
+        while quota > 0 {
+            let Some((k, e)) = self.window.pop_lru() else {
+                break;
+            };
+            if e.weight > quota {
+                self.window.push(k.clone(), e);
+                self.window.demote(&k);
+                break;
+            }
+            self.window_weight -= e.weight;
+            quota -= e.weight;
+            self.put(k, e, Region::Probation);
+        }
+        self.protected_max -= quota;
+        self.window_max += quota;
+    }
+}
