@@ -1,0 +1,130 @@
+//! The crate's one error type.
+
+use std::time::Duration;
+
+/// Everything that can go wrong when configuring a pool or leasing from it.
+///
+/// Every message names the value that was asked for, the limit it ran into
+/// and what the caller can do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is inconsistent (a pool budget above the total, two
+    /// pools with the same name, a zero budget, ...).
+    #[error("invalid buffer-pool configuration: {reason}; fix the configuration and create the pool again")]
+    InvalidConfig {
+        /// What is wrong, naming the field and its value.
+        reason: String,
+    },
+
+    /// No pool of that name was configured.
+    #[error("no buffer pool named {name:?}; configured pools are {known:?}")]
+    UnknownPool {
+        /// The name that was asked for.
+        name: String,
+        /// The names that exist.
+        known: Vec<String>,
+    },
+
+    /// The request does not fit under the budget right now, and did not fit
+    /// before the timeout either (`waited` is zero for `try_*` calls).
+    #[error(
+        "pool {pool:?}: {requested} bytes requested ({rounded} after size-class rounding) but only \
+         {free} of the {budget}-byte budget are free after waiting {waited:?}; release leases, \
+         raise the budget or wait longer"
+    )]
+    Exhausted {
+        /// Name of the pool asked.
+        pool: String,
+        /// Bytes asked for (the sum, for `acquire_all`).
+        requested: usize,
+        /// Bytes that would be taken from the budget after size-class rounding.
+        rounded: usize,
+        /// Bytes not held by leases (cached buffers count as free: they are
+        /// released to make room), the smaller of the pool's and the total's.
+        free: usize,
+        /// The budget that bound: the pool's, or the total when that is smaller.
+        budget: usize,
+        /// How long the call waited for releases before giving up.
+        waited: Duration,
+    },
+
+    /// The request can never be served: it is larger than the pool's budget.
+    #[error(
+        "pool {pool:?}: {requested} bytes requested ({rounded} after size-class rounding) but the \
+         budget is only {budget} bytes; split the work into smaller buffers or raise the budget"
+    )]
+    TooLarge {
+        /// Name of the pool asked.
+        pool: String,
+        /// Bytes asked for (the sum, for `acquire_all`).
+        requested: usize,
+        /// Bytes after size-class rounding.
+        rounded: usize,
+        /// The pool's budget (or the total, when smaller).
+        budget: usize,
+    },
+
+    /// The system allocator refused a fresh allocation.
+    #[error("the system allocator could not provide {bytes} bytes; free memory elsewhere or lower the budget")]
+    AllocationFailed {
+        /// Bytes that were asked of the allocator.
+        bytes: usize,
+    },
+
+    /// `split_off` at a position past the end of the lease.
+    #[error(
+        "cannot split a {len}-byte lease at byte {at}; the position must be at most the length"
+    )]
+    SplitOutOfRange {
+        /// Requested split position.
+        at: usize,
+        /// Length of the lease.
+        len: usize,
+    },
+
+    /// `split_off` at a position that is not a multiple of the buffer alignment.
+    #[error("cannot split a lease at byte {at}: splits must fall on a multiple of {align} bytes so that every piece stays aligned")]
+    SplitMisaligned {
+        /// Requested split position.
+        at: usize,
+        /// Required alignment of the split position.
+        align: usize,
+    },
+
+    /// `shrink` to a length above the current one.
+    #[error("cannot shrink a {len}-byte lease to {new_len} bytes; a lease only shrinks, acquire a larger one instead")]
+    ShrinkBeyondLength {
+        /// Asked-for length.
+        new_len: usize,
+        /// Current length.
+        len: usize,
+    },
+
+    /// `shrink_to` with a fraction outside 0.0..=1.0.
+    #[error("shrink fraction {fraction} is outside 0.0..=1.0; pass e.g. 0.25 to keep a quarter of the budget")]
+    InvalidFraction {
+        /// The fraction given.
+        fraction: f64,
+    },
+
+    /// An element count whose byte size overflows `usize`.
+    #[error("{count} elements of {elem_size} bytes overflow the address space; ask for fewer")]
+    SizeOverflow {
+        /// Elements asked for.
+        count: usize,
+        /// Size of one element.
+        elem_size: usize,
+    },
+
+    /// The background trimming thread could not be started.
+    #[error("could not start the buffer-pool trimming thread: {source}; call trim_idle() yourself instead")]
+    Spawn {
+        /// The operating system's error.
+        #[from]
+        source: std::io::Error,
+    },
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
