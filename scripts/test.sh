@@ -4,4 +4,7 @@
 # on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The models crate tests run all-MiniLM-L6-v2; fetch it (a no-op when present
+# and verified). A failed fetch fails the run: the model tests are never skipped.
+bash scripts/fetch-model.sh
 cargo test --workspace --locked "$@"
