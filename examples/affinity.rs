@@ -4,7 +4,7 @@
 //! thread competes for one core.
 //!
 //! ```text
-//! cargo run --release --example affinity             # 896×896, 30 runs each 
+//! cargo run --release --example affinity             # 896×896, 30 runs each
 //! cargo run --release --example affinity -- 768 50   # matrix size, runs
 //! ```
 
@@ -112,7 +112,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(896);
     let runs: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(30);
-    if n == 0 || n % ROW_BLOCK != 0 || runs == 0 {
+    if n == 0 || !n.is_multiple_of(ROW_BLOCK) || runs == 0 {
         return Err(format!(
             "matrix size must be a positive multiple of {ROW_BLOCK}, runs positive"
         )
