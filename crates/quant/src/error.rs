@@ -1,0 +1,79 @@
+//! The crate's error type.
+
+/// Everything that can go wrong in `quant`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A weight had a shape a linear layer cannot take.
+    #[error("weight `{name}` has shape {shape:?}; a linear layer needs a 2-D [out, in] weight with both dims > 0; reshape it or keep it out of the plan")]
+    BadShape {
+        /// Tensor name (or `weight` when unnamed).
+        name: String,
+        /// The shape that was given.
+        shape: Vec<usize>,
+    },
+    /// An input did not match the layer.
+    #[error("input has shape {input:?} but the layer takes [.., {in_dim}]; pass activations whose last dim is {in_dim}")]
+    InputMismatch {
+        /// Shape of the input.
+        input: Vec<usize>,
+        /// The layer's input dimension.
+        in_dim: usize,
+    },
+    /// A bias did not match the weight.
+    #[error("bias has shape {bias:?} but the weight has {out_dim} outputs; pass a 1-D bias of length {out_dim}")]
+    BiasMismatch {
+        /// Shape of the bias.
+        bias: Vec<usize>,
+        /// The weight's output dimension.
+        out_dim: usize,
+    },
+    /// Even the smallest plan is bigger than the target.
+    #[error("the smallest plan takes {smallest} bytes, over the target of {target} bytes; raise the target to at least {smallest} bytes, allow more tensors to be quantized, or pick a smaller model")]
+    TargetTooSmall {
+        /// The target that was asked for.
+        target: u64,
+        /// The smallest size any plan can reach.
+        smallest: u64,
+    },
+    /// A plan names a tensor the model does not have, or the reverse.
+    #[error("tensor `{name}`: {reason}")]
+    PlanMismatch {
+        /// Tensor name.
+        name: String,
+        /// What does not match.
+        reason: String,
+    },
+    /// A GGUF file could not be read or is not one this crate wrote.
+    #[error("GGUF file {path}: {reason}")]
+    BadGguf {
+        /// The file.
+        path: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// A GGUF artifact was built from another source or format version.
+    #[error("GGUF artifact is stale: {reason}; rebuild it with `quantize_safetensors` and save it again")]
+    Stale {
+        /// What differs.
+        reason: String,
+    },
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Serialising or parsing plan JSON failed.
+    #[error("plan JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// candle reported an error.
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,282 @@
+//! [`QLinear`]: a linear layer whose weight is a candle quantized tensor.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Module, Tensor};
+
+use crate::{resident::resident_weight_bytes, Error, Format, Result};
+
+/// A linear layer `y = x·Wᵀ + b` with `W` (`[out, in]`) stored as a candle
+/// [`QMatMul`] and the bias kept in f32.
+///
+/// The requested format is fitted to the input dimension with
+/// [`Format::fit`] (K-quants need `in % 256 == 0`, Q8_0 / Q4_0 `in % 32 == 0`;
+/// otherwise Q4_K / Q6_K → Q8_0 → F16), so any 2-D weight is accepted.
+/// [`QLinear::format`] tells what was used.
+///
+/// Forward takes any leading dims, `[.., in] → [.., out]`, computes in f32
+/// and returns the input's dtype.
+#[derive(Debug, Clone)]
+pub struct QLinear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+    format: Format,
+    out_dim: usize,
+    in_dim: usize,
+}
+
+fn dims2(name: &str, t: &[usize]) -> Result<(usize, usize)> {
+    match *t {
+        [o, i] if o > 0 && i > 0 => Ok((o, i)),
+        _ => Err(Error::BadShape {
+            name: name.to_string(),
+            shape: t.to_vec(),
+        }),
+    }
+}
+
+impl QLinear {
+    /// Quantizes an `[out, in]` weight (any float dtype) to `format` (fitted
+    /// to `in`, see the type's docs) and keeps `bias` (`[out]`) as f32.
+    pub fn from_f32(weight: Tensor, bias: Option<Tensor>, format: Format) -> Result<QLinear> {
+        let (out_dim, in_dim) = dims2("weight", weight.dims())?;
+        let format = format.fit(in_dim);
+        let weight = weight.to_dtype(DType::F32)?.contiguous()?;
+        let qmatmul = match format {
+            Format::F32 => QMatMul::Tensor(weight),
+            // Kept as f16 blocks (candle's `QMatMul::from_qtensor` would widen
+            // F16 back to f32, doubling the memory).
+            _ => QMatMul::QTensor(Arc::new(QTensor::quantize(&weight, format.ggml_dtype())?)),
+        };
+        Self::assemble(qmatmul, bias, format, out_dim, in_dim)
+    }
+
+    /// Wraps a stored quantized `[out, in]` tensor (for example one loaded
+    /// from GGUF). F32 tensors are dequantized to a plain tensor; every
+    /// other format is used as stored.
+    pub fn from_qtensor(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<QLinear> {
+        let (out_dim, in_dim) = dims2("weight", weight.shape().dims())?;
+        let format = Format::from_ggml_dtype(weight.dtype()).ok_or_else(|| Error::PlanMismatch {
+            name: "weight".into(),
+            reason: format!(
+                "stored as {:?}, which this crate does not offer; use f32, f16, q8_0, q6_k, q4_k or q4_0",
+                weight.dtype()
+            ),
+        })?;
+        let qmatmul = match format {
+            Format::F32 => QMatMul::Tensor(weight.dequantize(&weight.device())?),
+            _ => QMatMul::QTensor(weight),
+        };
+        Self::assemble(qmatmul, bias, format, out_dim, in_dim)
+    }
+
+    fn assemble(
+        weight: QMatMul,
+        bias: Option<Tensor>,
+        format: Format,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<QLinear> {
+        let bias = match bias {
+            None => None,
+            Some(b) => {
+                if b.dims() != [out_dim] {
+                    return Err(Error::BiasMismatch {
+                        bias: b.dims().to_vec(),
+                        out_dim,
+                    });
+                }
+                Some(b.to_dtype(DType::F32)?.contiguous()?)
+            }
+        };
+        Ok(QLinear {
+            weight,
+            bias,
+            format,
+            out_dim,
+            in_dim,
+        })
+    }
+
+    /// The format the weight is stored in (after fitting).
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Input dimension.
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    /// Output dimension.
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    /// The weight as candle holds it.
+    pub fn weight(&self) -> &QMatMul {
+        &self.weight
+    }
+
+    /// The f32 bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Bytes of the stored weight and bias.
+    pub fn storage_bytes(&self) -> u64 {
+        self.format.bytes_for(self.out_dim * self.in_dim) + self.bias_bytes()
+    }
+
+    fn bias_bytes(&self) -> u64 {
+        if self.bias.is_some() {
+            4 * self.out_dim as u64
+        } else {
+            0
+        }
+    }
+
+    /// Bytes the layer occupies after its first forwards: storage plus the
+    /// repacked copy candle keeps on this CPU (see [`resident_weight_bytes`]).
+    pub fn resident_bytes(&self) -> u64 {
+        resident_weight_bytes(self.format, self.out_dim, self.in_dim) + self.bias_bytes()
+    }
+
+    /// The weight dequantized to an f32 `[out, in]` tensor.
+    pub fn dequantize(&self) -> Result<Tensor> {
+        Ok(match &self.weight {
+            QMatMul::QTensor(q) => q.dequantize(&q.device())?,
+            QMatMul::Tensor(t) => t.clone(),
+            QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+        })
+    }
+
+    /// [`Module::forward`] with this crate's error type: `[.., in] → [.., out]`.
+    pub fn try_forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims();
+        if dims.last() != Some(&self.in_dim) {
+            return Err(Error::InputMismatch {
+                input: dims.to_vec(),
+                in_dim: self.in_dim,
+            });
+        }
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let in_dtype = xs.dtype();
+        let x2 = xs
+            .to_dtype(DType::F32)?
+            .reshape((rows, self.in_dim))?
+            .contiguous()?;
+        let mut y = self.weight.forward(&x2)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_dims = dims.to_vec();
+        *out_dims
+            .last_mut()
+            .expect("dims is non-empty: checked above") = self.out_dim;
+        Ok(y.reshape(out_dims)?.to_dtype(in_dtype)?)
+    }
+}
+
+impl Module for QLinear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.try_forward(xs).map_err(|e| match e {
+            Error::Candle(c) => c,
+            other => candle_core::Error::Msg(other.to_string()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{gaussian, rel_rms};
+    use candle_core::Device;
+
+    fn reference(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+        x.matmul(&w.t().unwrap()).unwrap().broadcast_add(b).unwrap()
+    }
+
+    #[test]
+    fn matches_f32_linear_within_bounds() {
+        let (out, inp) = (256, 512);
+        let w = gaussian(&[out, inp], 1);
+        let b = gaussian(&[out], 2);
+        let x = gaussian(&[4, inp], 3);
+        let want = reference(&x, &w, &b);
+        for (format, bound) in [
+            (Format::F32, 1e-6),
+            (Format::F16, 1e-3),
+            (Format::Q8_0, 1e-2),
+            (Format::Q6_K, 3e-2),
+            (Format::Q4_K, 1e-1),
+            (Format::Q4_0, 1.5e-1),
+        ] {
+            let l = QLinear::from_f32(w.clone(), Some(b.clone()), format).unwrap();
+            assert_eq!(l.format(), format);
+            let got = l.forward(&x).unwrap();
+            let e = rel_rms(&got, &want);
+            assert!(e < bound, "{format}: relative RMS error {e} >= {bound}");
+        }
+    }
+
+    #[test]
+    fn leading_dims_and_batch() {
+        let w = gaussian(&[64, 256], 4);
+        let l = QLinear::from_f32(w.clone(), None, Format::Q8_0).unwrap();
+        let x = gaussian(&[2, 3, 256], 5);
+        let y = l.forward(&x).unwrap();
+        assert_eq!(y.dims(), &[2, 3, 64]);
+        let x1 = gaussian(&[256], 6);
+        assert_eq!(l.forward(&x1).unwrap().dims(), &[64]);
+        // Row 1 of the batched answer equals the answer for that row alone.
+        let row = x.get(0).unwrap().get(1).unwrap();
+        let alone = l.forward(&row.unsqueeze(0).unwrap()).unwrap();
+        let in_batch = y.get(0).unwrap().get(1).unwrap().unsqueeze(0).unwrap();
+        assert!(rel_rms(&alone, &in_batch) < 1e-5);
+    }
+
+    #[test]
+    fn shapes_that_do_not_fit_fall_back_never_panic() {
+        let w = gaussian(&[32, 384], 7);
+        let l = QLinear::from_f32(w.clone(), None, Format::Q4_K).unwrap();
+        assert_eq!(l.format(), Format::Q8_0);
+        let w = gaussian(&[8, 100], 8);
+        let l = QLinear::from_f32(w.clone(), None, Format::Q4_K).unwrap();
+        assert_eq!(l.format(), Format::F16);
+        let x = gaussian(&[3, 100], 9);
+        let want = x.matmul(&w.t().unwrap()).unwrap();
+        assert!(rel_rms(&l.forward(&x).unwrap(), &want) < 1e-3);
+        // Bad inputs are errors.
+        assert!(matches!(
+            l.try_forward(&gaussian(&[3, 99], 1)),
+            Err(Error::InputMismatch { in_dim: 100, .. })
+        ));
+        assert!(l.forward(&gaussian(&[3, 99], 1)).is_err());
+        assert!(matches!(
+            QLinear::from_f32(gaussian(&[4], 1), None, Format::Q8_0),
+            Err(Error::BadShape { .. })
+        ));
+        assert!(matches!(
+            QLinear::from_f32(gaussian(&[4, 32], 1), Some(gaussian(&[5], 1)), Format::Q8_0),
+            Err(Error::BiasMismatch { out_dim: 4, .. })
+        ));
+    }
+
+    #[test]
+    fn from_stored_qtensor_equals_from_f32() {
+        let w = gaussian(&[64, 256], 10);
+        let q = QTensor::quantize(&w, Format::Q4_K.ggml_dtype()).unwrap();
+        let a = QLinear::from_qtensor(Arc::new(q), None).unwrap();
+        let b = QLinear::from_f32(w, None, Format::Q4_K).unwrap();
+        let x = gaussian(&[2, 256], 11);
+        let (ya, yb) = (a.forward(&x).unwrap(), b.forward(&x).unwrap());
+        let diff = (ya - yb).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(a.format(), Format::Q4_K);
+        assert_eq!(a.storage_bytes(), 64 * 256 / 256 * 144);
+        assert!(a.resident_bytes() >= a.storage_bytes());
+        let _ = Device::Cpu;
+    }
+}
