@@ -1,0 +1,137 @@
+//! Replays the ARC block traces (OLTP, P3) and prints the hit ratio of
+//! feature-cache (LRU policy and W-TinyLFU admission) next to moka,
+//! quick_cache and plain `lru`, at the capacities the peers usually report.
+//!
+//! Each request touches `n_blocks` keys from `start_block`; each key is one
+//! `get`, and a miss is followed by an `insert` (every entry weighs 1).
+//! Our cache runs with one shard so that it is compared whole, as the peers are.
+//!
+//! ```text
+//! cargo run --release --example cache_trace [TRACE_DIR] [oltp|p3]
+//! ```
+//! TRACE_DIR defaults to `../shared/traces` (relative to the repository root).
+
+use std::fs::File;
+use std::hash::Hash;
+use std::io::Read;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use feature_cache::{FeatureCache, Policy, UnitWeigher};
+
+fn load(path: &Path) -> Result<Vec<u64>, Box<dyn std::error::Error>> {
+    let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut text = String::new();
+    zstd::stream::read::Decoder::new(file)?.read_to_string(&mut text)?;
+    let mut keys = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let mut f = line.split_whitespace();
+        let (Some(start), Some(count)) = (f.next(), f.next()) else {
+            continue;
+        };
+        let start: u64 = start.parse().map_err(|e| format!("line {}: {e}", n + 1))?;
+        let count: u64 = count.parse().map_err(|e| format!("line {}: {e}", n + 1))?;
+        keys.extend(start..start + count);
+    }
+    Ok(keys)
+}
+
+fn ratio(hits: usize, total: usize) -> f64 {
+    100.0 * hits as f64 / total as f64
+}
+
+fn ours(keys: &[u64], cap: usize, policy: Policy) -> f64 {
+    let cache: FeatureCache<u64, ()> = FeatureCache::builder()
+        .capacity(cap as u64)
+        .shards(1)
+        .policy(policy)
+        .weigher(UnitWeigher)
+        .build()
+        .expect("valid configuration");
+    let mut hits = 0;
+    for &k in keys {
+        if cache.get(&k).is_some() {
+            hits += 1;
+        } else {
+            let _ = cache.insert(k, ());
+        }
+    }
+    ratio(hits, keys.len())
+}
+
+fn moka(keys: &[u64], cap: usize) -> f64 {
+    let cache = moka::sync::Cache::new(cap as u64);
+    let mut hits = 0;
+    for &k in keys {
+        if cache.get(&k).is_some() {
+            hits += 1;
+        } else {
+            cache.insert(k, ());
+        }
+    }
+    ratio(hits, keys.len())
+}
+
+fn quick(keys: &[u64], cap: usize) -> f64 {
+    let mut cache = quick_cache::unsync::Cache::new(cap);
+    let mut hits = 0;
+    for &k in keys {
+        if cache.get(&k).is_some() {
+            hits += 1;
+        } else {
+            cache.insert(k, ());
+        }
+    }
+    ratio(hits, keys.len())
+}
+
+fn plain_lru<K: Hash + Eq + Copy>(keys: &[K], cap: usize) -> f64 {
+    let mut cache = lru::LruCache::new(NonZeroUsize::new(cap).expect("capacity > 0"));
+    let mut hits = 0;
+    for &k in keys {
+        if cache.get(&k).is_some() {
+            hits += 1;
+        } else {
+            cache.put(k, ());
+        }
+    }
+    ratio(hits, keys.len())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let dir = args
+        .iter()
+        .find(|a| !matches!(a.as_str(), "oltp" | "p3"))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("../shared/traces"));
+    let only = args.iter().find(|a| matches!(a.as_str(), "oltp" | "p3"));
+    let traces: [(&str, &str, &[usize]); 2] = [
+        ("oltp", "arc-OLTP.lis.zst", &[256, 512, 1000, 2000]),
+        ("p3", "arc-P3.lis.zst", &[25_000, 50_000, 100_000, 200_000, 400_000]),
+    ];
+    println!("| trace | capacity | ours LRU % | ours admission % | moka % | quick_cache % | lru % | ours − best peer (pp) | ours admission ms |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (name, file, caps) in traces {
+        if only.is_some_and(|o| o != name) {
+            continue;
+        }
+        let keys = load(&dir.join(file))?;
+        for &cap in caps {
+            let ours_lru = ours(&keys, cap, Policy::Lru);
+            let t = Instant::now();
+            let ours_adm = ours(&keys, cap, Policy::TinyLfu);
+            let ms = t.elapsed().as_millis();
+            let m = moka(&keys, cap);
+            let q = quick(&keys, cap);
+            let l = plain_lru(&keys, cap);
+            let best = m.max(q).max(l);
+            println!(
+                "| {name} | {cap} | {ours_lru:.2} | {ours_adm:.2} | {m:.2} | {q:.2} | {l:.2} | {:+.2} | {ms} |",
+                ours_adm - best
+            );
+        }
+    }
+    Ok(())
+}
