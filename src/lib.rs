@@ -9,6 +9,54 @@
 //! assert_eq!(snug::percentile(&xs, 50.0), Some(3.0));
 //! ```
 
+use rand::{Rng, SeedableRng};
+
+/// Words the seeded workloads draw from: common English, some technical.
+const WORDS: &[&str] = &[
+    "the", "a", "model", "memory", "runs", "on", "laptop", "with", "fast", "slow", "cache",
+    "request", "batch", "token", "sentence", "embedding", "vector", "search", "query", "result",
+    "machine", "learning", "network", "layer", "weight", "precision", "integer", "float", "budget",
+    "server", "client", "latency", "throughput", "queue", "deadline", "priority", "thread", "core",
+    "river", "mountain", "city", "children", "played", "garden", "morning", "evening", "coffee",
+    "book", "library", "students", "teacher", "history", "science", "music", "painting", "weather",
+    "rain", "sunny", "winter", "summer", "travel", "train", "station", "market", "price", "bread",
+    "quickly", "carefully", "because", "although", "however", "therefore", "while", "after",
+    "before", "during", "between", "under", "over", "through", "without", "about", "against",
+    "is", "was", "are", "were", "has", "had", "will", "would", "could", "should", "might", "must",
+    "big", "small", "old", "new", "good", "bad", "happy", "quiet", "loud", "bright", "dark",
+    "photosynthesis", "mitochondria", "algorithm", "quantization", "transformer", "tokenizer",
+    "database", "compiler", "kernel", "processor", "bandwidth", "allocation", "scheduler",
+    "economy", "government", "election", "hospital", "doctor", "patient", "medicine", "research",
+    "football", "match", "team", "player", "scored", "goal", "minute", "season", "league",
+    "dog", "cat", "bird", "horse", "fish", "tree", "flower", "ocean", "island", "forest",
+];
+
+/// A deterministic workload: `n` sentences of `min_words..=max_words` words
+/// each, drawn from a fixed vocabulary with a seeded RNG.
+///
+/// ```
+/// let a = snug::sentences(3, 7, 5, 60);
+/// assert_eq!(a, snug::sentences(3, 7, 5, 60));
+/// assert!(a.iter().all(|s| (5..=60).contains(&s.split(' ').count())));
+/// ```
+pub fn sentences(n: usize, seed: u64, min_words: usize, max_words: usize) -> Vec<String> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (lo, hi) = (min_words.max(1), max_words.max(min_words.max(1)));
+    (0..n)
+        .map(|_| {
+            let words = rng.random_range(lo..=hi);
+            let mut s = String::new();
+            for i in 0..words {
+                if i > 0 {
+                    s.push(' ');
+                }
+                s.push_str(WORDS[rng.random_range(0..WORDS.len())]);
+            }
+            s
+        })
+        .collect()
+}
+
 /// The `p`-th percentile (0–100, nearest rank) of `values`, or `None` when
 /// `values` is empty or `p` is outside 0–100.
 pub fn percentile(values: &[f64], p: f64) -> Option<f64> {

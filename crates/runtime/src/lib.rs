@@ -1,4 +1,7 @@
-//! The snug facade: detect, plan, load models within budget, serve through batcher and cache.
-//!
-//! This crate is part of the snug workspace; its functionality is being built.
-//! See the workspace's `docs/architecture.md` for where it fits.
+//! The snug facade: detect, plan, load models within budget, serve through
+//! batcher and cache.
+
+pub mod chunk;
+mod error;
+
+pub use crate::error::{Error, Result};
