@@ -1,4 +1,74 @@
 //! Which model tier serves a task, with circuit breakers, retries and a fallback chain.
 //!
-//! This crate is part of the snug workspace; its functionality is being built.
-//! See the workspace's `docs/architecture.md` for where it fits.
+//! A [`Router`] holds an ordered table of tiers ([`Tier::Small`], `Medium`, `Large`,
+//! `Remote`, `RuleBased`), each served by a [`Backend`] and guarded by its own
+//! [`CircuitBreaker`]. For each task it:
+//!
+//! 1. scores the task's [`TaskFeatures`] (tokens dominate; senior grades and technical
+//!    subjects raise the score) and picks the local tier the score asks for;
+//! 2. asks a [`MemoryGate`] for the [`PressureLevel`] and whether each tier's model fits, and
+//!    orders the chain: `Normal` → local tiers first; `Elevated`/`High` → accelerator and remote
+//!    tiers first; `Critical` → rule-based only ([`Router::route`] explains every choice);
+//! 3. serves through the chain ([`Router::serve`]): transient errors are retried with
+//!    exponential backoff and jitter within the deadline, a failing or open tier hands over to
+//!    the next, and the [`Served`] response records which tier served it and why the others
+//!    did not.
+//!
+//! [`RemoteEmbedder`] is an HTTP backend for OpenAI-compatible `/v1/embeddings` servers;
+//! [`HashingEmbedder`] is a rule-based embedder that never fails.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use tier_router::{
+//!     BackendError, Deadline, FixedGate, HashingEmbedder, PressureLevel, Router, RouterConfig,
+//!     TaskFeatures, Tier, TierSpec,
+//! };
+//!
+//! let gate = Arc::new(FixedGate { pressure: PressureLevel::Normal, available_bytes: 1 << 30 });
+//! let mut router = Router::new(RouterConfig::default(), gate)?;
+//! // A local tier whose model is down: it fails permanently.
+//! let broken = |_: &[String], _: Deadline| -> Result<Vec<Vec<f32>>, BackendError> {
+//!     Err(BackendError::permanent("model file missing"))
+//! };
+//! router.add_tier(TierSpec::new("minilm", Tier::Small, Arc::new(broken)).memory_bytes(100 << 20))?;
+//! router.add_tier(TierSpec::new("hashing", Tier::RuleBased, Arc::new(HashingEmbedder::new(8))))?;
+//!
+//! let texts = vec!["hello world".to_string()];
+//! let served = router.serve(&TaskFeatures::with_tokens(3), &texts[..], Deadline::none())?;
+//! assert_eq!(served.tier, Tier::RuleBased);
+//! assert_eq!(served.response[0].len(), 8);
+//! assert_eq!(served.trail.len(), 2); // minilm failed, then hashing served
+//! assert!(served.trail[0].to_string().contains("model file missing"));
+//! # Ok::<(), tier_router::Error>(())
+//! ```
+//!
+//! The crate has no feature flags. It uses no async runtime: backends are called on the
+//! caller's thread and retries sleep on it.
+
+mod backend;
+mod breaker;
+mod complexity;
+mod error;
+mod hashing;
+mod pressure;
+mod remote;
+mod retry;
+mod router;
+mod tier;
+
+pub use backend::{Backend, Deadline, EmbedBackend};
+pub use breaker::{
+    BreakerConfig, BreakerState, BreakerStats, CallOutcome, CircuitBreaker, Permit, Rejected,
+    Transition, TransitionReason,
+};
+pub use complexity::{Complexity, ComplexityConfig, TaskFeatures};
+pub use error::{BackendError, Error, ErrorKind};
+pub use hashing::HashingEmbedder;
+pub use pressure::{FixedGate, MemoryGate, PressureLevel};
+pub use remote::{RemoteConfig, RemoteEmbedder};
+pub use retry::RetryConfig;
+pub use router::{
+    Attempted, Candidate, EmbedRouter, GaveUp, Outcome, Role, RouteDecision, Router, RouterConfig,
+    Served, SkipReason, Skipped, TierSpec,
+};
+pub use tier::{Placement, Tier};
