@@ -236,18 +236,17 @@ fn run_job<P, I, O, E>(
     let run_time = started.elapsed();
     let outcome = match result {
         Ok(results) if results.len() == n => {
-            let mut errors = 0;
-            for (slot, r) in job.answers.slots.drain(..).zip(results) {
-                if r.is_err() {
-                    errors += 1;
-                }
-                slot.answer(r.map_err(Error::Handler));
-            }
+            // Counted before answering, so a caller that has its answer
+            // sees it in the stats.
+            let errors = results.iter().filter(|r| r.is_err()).count() as u64;
             if errors > 0 {
                 shared
                     .run
                     .handler_errors
                     .fetch_add(errors, Ordering::Relaxed);
+            }
+            for (slot, r) in job.answers.slots.drain(..).zip(results) {
+                slot.answer(r.map_err(Error::Handler));
             }
             BatchOutcome::Completed
         }

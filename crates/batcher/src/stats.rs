@@ -75,7 +75,9 @@ pub enum BatchOutcome {
 ///
 /// Callbacks run on the thread that caused the event (the submitting thread
 /// for `Queued`, a worker for the others), outside the batcher's lock; a
-/// panicking callback is logged and ignored.
+/// panicking callback is logged and ignored. Events from one thread arrive
+/// in order; across threads they may interleave (a request's `Queued` can
+/// arrive after the `Batched` that took it).
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Event {
