@@ -109,7 +109,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let only = args.iter().find(|a| matches!(a.as_str(), "oltp" | "p3"));
     let traces: [(&str, &str, &[usize]); 2] = [
         ("oltp", "arc-OLTP.lis.zst", &[256, 512, 1000, 2000]),
-        ("p3", "arc-P3.lis.zst", &[25_000, 50_000, 100_000, 200_000, 400_000]),
+        (
+            "p3",
+            "arc-P3.lis.zst",
+            &[25_000, 50_000, 100_000, 200_000, 400_000],
+        ),
     ];
     println!("| trace | capacity | ours LRU % | ours admission % | moka % | quick_cache % | lru % | ours − best peer (pp) | ours admission ms |");
     println!("|---|---|---|---|---|---|---|---|---|");

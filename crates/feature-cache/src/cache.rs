@@ -120,7 +120,9 @@ impl<K: fmt::Display, V, C: Codec<V>> SecondTier<K, V> for DiskTier<C> {
                     tracing::debug!(%key, error = %e, "disk write skipped");
                 }
             }
-            Err(e) => tracing::warn!(%key, error = %e, "value does not encode; kept in memory only"),
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "value does not encode; kept in memory only")
+            }
         }
     }
 
@@ -128,6 +130,9 @@ impl<K: fmt::Display, V, C: Codec<V>> SecondTier<K, V> for DiskTier<C> {
         self.store.remove(&key.to_string());
     }
 }
+
+/// In-progress loads of one shard, by key.
+type Flights<K, V> = HashMap<K, Arc<Flight<V>>>;
 
 type Listener<K, V> = Arc<dyn Fn(&K, &V, EvictionCause) + Send + Sync>;
 
@@ -139,7 +144,7 @@ struct Flight<V> {
 
 pub(crate) struct Inner<K: Hash + Eq, V> {
     shards: Box<[Mutex<Shard<K, V>>]>,
-    flights: Box<[Mutex<HashMap<K, Arc<Flight<V>>>>]>,
+    flights: Box<[Mutex<Flights<K, V>>]>,
     shard_bits: u32,
     weigher: Box<dyn Weigher<K, V>>,
     clock: Arc<dyn Clock>,
@@ -445,10 +450,15 @@ where
     pub(crate) fn insert_if_room(&self, key: K, value: V, took: Duration) -> bool {
         let weight = self.inner.weigher.weigh(&key, &value);
         let hash = hash_key(&key);
-        let expires_at = self.inner.default_ttl.map(|ttl| self.inner.clock.now() + ttl);
+        let expires_at = self
+            .inner
+            .default_ttl
+            .map(|ttl| self.inner.clock.now() + ttl);
         let mut removed = Vec::new();
         let mut shard = self.inner.shards[self.shard_of(hash)].lock();
-        if shard.weight() + weight > shard.capacity() || shard.peek(&key, &*self.inner.clock).is_some() {
+        if shard.weight() + weight > shard.capacity()
+            || shard.peek(&key, &*self.inner.clock).is_some()
+        {
             return false;
         }
         let entry = Entry {
@@ -490,7 +500,10 @@ where
 
     /// Removes every entry carrying `tag`; returns how many.
     pub fn invalidate_tag(&self, tag: &str) -> usize {
-        self.remove_matching(|_, e| e.tags.iter().any(|t| t == tag), EvictionCause::Explicit)
+        self.remove_matching(
+            |_, e| e.tags.iter().any(|t| t == tag),
+            EvictionCause::Explicit,
+        )
     }
 
     /// Removes every expired entry now; returns how many.
@@ -507,7 +520,11 @@ where
         self.remove_matching(|_, _| true, EvictionCause::Explicit);
     }
 
-    fn remove_matching(&self, mut pred: impl FnMut(&K, &Entry<V>) -> bool, cause: EvictionCause) -> usize {
+    fn remove_matching(
+        &self,
+        mut pred: impl FnMut(&K, &Entry<V>) -> bool,
+        cause: EvictionCause,
+    ) -> usize {
         let mut total = 0;
         for shard in self.inner.shards.iter() {
             let mut removed = Vec::new();
@@ -574,7 +591,11 @@ where
     /// The admission windows' current total target size (W-TinyLFU only;
     /// shows where the hill climber has moved it).
     pub fn window_capacity(&self) -> u64 {
-        self.inner.shards.iter().map(|s| s.lock().window_max()).sum()
+        self.inner
+            .shards
+            .iter()
+            .map(|s| s.lock().window_max())
+            .sum()
     }
 
     /// The value under `key`, or the one `loader` produces, stored with the
@@ -591,7 +612,12 @@ where
     /// `loader` (then stored in both). Concurrent callers for the same missing
     /// key run the loader once and all get its result, or its error, which is
     /// not cached.
-    pub fn get_or_insert_with_options<F, E>(&self, key: K, options: EntryOptions, loader: F) -> Result<V, Error>
+    pub fn get_or_insert_with_options<F, E>(
+        &self,
+        key: K,
+        options: EntryOptions,
+        loader: F,
+    ) -> Result<V, Error>
     where
         F: FnOnce() -> Result<V, E>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -637,7 +663,10 @@ where
         if let Some(second) = &self.inner.second {
             if let Some((v, took)) = second.load(&key) {
                 self.inner.disk_hits.fetch_add(1, Ordering::Relaxed);
-                let opts = EntryOptions { load_time: took, ..options };
+                let opts = EntryOptions {
+                    load_time: took,
+                    ..options
+                };
                 if let Err(e) = self.insert_with(key, v.clone(), opts) {
                     tracing::debug!(error = %e, "disk value not kept in memory");
                 }
@@ -654,7 +683,10 @@ where
                 if let Some(second) = &self.inner.second {
                     second.store(&key, &v, took);
                 }
-                let opts = EntryOptions { load_time: took, ..options };
+                let opts = EntryOptions {
+                    load_time: took,
+                    ..options
+                };
                 if let Err(e) = self.insert_with(key, v.clone(), opts) {
                     tracing::debug!(error = %e, "loaded value not kept in memory");
                 }

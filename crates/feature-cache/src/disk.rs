@@ -212,7 +212,9 @@ impl DiskStore {
                 continue;
             }
             match read_entry(&path, false) {
-                Ok((h, _)) if h.format_version != FORMAT_VERSION || h.schema_hash != schema_hash => {
+                Ok((h, _))
+                    if h.format_version != FORMAT_VERSION || h.schema_hash != schema_hash =>
+                {
                     if fs::remove_file(&path).is_ok() {
                         stats.stale_removed += 1;
                     }
@@ -374,7 +376,12 @@ impl DiskStore {
             }
         }
         if total > self.config.max_bytes || key.len() > u32::MAX as usize {
-            tracing::debug!(key, total, max = self.config.max_bytes, "entry larger than the disk budget; not stored");
+            tracing::debug!(
+                key,
+                total,
+                max = self.config.max_bytes,
+                "entry larger than the disk budget; not stored"
+            );
             return Ok(());
         }
         let created_at = SystemTime::now()
@@ -386,7 +393,9 @@ impl DiskStore {
         buf.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         buf.extend_from_slice(&self.schema_hash.to_le_bytes());
         buf.extend_from_slice(&created_at.to_le_bytes());
-        buf.extend_from_slice(&(build_time.as_nanos().min(u128::from(u64::MAX)) as u64).to_le_bytes());
+        buf.extend_from_slice(
+            &(build_time.as_nanos().min(u128::from(u64::MAX)) as u64).to_le_bytes(),
+        );
         buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
         buf.extend_from_slice(&(payload.len() as u64).to_le_bytes());
         buf.extend_from_slice(&checksum(key.as_bytes(), payload).to_le_bytes());
@@ -419,7 +428,12 @@ impl DiskStore {
         }
     }
 
-    fn write_atomic(&self, tmp: &Path, path: &Path, buf: &[u8]) -> Result<(), (PathBuf, io::Error)> {
+    fn write_atomic(
+        &self,
+        tmp: &Path,
+        path: &Path,
+        buf: &[u8],
+    ) -> Result<(), (PathBuf, io::Error)> {
         let dir = &self.config.dir;
         let mut f = File::create(tmp).or_else(|e| {
             // The directory may have been removed under us: recreate it once.
@@ -429,7 +443,9 @@ impl DiskStore {
                 Err(e)
             }
         });
-        let f = f.as_mut().map_err(|e| (tmp.to_owned(), io::Error::new(e.kind(), e.to_string())))?;
+        let f = f
+            .as_mut()
+            .map_err(|e| (tmp.to_owned(), io::Error::new(e.kind(), e.to_string())))?;
         f.write_all(buf).map_err(|e| (tmp.to_owned(), e))?;
         if self.config.fsync {
             f.sync_all().map_err(|e| (tmp.to_owned(), e))?;

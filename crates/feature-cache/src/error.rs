@@ -42,7 +42,9 @@ pub enum Error {
         message: String,
     },
     /// An I/O error in the disk tier.
-    #[error("disk tier I/O on {path}: {source}; the cache serves from memory until the disk recovers")]
+    #[error(
+        "disk tier I/O on {path}: {source}; the cache serves from memory until the disk recovers"
+    )]
     Io {
         /// The path involved.
         path: String,

@@ -188,10 +188,10 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
             Some((Region::Protected, e.is_expired(&mut now, clock)))
         } else if let Some(e) = self.probation.peek(key) {
             Some((Region::Probation, e.is_expired(&mut now, clock)))
-        } else if let Some(e) = self.window.get(key) {
-            Some((Region::Window, e.is_expired(&mut now, clock)))
         } else {
-            None
+            self.window
+                .get(key)
+                .map(|e| (Region::Window, e.is_expired(&mut now, clock)))
         };
         let value = match found {
             None => None,
@@ -245,7 +245,13 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
     }
 
     /// Inserts or replaces `key`; evictions go to `removed`.
-    pub(crate) fn insert(&mut self, key: K, hash: u64, entry: Entry<V>, removed: &mut Removed<K, V>) {
+    pub(crate) fn insert(
+        &mut self,
+        key: K,
+        hash: u64,
+        entry: Entry<V>,
+        removed: &mut Removed<K, V>,
+    ) {
         self.counters.inserts += 1;
         if let Some(s) = &mut self.sketch {
             s.increment(hash);
@@ -374,11 +380,15 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
             // The victim: probation's LRU unless only candidates remain there,
             // then protected's LRU, then the window's.
             let victim = if self.probation.len() > candidates.len() {
-                self.probation.peek_lru().map(|(k, _)| (k.clone(), Region::Probation))
+                self.probation
+                    .peek_lru()
+                    .map(|(k, _)| (k.clone(), Region::Probation))
             } else if let Some((k, _)) = self.protected.peek_lru() {
                 Some((k.clone(), Region::Protected))
             } else if candidate.is_none() {
-                self.window.peek_lru().map(|(k, _)| (k.clone(), Region::Window))
+                self.window
+                    .peek_lru()
+                    .map(|(k, _)| (k.clone(), Region::Window))
             } else {
                 None
             };

@@ -48,12 +48,18 @@ fn memory_then_disk_then_build() {
         Ok::<_, std::io::Error>(vec![1u32, 2, 3])
     };
     let cache = tiered(store.clone());
-    assert_eq!(cache.get_or_insert_with("a".into(), build).unwrap(), vec![1, 2, 3]);
+    assert_eq!(
+        cache.get_or_insert_with("a".into(), build).unwrap(),
+        vec![1, 2, 3]
+    );
     assert_eq!(store.stats().writes, 1);
     // A fresh memory tier (a restart) finds it on disk: no rebuild.
     let store = Arc::new(DiskStore::open(config(dir.path(), "v1")).unwrap());
     let cache = tiered(store.clone());
-    assert_eq!(cache.get_or_insert_with("a".into(), build).unwrap(), vec![1, 2, 3]);
+    assert_eq!(
+        cache.get_or_insert_with("a".into(), build).unwrap(),
+        vec![1, 2, 3]
+    );
     assert_eq!(builds.load(Ordering::SeqCst), 1);
     assert_eq!(cache.stats().disk_hits, 1);
     // Explicit removal reaches the disk too.
@@ -73,15 +79,30 @@ fn stale_schema_and_temp_files_are_swept_on_open() {
     let s = store.stats();
     assert_eq!((s.stale_removed, s.temp_removed, s.entries), (2, 1, 0));
     assert!(store.get("k1").is_none());
-    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "directory emptied");
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "directory emptied"
+    );
 }
 
 #[test]
 fn corrupt_and_truncated_entries_are_misses_and_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(DiskStore::open(config(dir.path(), "s")).unwrap());
-    store.put("flip", &serde_json::to_vec(&vec![7u32; 100]).unwrap(), Duration::ZERO).unwrap();
-    store.put("cut", &serde_json::to_vec(&vec![8u32; 100]).unwrap(), Duration::ZERO).unwrap();
+    store
+        .put(
+            "flip",
+            &serde_json::to_vec(&vec![7u32; 100]).unwrap(),
+            Duration::ZERO,
+        )
+        .unwrap();
+    store
+        .put(
+            "cut",
+            &serde_json::to_vec(&vec![8u32; 100]).unwrap(),
+            Duration::ZERO,
+        )
+        .unwrap();
     let files = entry_files(dir.path());
     assert_eq!(files.len(), 2);
     for f in &files {
@@ -96,9 +117,13 @@ fn corrupt_and_truncated_entries_are_misses_and_rebuilt() {
         std::fs::write(f, bytes).unwrap();
     }
     let cache = tiered(store.clone());
-    let v = cache.get_or_insert_with("flip".into(), || Ok::<_, std::io::Error>(vec![1])).unwrap();
+    let v = cache
+        .get_or_insert_with("flip".into(), || Ok::<_, std::io::Error>(vec![1]))
+        .unwrap();
     assert_eq!(v, vec![1], "corrupt entry never returned");
-    let v = cache.get_or_insert_with("cut".into(), || Ok::<_, std::io::Error>(vec![2])).unwrap();
+    let v = cache
+        .get_or_insert_with("cut".into(), || Ok::<_, std::io::Error>(vec![2]))
+        .unwrap();
     assert_eq!(v, vec![2], "truncated entry never returned");
     assert_eq!(store.stats().corrupt_removed, 2);
     // Rebuilt entries were written back whole.
@@ -109,7 +134,12 @@ fn corrupt_and_truncated_entries_are_misses_and_rebuilt() {
     // Truncated files found at open are removed too.
     let f = &entry_files(dir.path())[0];
     let len = std::fs::metadata(f).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(f).unwrap().set_len(len - 1).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(f)
+        .unwrap()
+        .set_len(len - 1)
+        .unwrap();
     let reopened = DiskStore::open(config(dir.path(), "s")).unwrap();
     assert_eq!(reopened.stats().corrupt_removed, 1);
     assert_eq!(reopened.stats().entries, 1);
@@ -123,13 +153,17 @@ fn unwritable_directory_degrades_to_memory_and_recovers() {
     let dir = parent.path().join("store");
     let store = Arc::new(DiskStore::open(config(&dir, "s")).unwrap());
     let cache = tiered(store.clone());
-    cache.get_or_insert_with("before".into(), || Ok::<_, std::io::Error>(vec![1])).unwrap();
+    cache
+        .get_or_insert_with("before".into(), || Ok::<_, std::io::Error>(vec![1]))
+        .unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::write(&dir, b"not a directory").unwrap();
 
     for i in 0..20u32 {
         let key = format!("k{i}");
-        let v = cache.get_or_insert_with(key.clone(), || Ok::<_, std::io::Error>(vec![i])).unwrap();
+        let v = cache
+            .get_or_insert_with(key.clone(), || Ok::<_, std::io::Error>(vec![i]))
+            .unwrap();
         assert_eq!(v, vec![i]);
         assert_eq!(cache.get(&key), Some(vec![i]), "memory tier keeps serving");
     }
@@ -174,7 +208,12 @@ const WRITER_ENV: &str = "FEATURE_CACHE_CRASH_WRITER_DIR";
 
 fn payload(key: &str) -> Vec<u8> {
     // Large enough that a kill often lands mid-write.
-    key.as_bytes().iter().cycle().take(64 * 1024).copied().collect()
+    key.as_bytes()
+        .iter()
+        .cycle()
+        .take(64 * 1024)
+        .copied()
+        .collect()
 }
 
 /// In writer mode (run as a child by `crash_safety`), writes entries for
@@ -184,7 +223,10 @@ fn crash_writer_child() {
     let Ok(dir) = std::env::var(WRITER_ENV) else {
         return; // Only meaningful as the child process.
     };
-    let round: u32 = std::env::var("FEATURE_CACHE_CRASH_ROUND").unwrap().parse().unwrap();
+    let round: u32 = std::env::var("FEATURE_CACHE_CRASH_ROUND")
+        .unwrap()
+        .parse()
+        .unwrap();
     let store = DiskStore::open(config(Path::new(&dir), "crash")).unwrap();
     for i in 0.. {
         let key = format!("r{round}-k{i}");
@@ -201,7 +243,12 @@ fn crash_safety_killed_writer_loses_nothing_written() {
     let started = Instant::now();
     for round in 0..20u32 {
         let mut child = Command::new(&exe)
-            .args(["--exact", "crash_writer_child", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "crash_writer_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(WRITER_ENV, dir.path())
             .env("FEATURE_CACHE_CRASH_ROUND", round.to_string())
             .stdout(Stdio::piped())
@@ -223,7 +270,10 @@ fn crash_safety_killed_writer_loses_nothing_written() {
                 }
                 _ => break,
             }
-            assert!(started.elapsed() < Duration::from_secs(60), "writer too slow");
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "writer too slow"
+            );
         }
         child.kill().unwrap();
         child.wait().unwrap();
@@ -237,9 +287,14 @@ fn crash_safety_killed_writer_loses_nothing_written() {
     assert!(written.len() >= 20 * 3);
     let store = DiskStore::open(config(dir.path(), "crash")).unwrap();
     let s = store.stats();
-    assert_eq!(s.corrupt_removed, 0, "no half entry ever became visible: {s:?}");
+    assert_eq!(
+        s.corrupt_removed, 0,
+        "no half entry ever became visible: {s:?}"
+    );
     for key in &written {
-        let (h, bytes) = store.get(key).unwrap_or_else(|| panic!("{key} was written but is missing"));
+        let (h, bytes) = store
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} was written but is missing"));
         assert_eq!(&h.key, key);
         assert_eq!(bytes, payload(key), "{key} differs");
     }

@@ -6,8 +6,8 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
 use feature_cache::{
-    CacheConfig, EntryOptions, Error, EvictionCause, FeatureCache, ManualClock, Policy, UnitWeigher,
-    WarmStop,
+    CacheConfig, EntryOptions, Error, EvictionCause, FeatureCache, ManualClock, Policy,
+    UnitWeigher, WarmStop,
 };
 use proptest::prelude::*;
 
@@ -153,7 +153,12 @@ fn loader_error_is_shared_and_not_cached() {
     }
     assert!(runs.load(Ordering::SeqCst) >= 1);
     assert!(!cache.contains(&1));
-    assert_eq!(cache.get_or_insert_with(1, || Ok::<_, std::io::Error>(5)).unwrap(), 5);
+    assert_eq!(
+        cache
+            .get_or_insert_with(1, || Ok::<_, std::io::Error>(5))
+            .unwrap(),
+        5
+    );
 }
 
 #[test]
@@ -171,7 +176,12 @@ fn panicking_loader_wakes_waiters() {
     assert!(leader.join().is_err());
     // Either it waited on the panicking flight or ran its own loader.
     assert!(matches!(r, Err(Error::LoaderPanicked) | Ok(1)), "{r:?}");
-    assert_eq!(cache.get_or_insert_with(9, || Ok::<_, std::io::Error>(2)).unwrap(), r.unwrap_or(2));
+    assert_eq!(
+        cache
+            .get_or_insert_with(9, || Ok::<_, std::io::Error>(2))
+            .unwrap(),
+        r.unwrap_or(2)
+    );
 }
 
 #[test]
@@ -180,9 +190,15 @@ fn tags_predicates_listener_and_causes() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s2 = seen.clone();
     cache.on_evict(move |k: &u32, _v: &Vec<u8>, cause| s2.lock().unwrap().push((*k, cause)));
-    cache.insert_with(1, vec![0; 10], EntryOptions::new().tag("minilm@2")).unwrap();
-    cache.insert_with(2, vec![0; 10], EntryOptions::new().tag("minilm@2").tag("x")).unwrap();
-    cache.insert_with(3, vec![0; 10], EntryOptions::new().tag("minilm@3")).unwrap();
+    cache
+        .insert_with(1, vec![0; 10], EntryOptions::new().tag("minilm@2"))
+        .unwrap();
+    cache
+        .insert_with(2, vec![0; 10], EntryOptions::new().tag("minilm@2").tag("x"))
+        .unwrap();
+    cache
+        .insert_with(3, vec![0; 10], EntryOptions::new().tag("minilm@3"))
+        .unwrap();
     assert_eq!(cache.invalidate_tag("minilm@2"), 2);
     assert!(cache.contains(&3) && !cache.contains(&1) && !cache.contains(&2));
     cache.insert(3, vec![0; 20]).unwrap();
@@ -201,7 +217,10 @@ fn tags_predicates_listener_and_causes() {
         ]
     );
     let s = cache.stats();
-    assert_eq!((s.removed_explicit, s.replaced, s.evicted_capacity), (3, 1, 1));
+    assert_eq!(
+        (s.removed_explicit, s.replaced, s.evicted_capacity),
+        (3, 1, 1)
+    );
 }
 
 #[test]
@@ -215,34 +234,61 @@ fn set_capacity_evicts_at_once_and_too_heavy_is_an_error() {
     cache.set_capacity(250);
     assert!(cache.weight() <= 250, "{}", cache.weight());
     let err = cache.insert(1000, vec![0; 200]).unwrap_err();
-    assert!(matches!(err, Error::TooHeavy { weight: 200, limit: 125 }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::TooHeavy {
+                weight: 200,
+                limit: 125
+            }
+        ),
+        "{err}"
+    );
     assert!(matches!(
-        FeatureCache::<u32, u32>::new(CacheConfig { shards: 3, ..Default::default() }, UnitWeigher),
-        Err(Error::InvalidConfig { field: "shards", .. })
+        FeatureCache::<u32, u32>::new(
+            CacheConfig {
+                shards: 3,
+                ..Default::default()
+            },
+            UnitWeigher
+        ),
+        Err(Error::InvalidConfig {
+            field: "shards",
+            ..
+        })
     ));
 }
 
 #[test]
 fn stats_count_hits_and_time_saved() {
     let cache: FeatureCache<u32, u32> = FeatureCache::builder().capacity(10).build().unwrap();
-    cache.get_or_insert_with(1, || {
-        std::thread::sleep(Duration::from_millis(5));
-        Ok::<_, std::io::Error>(1)
-    })
-    .unwrap();
+    cache
+        .get_or_insert_with(1, || {
+            std::thread::sleep(Duration::from_millis(5));
+            Ok::<_, std::io::Error>(1)
+        })
+        .unwrap();
     for _ in 0..3 {
         assert_eq!(cache.get(&1), Some(1));
     }
     assert_eq!(cache.get(&2), None);
     let s = cache.stats();
     assert_eq!((s.hits, s.misses, s.inserts, s.loads), (3, 2, 1, 1));
-    assert!(s.time_saved >= Duration::from_millis(15), "{:?}", s.time_saved);
+    assert!(
+        s.time_saved >= Duration::from_millis(15),
+        "{:?}",
+        s.time_saved
+    );
     assert!((s.hit_rate() - 0.6).abs() < 1e-9);
 }
 
 #[test]
 fn warming_fills_until_full_and_can_be_cancelled() {
-    let cache: FeatureCache<u32, u32> = FeatureCache::builder().capacity(64).shards(1).build().unwrap();
+    let cache: FeatureCache<u32, u32> = FeatureCache::builder()
+        .capacity(64)
+        .shards(1)
+        .build()
+        .unwrap();
     cache.insert(5, 500).unwrap();
     let report = cache.warm(0..1000u32, |k| Ok::<_, ()>(*k)).join().unwrap();
     assert_eq!(report.stopped, WarmStop::Full);
@@ -251,7 +297,8 @@ fn warming_fills_until_full_and_can_be_cancelled() {
     assert_eq!(cache.get(&5), Some(500), "existing entry kept");
     assert!(report.skipped >= 1);
 
-    let cache: FeatureCache<u32, u32> = FeatureCache::builder().capacity(1_000_000).build().unwrap();
+    let cache: FeatureCache<u32, u32> =
+        FeatureCache::builder().capacity(1_000_000).build().unwrap();
     let handle = cache.warm(0..1_000_000u32, |k| {
         std::thread::sleep(Duration::from_millis(1));
         Ok::<_, ()>(*k)
