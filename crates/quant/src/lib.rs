@@ -35,6 +35,9 @@
 mod error;
 mod format;
 mod linear;
+mod model;
+mod plan;
+mod policy;
 mod resident;
 #[cfg(test)]
 mod testutil;
@@ -42,4 +45,13 @@ mod testutil;
 pub use crate::error::{Error, Result};
 pub use crate::format::Format;
 pub use crate::linear::QLinear;
+pub use crate::model::{
+    load_safetensors, quantize_safetensors, quantize_tensors, sha256_file, ArtifactMeta,
+    QuantizedModel, FORMAT_VERSION,
+};
+pub use crate::plan::{
+    measure, plan, select, uniform_bytes, Calibration, Candidate, PlanEntry, QuantPlan,
+    Sensitivity,
+};
+pub use crate::policy::{PolicyConfig, PolicyOverrides, QuantPolicy};
 pub use crate::resident::resident_weight_bytes;

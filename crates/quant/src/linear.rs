@@ -222,6 +222,22 @@ mod tests {
     }
 
     #[test]
+    fn weight_round_trip_error_per_format() {
+        let w = gaussian(&[128, 512], 12);
+        for (format, bound) in [
+            (Format::F16, 1e-3),
+            (Format::Q8_0, 1e-2),
+            (Format::Q6_K, 3e-2),
+            (Format::Q4_K, 1e-1),
+            (Format::Q4_0, 1.5e-1),
+        ] {
+            let l = QLinear::from_f32(w.clone(), None, format).unwrap();
+            let e = rel_rms(&l.dequantize().unwrap(), &w);
+            assert!(e > 0.0 && e < bound, "{format}: weight RMS relative error {e}");
+        }
+    }
+
+    #[test]
     fn leading_dims_and_batch() {
         let w = gaussian(&[64, 256], 4);
         let l = QLinear::from_f32(w.clone(), None, Format::Q8_0).unwrap();
