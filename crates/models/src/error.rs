@@ -1,0 +1,74 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in `models`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A model file is missing.
+    #[error("model file {path} not found; run scripts/fetch-model.sh (it honours SNUG_MODEL_DIR) or point SNUG_MODEL_DIR at a directory holding model.safetensors, tokenizer.json and config.json")]
+    ModelMissing {
+        /// The file that was looked for.
+        path: PathBuf,
+    },
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `config.json` is not a BERT config this encoder can run.
+    #[error("config {path}: {reason}")]
+    BadConfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and what is expected.
+        reason: String,
+    },
+    /// The tokenizer failed to load or to encode.
+    #[error("tokenizer: {0}; check that tokenizer.json is the one shipped with the model (scripts/fetch-model.sh)")]
+    Tokenizer(String),
+    /// A token sequence is longer than the model's position table.
+    #[error("sequence {index} has {len} tokens, over the model's limit of {limit}; truncate it (LoadOptions::max_tokens) or split the text into windows")]
+    TooLong {
+        /// Index of the sequence in the batch.
+        index: usize,
+        /// Its length in tokens.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A token sequence is empty.
+    #[error("sequence {index} has no tokens; a sequence needs at least [CLS] and [SEP]")]
+    EmptySequence {
+        /// Index of the sequence in the batch.
+        index: usize,
+    },
+    /// A token id or token type id is out of range.
+    #[error("sequence {index}: token {what} {id} is out of range (the model has {limit}); tokenize with this model's tokenizer")]
+    BadToken {
+        /// Index of the sequence in the batch.
+        index: usize,
+        /// `id` or `type id`.
+        what: &'static str,
+        /// The offending value.
+        id: u32,
+        /// The number of valid values.
+        limit: usize,
+    },
+    /// The encoder runs on the CPU only.
+    #[error("device {0} is not supported; this encoder's fused kernels run on the CPU, load it with Device::Cpu")]
+    UnsupportedDevice(String),
+    /// An error from candle.
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// An error from the quant crate.
+    #[error("quant: {0}")]
+    Quant(#[from] quant::Error),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,361 @@
+//! Fused CPU kernels for the encoder: they work on row-major f32 buffers and
+//! run in parallel over rows (rayon). Each replaces several candle ops (and
+//! their intermediate tensors) with one pass over memory.
+
+use rayon::prelude::*;
+
+/// Rows per parallel task for the row-wise kernels.
+const ROW_CHUNK: usize = 16;
+
+/// `erf(x)`, max abs error below 5e-7 in f32 (Abramowitz & Stegun 7.1.26,
+/// 1.5e-7 in exact arithmetic, with a fast exp). Branch-free so that it
+/// vectorises.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let y = 1.0
+        - (((((1.061_405_4 * t - 1.453_152_1) * t) + 1.421_413_7) * t - 0.284_496_74) * t
+            + 0.254_829_6)
+            * t
+            * fast_exp(-a * a);
+    y.copysign(x)
+}
+
+/// `e^x` for `x <= 0` (down to where it underflows), relative error ~2e-7.
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    let y = x * std::f32::consts::LOG2_E;
+    // Round to nearest with the 1.5·2^23 trick (vectorises without SSE4.1).
+    let n = (y + 12_582_912.0) - 12_582_912.0;
+    let f = y - n; // [-0.5, 0.5]
+                   // 2^f = e^(f ln2), |f ln2| <= 0.35: degree-6 Taylor, error < 2e-7.
+    let l = std::f32::consts::LN_2;
+    let g = f * l;
+    let p = 1.0
+        + g * (1.0
+            + g * (0.5
+                + g * (1.0 / 6.0 + g * (1.0 / 24.0 + g * (1.0 / 120.0 + g * (1.0 / 720.0))))));
+    let bits = ((n as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
+}
+
+/// `gelu(x + bias)` with the exact (erf) GELU, written into a new buffer.
+pub(crate) fn bias_gelu(x: &[f32], bias: &[f32], cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(cols * ROW_CHUNK)
+        .zip(x.par_chunks(cols * ROW_CHUNK))
+        .for_each(|(o, x)| {
+            for (orow, xrow) in o.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
+                for ((o, &x), &b) in orow.iter_mut().zip(xrow).zip(bias) {
+                    let v = x + b;
+                    *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                }
+            }
+        });
+    out
+}
+
+/// Row-wise layer norm of `x[.., :h] + bias + residual[.., :h]` into an
+/// `out_stride`-wide buffer (columns past `h` are zero). `x` rows are `h`
+/// wide, `residual` rows `res_stride` wide.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_layer_norm(
+    x: &[f32],
+    bias: &[f32],
+    residual: &[f32],
+    res_stride: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    out_stride: usize,
+) -> Vec<f32> {
+    let h = gamma.len();
+    let rows = x.len() / h;
+    let mut out = vec![0f32; rows * out_stride];
+    out.par_chunks_mut(out_stride * ROW_CHUNK)
+        .enumerate()
+        .for_each(|(c, o)| {
+            let mut tmp = vec![0f32; h];
+            for (r, orow) in o.chunks_exact_mut(out_stride).enumerate() {
+                let row = c * ROW_CHUNK + r;
+                let xr = &x[row * h..row * h + h];
+                let rr = &residual[row * res_stride..row * res_stride + h];
+                for i in 0..h {
+                    tmp[i] = xr[i] + bias[i] + rr[i];
+                }
+                norm_into(&tmp, gamma, beta, eps, &mut orow[..h]);
+            }
+        });
+    out
+}
+
+#[inline(always)]
+fn norm_into(v: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+    let n = v.len() as f32;
+    let mean = v.iter().sum::<f32>() / n;
+    let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    for i in 0..v.len() {
+        out[i] = (v[i] - mean) * inv * gamma[i] + beta[i];
+    }
+}
+
+/// The embedding tables and the norm that follows them.
+pub(crate) struct EmbeddingTables<'a> {
+    pub(crate) word: &'a [f32],
+    pub(crate) position: &'a [f32],
+    pub(crate) token_type: &'a [f32],
+    pub(crate) gamma: &'a [f32],
+    pub(crate) beta: &'a [f32],
+    pub(crate) eps: f32,
+}
+
+/// Sum of word, position and token-type embeddings, layer-normed, for packed
+/// tokens, into an `out_stride`-wide buffer. Ids are checked by the caller.
+pub(crate) fn embed(
+    t: &EmbeddingTables<'_>,
+    ids: &[u32],
+    type_ids: &[u32],
+    positions: &[u32],
+    out_stride: usize,
+) -> Vec<f32> {
+    let h = t.gamma.len();
+    let mut out = vec![0f32; ids.len() * out_stride];
+    out.par_chunks_mut(out_stride * ROW_CHUNK)
+        .enumerate()
+        .for_each(|(c, o)| {
+            let mut tmp = vec![0f32; h];
+            for (r, orow) in o.chunks_exact_mut(out_stride).enumerate() {
+                let k = c * ROW_CHUNK + r;
+                let w = &t.word[ids[k] as usize * h..][..h];
+                let p = &t.position[positions[k] as usize * h..][..h];
+                let ty = &t.token_type[type_ids[k] as usize * h..][..h];
+                for i in 0..h {
+                    tmp[i] = w[i] + p[i] + ty[i];
+                }
+                norm_into(&tmp, t.gamma, t.beta, t.eps, &mut orow[..h]);
+            }
+        });
+    out
+}
+
+/// Shape of the attention.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttentionShape {
+    pub(crate) heads: usize,
+    pub(crate) head_dim: usize,
+}
+
+/// Multi-head self-attention over packed sequences. `qkv` rows are
+/// `[q | k | v]` (3·hidden wide, bias not yet added; `bias` is 3·hidden);
+/// `seqs` are the (start row, length) of each sequence. Each token attends to
+/// the tokens of its own sequence only, so no mask and no padding. The output
+/// is `out_stride` wide (zeros past hidden).
+pub(crate) fn attention(
+    qkv: &[f32],
+    bias: &[f32],
+    seqs: &[(usize, usize)],
+    shape: AttentionShape,
+    out_stride: usize,
+) -> Vec<f32> {
+    let AttentionShape { heads, head_dim } = shape;
+    let hidden = heads * head_dim;
+    let w = 3 * hidden;
+    let rows = qkv.len() / w;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut out = vec![0f32; rows * out_stride];
+    // Split the output into one disjoint slice per sequence.
+    let mut parts: Vec<(&mut [f32], usize, usize)> = Vec::with_capacity(seqs.len());
+    let mut rest: &mut [f32] = &mut out;
+    let mut at = 0;
+    for &(start, len) in seqs {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut((start - at) * out_stride);
+        let (mine, tail) = tail.split_at_mut(len * out_stride);
+        parts.push((mine, start, len));
+        rest = tail;
+        at = start + len;
+    }
+    parts.into_par_iter().for_each(|(o, start, len)| {
+        let mut q = vec![0f32; len * head_dim];
+        let mut kt = vec![0f32; head_dim * len];
+        let mut v = vec![0f32; len * head_dim];
+        let mut s = vec![0f32; len];
+        for hd in 0..heads {
+            let qo = hd * head_dim;
+            let ko = hidden + qo;
+            let vo = 2 * hidden + qo;
+            for i in 0..len {
+                let row = &qkv[(start + i) * w..(start + i + 1) * w];
+                for d in 0..head_dim {
+                    q[i * head_dim + d] = (row[qo + d] + bias[qo + d]) * scale;
+                    kt[d * len + i] = row[ko + d] + bias[ko + d];
+                    v[i * head_dim + d] = row[vo + d] + bias[vo + d];
+                }
+            }
+            for i in 0..len {
+                s.iter_mut().for_each(|x| *x = 0.0);
+                let qi = &q[i * head_dim..(i + 1) * head_dim];
+                for (d, &qd) in qi.iter().enumerate() {
+                    let kr = &kt[d * len..(d + 1) * len];
+                    for (sj, &k) in s.iter_mut().zip(kr) {
+                        *sj += qd * k;
+                    }
+                }
+                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for x in s.iter_mut() {
+                    *x = fast_exp(*x - max);
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                let orow = &mut o[i * out_stride + qo..i * out_stride + qo + head_dim];
+                for (j, &p) in s.iter().enumerate() {
+                    let p = p * inv;
+                    let vr = &v[j * head_dim..(j + 1) * head_dim];
+                    for (od, &vd) in orow.iter_mut().zip(vr) {
+                        *od += p * vd;
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+/// Mean over each sequence's rows (first `h` columns of `stride`-wide rows),
+/// L2-normalised.
+pub(crate) fn mean_pool_normalize(
+    x: &[f32],
+    stride: usize,
+    h: usize,
+    seqs: &[(usize, usize)],
+) -> Vec<Vec<f32>> {
+    seqs.iter()
+        .map(|&(start, len)| {
+            let mut acc = vec![0f32; h];
+            for r in start..start + len {
+                for (a, &v) in acc.iter_mut().zip(&x[r * stride..r * stride + h]) {
+                    *a += v;
+                }
+            }
+            let inv_len = 1.0 / len.max(1) as f32;
+            acc.iter_mut().for_each(|a| *a *= inv_len);
+            let norm = acc.iter().map(|a| a * a).sum::<f32>().sqrt().max(1e-12);
+            acc.iter_mut().for_each(|a| *a /= norm);
+            acc
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_and_exp_are_accurate() {
+        for i in -400..=400 {
+            let x = i as f32 / 50.0;
+            let e = libm_erf(x as f64);
+            assert!(
+                (erf(x) as f64 - e).abs() < 5e-7,
+                "erf({x}) = {} vs {e}",
+                erf(x)
+            );
+            if x <= 0.0 {
+                let r = (x as f64).exp();
+                assert!(
+                    ((fast_exp(x) as f64) - r).abs() <= 1e-6 * r + 1e-30,
+                    "exp({x})"
+                );
+            }
+        }
+        assert_eq!(fast_exp(-1000.0), fast_exp(-87.0));
+    }
+
+    // erf by its Taylor series (converges fast for |x| <= 3) and the
+    // asymptotic tail; an independent reference for the test.
+    fn libm_erf(x: f64) -> f64 {
+        if x.abs() > 5.0 {
+            return x.signum();
+        }
+        let mut sum = 0.0;
+        let mut term = x;
+        let mut n = 0.0;
+        while term.abs() > 1e-17 || n < 5.0 {
+            sum += term / (2.0 * n + 1.0);
+            n += 1.0;
+            term *= -x * x / n;
+            if n > 200.0 {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn attention_matches_naive() {
+        let shape = AttentionShape {
+            heads: 2,
+            head_dim: 4,
+        };
+        let hidden = 8;
+        let seqs = [(0usize, 3usize), (3, 1), (4, 2)];
+        let rows = 6;
+        let qkv: Vec<f32> = (0..rows * 3 * hidden)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 10.0)
+            .collect();
+        let bias: Vec<f32> = (0..3 * hidden).map(|i| i as f32 / 100.0).collect();
+        let out = attention(&qkv, &bias, &seqs, shape, 10);
+        for &(start, len) in &seqs {
+            for hd in 0..2 {
+                for i in start..start + len {
+                    let get = |r: usize, part: usize, d: usize| {
+                        let c = part * hidden + hd * 4 + d;
+                        qkv[r * 3 * hidden + c] + bias[c]
+                    };
+                    let scores: Vec<f64> = (start..start + len)
+                        .map(|j| {
+                            (0..4)
+                                .map(|d| (get(i, 0, d) * get(j, 1, d)) as f64)
+                                .sum::<f64>()
+                                / 2.0
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::MIN, f64::max);
+                    let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+                    for d in 0..4 {
+                        let want: f64 = (start..start + len)
+                            .map(|j| (scores[j - start] - m).exp() / z * get(j, 2, d) as f64)
+                            .sum();
+                        let got = out[i * 10 + hd * 4 + d] as f64;
+                        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+                    }
+                }
+            }
+            for i in start..start + len {
+                assert_eq!(&out[i * 10 + 8..i * 10 + 10], &[0.0, 0.0]);
+            }
+        }
+    }
+
+    #[test]
+    fn layer_norm_and_pool() {
+        let x = [1.0f32, 2.0, 3.0, 4.0];
+        let out = add_layer_norm(
+            &x,
+            &[0.0, 0.0],
+            &[0.0, 0.0, 9.0, 1.0, 1.0, 9.0],
+            3,
+            &[1.0, 1.0],
+            &[0.0, 0.5],
+            0.0,
+            3,
+        );
+        assert_eq!(out.len(), 6);
+        assert!((out[0] + 1.0).abs() < 1e-6 && (out[1] - 1.5).abs() < 1e-6 && out[2] == 0.0);
+        let p = mean_pool_normalize(&[2.0, 3.0, 9.0, 6.0, 3.0, 9.0], 3, 2, &[(0, 2)]);
+        assert!((p[0][0] - 0.8).abs() < 1e-6 && (p[0][1] - 0.6).abs() < 1e-6);
+    }
+}

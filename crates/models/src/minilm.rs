@@ -1,0 +1,726 @@
+//! [`MiniLm`]: the all-MiniLM-L6-v2 sentence encoder.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Storage, Tensor};
+use candle_nn::VarBuilder;
+use quant::{Format, QLinear};
+use serde::{Deserialize, Serialize};
+use tokenizers::{Tokenizer, TruncationParams};
+
+use crate::kernels::{self, AttentionShape, EmbeddingTables};
+use crate::{Embed, Error, Result};
+
+/// The BERT settings read from `config.json` (the fields this encoder uses).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BertConfig {
+    /// Vocabulary size (30522).
+    pub vocab_size: usize,
+    /// Hidden size (384).
+    pub hidden_size: usize,
+    /// Number of layers (6).
+    pub num_hidden_layers: usize,
+    /// Attention heads (12).
+    pub num_attention_heads: usize,
+    /// Width of the feed-forward layer (1536).
+    pub intermediate_size: usize,
+    /// Activation; only `gelu` (the erf form) is supported.
+    pub hidden_act: String,
+    /// Rows of the position table, the longest sequence in tokens (512).
+    pub max_position_embeddings: usize,
+    /// Token type ids (2).
+    pub type_vocab_size: usize,
+    /// Epsilon of the layer norms (1e-12).
+    pub layer_norm_eps: f64,
+}
+
+/// How to load the model.
+///
+/// Weight formats: every linear weight (`encoder.layer.N.….weight`) takes
+/// `default_format` unless `plan` names it (the tensor names of the
+/// safetensors file, so a `quant` plan can drive it). Embeddings, norms and
+/// biases stay f32. The three attention projections of a layer run as one
+/// fused matrix and so share one format: the most precise of the three.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoadOptions {
+    /// Format of linear weights the plan does not name. Default `F32`.
+    pub default_format: Format,
+    /// Per-tensor formats (tensor name → format). Default empty.
+    pub plan: BTreeMap<String, Format>,
+    /// Zero-pad the hidden activations (and the weights' input dimension)
+    /// from 384 to 512 when a quantized format is used, so that K-quants fit
+    /// and candle's repacked integer kernels (which need an input dimension
+    /// that is a multiple of 256) serve Q8_0 too. Results are unchanged (the
+    /// pad is zeros); it costs a third more multiply-adds in three of the
+    /// four matrices. Without it, formats that do not fit fall back
+    /// ([`Format::fit`]). Default `true`.
+    pub pad_inputs: bool,
+    /// Longest input in tokens, including `[CLS]` and `[SEP]`; longer texts
+    /// are truncated. Default 256 (sentence-transformers' limit for this
+    /// model); at most the model's position table (512).
+    pub max_tokens: usize,
+    /// Device. Only the CPU is supported. Default CPU.
+    #[serde(skip, default = "cpu")]
+    pub device: Device,
+}
+
+fn cpu() -> Device {
+    Device::Cpu
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            default_format: Format::F32,
+            plan: BTreeMap::new(),
+            pad_inputs: true,
+            max_tokens: 256,
+            device: Device::Cpu,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Every linear weight in `format`.
+    pub fn uniform(format: Format) -> Self {
+        Self {
+            default_format: format,
+            ..Self::default()
+        }
+    }
+}
+
+/// One tokenised text: token ids and token type ids, with `[CLS]` / `[SEP]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Tokens {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Token type ids (all 0 for single sentences).
+    pub type_ids: Vec<u32>,
+}
+
+impl Tokens {
+    /// Number of tokens (the cost weight of this text in a batch).
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether there are no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// Where the time of forward passes went, summed over calls since the model
+/// was loaded or [`MiniLm::reset_profile`] (nanoseconds).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Profile {
+    /// Tokenisation ([`MiniLm::tokenize`]).
+    pub tokenize_ns: u64,
+    /// Embedding lookup and its layer norm.
+    pub embed_ns: u64,
+    /// The linear layers (matrix multiplications).
+    pub matmul_ns: u64,
+    /// Attention (scores, softmax, weighted sum).
+    pub attention_ns: u64,
+    /// Bias + GELU.
+    pub gelu_ns: u64,
+    /// Bias + residual + layer norm.
+    pub layer_norm_ns: u64,
+    /// Mean pooling and normalisation.
+    pub pool_ns: u64,
+    /// Texts embedded.
+    pub texts: u64,
+    /// Tokens run through the model.
+    pub tokens: u64,
+}
+
+struct Layer {
+    qkv: QLinear,
+    qkv_bias: Vec<f32>,
+    attn_out: QLinear,
+    attn_out_bias: Vec<f32>,
+    attn_ln: (Vec<f32>, Vec<f32>),
+    inter: QLinear,
+    inter_bias: Vec<f32>,
+    out: QLinear,
+    out_bias: Vec<f32>,
+    out_ln: (Vec<f32>, Vec<f32>),
+}
+
+/// all-MiniLM-L6-v2: a 6-layer BERT sentence encoder (384 dims) whose linear
+/// layers are [`quant::QLinear`], so f32, Q8_0, Q4_K and mixed plans share one
+/// code path.
+///
+/// A batch runs **packed**: the tokens of all its texts form one
+/// `[tokens, hidden]` matrix, so the linear layers (nearly all the work) never
+/// see padding, whatever the mix of lengths; attention runs per text. The
+/// glue between matrices (bias, GELU, residual, layer norm, attention) is
+/// fused CPU kernels, parallel over rows. Output: mean pooling over the
+/// tokens, L2 normalised.
+pub struct MiniLm {
+    config: BertConfig,
+    tokenizer: Tokenizer,
+    word: Vec<f32>,
+    position: Vec<f32>,
+    token_type: Vec<f32>,
+    emb_ln: (Vec<f32>, Vec<f32>),
+    layers: Vec<Layer>,
+    stride: usize,
+    max_tokens: usize,
+    formats: BTreeMap<String, Format>,
+    profile: parking_lot::Mutex<Profile>,
+}
+
+impl std::fmt::Debug for MiniLm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MiniLm")
+            .field("config", &self.config)
+            .field("stride", &self.stride)
+            .field("max_tokens", &self.max_tokens)
+            .field("formats", &self.formats)
+            .finish_non_exhaustive()
+    }
+}
+
+fn file(dir: &Path, name: &str) -> Result<PathBuf> {
+    let p = dir.join(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(Error::ModelMissing { path: p })
+    }
+}
+
+fn to_vec(t: Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor.
+fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::UnsupportedDevice(format!("{:?}", t.device())));
+    };
+    let data = cpu.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(f(&data[a..b])),
+        None => {
+            drop(storage);
+            let c = t.contiguous()?;
+            with_slice(&c, f)
+        }
+    }
+}
+
+fn elapsed(start: Instant) -> u64 {
+    start.elapsed().as_nanos() as u64
+}
+
+impl MiniLm {
+    /// Loads `model.safetensors`, `tokenizer.json` and `config.json` from
+    /// `dir`, quantizing the linear weights as `options` says.
+    pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+        let dir = dir.as_ref();
+        if !options.device.is_cpu() {
+            return Err(Error::UnsupportedDevice(format!("{:?}", options.device)));
+        }
+        let config_path = file(dir, "config.json")?;
+        let weights_path = file(dir, "model.safetensors")?;
+        let tokenizer_path = file(dir, "tokenizer.json")?;
+        let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+        let config: BertConfig = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+            path: config_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let bad = |reason: String| Error::BadConfig {
+            path: config_path.clone(),
+            reason,
+        };
+        if config.hidden_act != "gelu" {
+            return Err(bad(format!(
+                "hidden_act is `{}`; this encoder runs `gelu` (erf) only",
+                config.hidden_act
+            )));
+        }
+        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+            return Err(bad(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                config.hidden_size, config.num_attention_heads
+            )));
+        }
+        if options.max_tokens < 2 || options.max_tokens > config.max_position_embeddings {
+            return Err(bad(format!(
+                "LoadOptions::max_tokens is {}; it must lie in 2..={} (the position table)",
+                options.max_tokens, config.max_position_embeddings
+            )));
+        }
+
+        let mut tokenizer = Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
+        // The shipped tokenizer.json pads every input to 128 tokens; the
+        // encoder packs batches, so no padding at all.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: options.max_tokens,
+                ..Default::default()
+            }))
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+
+        // SAFETY: the file is mapped read-only and only read while `vb` lives;
+        // every tensor is copied out (to f32 vectors or quantized blocks)
+        // before this function returns.
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(&[&weights_path], DType::F32, &Device::Cpu)?
+        };
+        let h = config.hidden_size;
+        let e = vb.pp("embeddings");
+        let word = to_vec(e.get((config.vocab_size, h), "word_embeddings.weight")?)?;
+        let position = to_vec(e.get(
+            (config.max_position_embeddings, h),
+            "position_embeddings.weight",
+        )?)?;
+        let token_type =
+            to_vec(e.get((config.type_vocab_size, h), "token_type_embeddings.weight")?)?;
+        let ln = |vb: VarBuilder<'_>| -> Result<(Vec<f32>, Vec<f32>)> {
+            Ok((to_vec(vb.get(h, "weight")?)?, to_vec(vb.get(h, "bias")?)?))
+        };
+        let emb_ln = ln(e.pp("LayerNorm"))?;
+
+        let fmt_of = |name: &str| {
+            options
+                .plan
+                .get(name)
+                .copied()
+                .unwrap_or(options.default_format)
+        };
+        let name = |l: usize, rest: &str| format!("encoder.layer.{l}.{rest}.weight");
+        let quantized = |f: Format| !matches!(f, Format::F32 | Format::F16);
+        let any_quantized_hidden_input = (0..config.num_hidden_layers).any(|l| {
+            [
+                "attention.self.query",
+                "attention.self.key",
+                "attention.self.value",
+                "attention.output.dense",
+                "intermediate.dense",
+            ]
+            .iter()
+            .any(|r| quantized(fmt_of(&name(l, r))))
+        });
+        let stride = if options.pad_inputs && any_quantized_hidden_input {
+            h.next_multiple_of(256)
+        } else {
+            h
+        };
+        let pad = |w: Tensor| -> Result<Tensor> {
+            let (o, i) = w.dims2()?;
+            if i == h && stride > h {
+                Ok(Tensor::cat(
+                    &[
+                        &w,
+                        &Tensor::zeros((o, stride - h), DType::F32, &Device::Cpu)?,
+                    ],
+                    1,
+                )?)
+            } else {
+                Ok(w)
+            }
+        };
+
+        let mut formats = BTreeMap::new();
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let lv = vb.pp(format!("encoder.layer.{l}"));
+            let get_w = |rest: &str, o: usize, i: usize| lv.pp(rest).get((o, i), "weight");
+            let get_b =
+                |rest: &str, o: usize| -> Result<Vec<f32>> { to_vec(lv.pp(rest).get(o, "bias")?) };
+
+            let qkv_names = [
+                "attention.self.query",
+                "attention.self.key",
+                "attention.self.value",
+            ];
+            let qkv_format = qkv_names
+                .iter()
+                .map(|r| fmt_of(&name(l, r)))
+                .min()
+                .unwrap_or(Format::F32);
+            let w = Tensor::cat(
+                &qkv_names
+                    .iter()
+                    .map(|r| get_w(r, h, h))
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+                0,
+            )?;
+            let qkv = QLinear::from_f32(pad(w)?, None, qkv_format)?;
+            let mut qkv_bias = Vec::with_capacity(3 * h);
+            for r in qkv_names {
+                qkv_bias.extend(get_b(r, h)?);
+                formats.insert(name(l, r), qkv.format());
+            }
+
+            let r = "attention.output.dense";
+            let attn_out = QLinear::from_f32(pad(get_w(r, h, h)?)?, None, fmt_of(&name(l, r)))?;
+            formats.insert(name(l, r), attn_out.format());
+            let attn_out_bias = get_b(r, h)?;
+            let attn_ln = ln(lv.pp("attention.output.LayerNorm"))?;
+
+            let r = "intermediate.dense";
+            let inter = QLinear::from_f32(
+                pad(get_w(r, config.intermediate_size, h)?)?,
+                None,
+                fmt_of(&name(l, r)),
+            )?;
+            formats.insert(name(l, r), inter.format());
+            let inter_bias = get_b(r, config.intermediate_size)?;
+
+            let r = "output.dense";
+            let out = QLinear::from_f32(
+                get_w(r, h, config.intermediate_size)?,
+                None,
+                fmt_of(&name(l, r)),
+            )?;
+            formats.insert(name(l, r), out.format());
+            let out_bias = get_b(r, h)?;
+            let out_ln = ln(lv.pp("output.LayerNorm"))?;
+
+            layers.push(Layer {
+                qkv,
+                qkv_bias,
+                attn_out,
+                attn_out_bias,
+                attn_ln,
+                inter,
+                inter_bias,
+                out,
+                out_bias,
+                out_ln,
+            });
+        }
+        for n in options.plan.keys() {
+            if !formats.contains_key(n) {
+                tracing::warn!(tensor = %n, "plan names a tensor that is not a linear weight of this model; ignored");
+            }
+        }
+        tracing::info!(dir = %dir.display(), stride, "MiniLM loaded");
+        Ok(Self {
+            config,
+            tokenizer,
+            word,
+            position,
+            token_type,
+            emb_ln,
+            layers,
+            stride,
+            max_tokens: options.max_tokens,
+            formats,
+            profile: parking_lot::Mutex::new(Profile::default()),
+        })
+    }
+
+    /// The model's BERT settings.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// Embedding dimension (384).
+    pub fn dim(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    /// Longest input in tokens; longer texts are truncated.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// The format each linear weight got (after fusing and any fallback).
+    pub fn formats(&self) -> &BTreeMap<String, Format> {
+        &self.formats
+    }
+
+    /// Bytes of the weights as stored: quantized linear weights, f32
+    /// embeddings, biases and norms.
+    pub fn weight_bytes(&self) -> u64 {
+        self.float_bytes()
+            + self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.qkv.storage_bytes()
+                        + l.attn_out.storage_bytes()
+                        + l.inter.storage_bytes()
+                        + l.out.storage_bytes()
+                })
+                .sum::<u64>()
+    }
+
+    /// Bytes the weights occupy once forwards have run: [`Self::weight_bytes`]
+    /// plus the repacked copies candle keeps of quantized weights.
+    pub fn resident_bytes(&self) -> u64 {
+        self.float_bytes()
+            + self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.qkv.resident_bytes()
+                        + l.attn_out.resident_bytes()
+                        + l.inter.resident_bytes()
+                        + l.out.resident_bytes()
+                })
+                .sum::<u64>()
+    }
+
+    fn float_bytes(&self) -> u64 {
+        let floats = self.word.len()
+            + self.position.len()
+            + self.token_type.len()
+            + 2 * self.config.hidden_size
+            + self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.qkv_bias.len()
+                        + l.attn_out_bias.len()
+                        + 2 * l.attn_ln.0.len()
+                        + l.inter_bias.len()
+                        + l.out_bias.len()
+                        + 2 * l.out_ln.0.len()
+                })
+                .sum::<usize>();
+        4 * floats as u64
+    }
+
+    /// Tokenises texts (truncated to [`Self::max_tokens`], no padding).
+    pub fn tokenize(&self, texts: &[&str]) -> Result<Vec<Tokens>> {
+        let start = Instant::now();
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let out = encodings
+            .into_iter()
+            .map(|e| Tokens {
+                ids: e.get_ids().to_vec(),
+                type_ids: e.get_type_ids().to_vec(),
+            })
+            .collect();
+        self.profile.lock().tokenize_ns += elapsed(start);
+        Ok(out)
+    }
+
+    /// Embeds tokenised texts as one batch: one unit vector per text.
+    pub fn embed_tokens(&self, batch: &[Tokens]) -> Result<Vec<Vec<f32>>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let c = &self.config;
+        let h = c.hidden_size;
+        let mut seqs = Vec::with_capacity(batch.len());
+        let total: usize = batch.iter().map(Tokens::len).sum();
+        let mut ids = Vec::with_capacity(total);
+        let mut type_ids = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        for (index, t) in batch.iter().enumerate() {
+            let len = t.ids.len();
+            if len == 0 {
+                return Err(Error::EmptySequence { index });
+            }
+            if len > c.max_position_embeddings {
+                return Err(Error::TooLong {
+                    index,
+                    len,
+                    limit: c.max_position_embeddings,
+                });
+            }
+            if t.type_ids.len() != len && !t.type_ids.is_empty() {
+                return Err(Error::BadToken {
+                    index,
+                    what: "type id count",
+                    id: t.type_ids.len() as u32,
+                    limit: len,
+                });
+            }
+            if let Some(&id) = t.ids.iter().find(|&&id| id as usize >= c.vocab_size) {
+                return Err(Error::BadToken {
+                    index,
+                    what: "id",
+                    id,
+                    limit: c.vocab_size,
+                });
+            }
+            if let Some(&id) = t
+                .type_ids
+                .iter()
+                .find(|&&id| id as usize >= c.type_vocab_size)
+            {
+                return Err(Error::BadToken {
+                    index,
+                    what: "type id",
+                    id,
+                    limit: c.type_vocab_size,
+                });
+            }
+            seqs.push((ids.len(), len));
+            ids.extend_from_slice(&t.ids);
+            if t.type_ids.is_empty() {
+                type_ids.extend(std::iter::repeat_n(0, len));
+            } else {
+                type_ids.extend_from_slice(&t.type_ids);
+            }
+            positions.extend(0..len as u32);
+        }
+        let rows = ids.len();
+        let s = self.stride;
+        let mut p = Profile {
+            texts: batch.len() as u64,
+            tokens: rows as u64,
+            ..Profile::default()
+        };
+
+        let t0 = Instant::now();
+        let tables = EmbeddingTables {
+            word: &self.word,
+            position: &self.position,
+            token_type: &self.token_type,
+            gamma: &self.emb_ln.0,
+            beta: &self.emb_ln.1,
+            eps: c.layer_norm_eps as f32,
+        };
+        let mut hidden = kernels::embed(&tables, &ids, &type_ids, &positions, s);
+        p.embed_ns += elapsed(t0);
+        let shape = AttentionShape {
+            heads: c.num_attention_heads,
+            head_dim: h / c.num_attention_heads,
+        };
+        let eps = c.layer_norm_eps as f32;
+        let dev = Device::Cpu;
+        for layer in &self.layers {
+            let x = Tensor::from_vec(hidden, (rows, s), &dev)?;
+            let t = Instant::now();
+            let qkv = layer.qkv.try_forward(&x)?;
+            p.matmul_ns += elapsed(t);
+            let t = Instant::now();
+            let ctx = with_slice(&qkv, |q| {
+                kernels::attention(q, &layer.qkv_bias, &seqs, shape, s)
+            })?;
+            drop(qkv);
+            p.attention_ns += elapsed(t);
+            let t = Instant::now();
+            let a = layer
+                .attn_out
+                .try_forward(&Tensor::from_vec(ctx, (rows, s), &dev)?)?;
+            p.matmul_ns += elapsed(t);
+            let t = Instant::now();
+            let attn = with_slice(&a, |a| {
+                with_slice(&x, |x| {
+                    kernels::add_layer_norm(
+                        a,
+                        &layer.attn_out_bias,
+                        x,
+                        s,
+                        &layer.attn_ln.0,
+                        &layer.attn_ln.1,
+                        eps,
+                        s,
+                    )
+                })
+            })??;
+            drop((a, x));
+            p.layer_norm_ns += elapsed(t);
+            let attn = Tensor::from_vec(attn, (rows, s), &dev)?;
+            let t = Instant::now();
+            let i = layer.inter.try_forward(&attn)?;
+            p.matmul_ns += elapsed(t);
+            let t = Instant::now();
+            let g = with_slice(&i, |i| {
+                kernels::bias_gelu(i, &layer.inter_bias, c.intermediate_size)
+            })?;
+            drop(i);
+            p.gelu_ns += elapsed(t);
+            let t = Instant::now();
+            let o =
+                layer
+                    .out
+                    .try_forward(&Tensor::from_vec(g, (rows, c.intermediate_size), &dev)?)?;
+            p.matmul_ns += elapsed(t);
+            let t = Instant::now();
+            hidden = with_slice(&o, |o| {
+                with_slice(&attn, |a| {
+                    kernels::add_layer_norm(
+                        o,
+                        &layer.out_bias,
+                        a,
+                        s,
+                        &layer.out_ln.0,
+                        &layer.out_ln.1,
+                        eps,
+                        s,
+                    )
+                })
+            })??;
+            p.layer_norm_ns += elapsed(t);
+        }
+        let t = Instant::now();
+        let out = kernels::mean_pool_normalize(&hidden, s, h, &seqs);
+        p.pool_ns += elapsed(t);
+        let mut total = self.profile.lock();
+        total.embed_ns += p.embed_ns;
+        total.matmul_ns += p.matmul_ns;
+        total.attention_ns += p.attention_ns;
+        total.gelu_ns += p.gelu_ns;
+        total.layer_norm_ns += p.layer_norm_ns;
+        total.pool_ns += p.pool_ns;
+        total.texts += p.texts;
+        total.tokens += p.tokens;
+        Ok(out)
+    }
+
+    /// Tokenises and embeds texts as one batch: one unit vector per text.
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let tokens = self.tokenize(texts)?;
+        self.embed_tokens(&tokens)
+    }
+
+    /// Time spent per stage since load or the last reset.
+    pub fn profile(&self) -> Profile {
+        self.profile.lock().clone()
+    }
+
+    /// Zeroes the stage timings.
+    pub fn reset_profile(&self) {
+        *self.profile.lock() = Profile::default();
+    }
+}
+
+impl Embed for MiniLm {
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        MiniLm::embed(self, texts)
+    }
+
+    fn dim(&self) -> usize {
+        MiniLm::dim(self)
+    }
+}
+
+/// Total of a profile's stages.
+impl Profile {
+    /// Sum of all stages.
+    pub fn total(&self) -> Duration {
+        Duration::from_nanos(
+            self.tokenize_ns
+                + self.embed_ns
+                + self.matmul_ns
+                + self.attention_ns
+                + self.gelu_ns
+                + self.layer_norm_ns
+                + self.pool_ns,
+        )
+    }
+}
