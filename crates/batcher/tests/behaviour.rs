@@ -336,10 +336,7 @@ fn full_queue_rejects_fast_and_submit_timeout_waits() {
     let r = b.submit_timeout(3, Submit::default(), Duration::from_millis(30));
     assert!(matches!(r, Err(Error::Overloaded { .. })));
     let b2 = Arc::clone(&b);
-    let waiter = thread::spawn(move || {
-        b2.submit_timeout(4, Submit::default(), BOUND)
-            .map(|t| get(t))
-    });
+    let waiter = thread::spawn(move || b2.submit_timeout(4, Submit::default(), BOUND).map(get));
     thread::sleep(Duration::from_millis(10));
     gate.open();
     assert_eq!(waiter.join().unwrap().unwrap(), Ok(40));

@@ -114,6 +114,9 @@ fn setup() -> impl Strategy<Value = Setup> {
 }
 
 type Batches = Arc<Mutex<Vec<Vec<Item>>>>;
+/// An accepted request: what was sent, its deadline, whether `cancel()`
+/// removed it, and its ticket.
+type Kept = (Item, Option<u64>, bool, Ticket<u64, HandlerError>);
 
 fn handle(log: &Batches, batch: Vec<Item>) -> Vec<Result<u64, HandlerError>> {
     log.lock().unwrap().push(batch.clone());
@@ -178,7 +181,7 @@ fn run(setup: Setup, ops: Vec<Op>) -> Result<(), TestCaseError> {
     }
     .unwrap();
 
-    let mut kept: Vec<(Item, Option<u64>, bool, Ticket<u64, HandlerError>)> = Vec::new();
+    let mut kept: Vec<Kept> = Vec::new();
     let mut removed: Vec<u32> = Vec::new();
     let mut rejected: Vec<u32> = Vec::new();
     let mut next_id = 0u32;
