@@ -64,7 +64,7 @@ pub use breaker::{
 pub use complexity::{Complexity, ComplexityConfig, TaskFeatures};
 pub use error::{BackendError, Error, ErrorKind};
 pub use hashing::HashingEmbedder;
-pub use pressure::{FixedGate, MemoryGate, PressureLevel};
+pub use pressure::{FixedGate, LedgerGate, MemoryGate, PressureLevel};
 pub use remote::{RemoteConfig, RemoteEmbedder};
 pub use retry::RetryConfig;
 pub use router::{

@@ -3,36 +3,13 @@
 //!
 //! This module is the single place where the router meets `mem-budget`.
 
-use std::fmt;
+use std::sync::Arc;
 
+use mem_budget::{Category, MemoryLedger, PressureMonitor};
 use serde::{Deserialize, Serialize};
 
-/// How short memory is right now, from `Normal` to `Critical`.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
-)]
-pub enum PressureLevel {
-    /// Plenty of memory: serve with the chosen local tier.
-    #[default]
-    Normal,
-    /// Memory getting short: offload to an accelerator or the remote tier when configured.
-    Elevated,
-    /// Memory short: offload; load no new local model.
-    High,
-    /// Memory nearly gone: serve with the rule-based tier only.
-    Critical,
-}
-
-impl fmt::Display for PressureLevel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            PressureLevel::Normal => "normal",
-            PressureLevel::Elevated => "elevated",
-            PressureLevel::High => "high",
-            PressureLevel::Critical => "critical",
-        })
-    }
-}
+/// How short memory is right now, from `Normal` to `Critical` (`mem-budget`'s levels).
+pub use mem_budget::PressureLevel;
 
 /// The two questions the router asks of the memory budget before choosing a tier.
 pub trait MemoryGate: Send + Sync {
@@ -48,7 +25,7 @@ pub trait MemoryGate: Send + Sync {
 
 /// A fixed answer to [`MemoryGate`]: a pressure level and a number of free bytes, set by the
 /// caller (for programs that manage memory themselves, and to pin a routing decision).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FixedGate {
     /// The pressure level reported.
     pub pressure: PressureLevel,
@@ -62,5 +39,60 @@ impl MemoryGate for FixedGate {
     }
     fn available_bytes(&self) -> u64 {
         self.available_bytes
+    }
+}
+
+impl Default for FixedGate {
+    /// `Normal` pressure and unlimited free bytes.
+    fn default() -> Self {
+        Self {
+            pressure: PressureLevel::Normal,
+            available_bytes: u64::MAX,
+        }
+    }
+}
+
+/// The memory gate of a program that uses `mem-budget`: the pressure level is the monitor's
+/// last reading, and the free bytes are what the ledger could reserve now in `category`
+/// (`Category::Model` by default: a tier's memory is its model's).
+#[derive(Debug, Clone)]
+pub struct LedgerGate {
+    ledger: Arc<MemoryLedger>,
+    monitor: Arc<PressureMonitor>,
+    category: Category,
+}
+
+impl LedgerGate {
+    /// A gate over `ledger` and `monitor`, asking for room in `Category::Model`.
+    pub fn new(ledger: Arc<MemoryLedger>, monitor: Arc<PressureMonitor>) -> Self {
+        Self {
+            ledger,
+            monitor,
+            category: Category::Model,
+        }
+    }
+
+    /// Asks for room in `category` instead.
+    pub fn category(mut self, category: Category) -> Self {
+        self.category = category;
+        self
+    }
+}
+
+impl MemoryGate for LedgerGate {
+    fn pressure(&self) -> PressureLevel {
+        self.monitor.level()
+    }
+
+    /// What the ledger could reserve now; 0 when the ledger cannot read the machine's memory
+    /// (so that no new model is loaded blind).
+    fn available_bytes(&self) -> u64 {
+        match self.ledger.available_for(self.category) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "memory ledger unavailable; treating free memory as 0");
+                0
+            }
+        }
     }
 }
