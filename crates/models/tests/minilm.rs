@@ -71,7 +71,7 @@ const SENTENCES: [&str; 50] = [
     "The patient was prescribed antibiotics for a bacterial infection of the lungs.",
     "Our team shipped the release on Friday afternoon despite the outage.",
     "Why is the sky blue? Because air scatters short wavelengths of sunlight more than long ones, and our eyes are more sensitive to blue than violet.",
-    &"word ",
+    "word ",
 ];
 
 fn long_sentence() -> String {
