@@ -51,18 +51,22 @@ fn bench(c: &mut Criterion) {
                 })
             })
         });
-        group.bench_with_input(BenchmarkId::new("mutex_counter", threads), &threads, |b, &t| {
-            b.iter_custom(|iters| {
-                run(t, iters, || {
-                    {
-                        let mut used = baseline.lock().unwrap();
-                        assert!(*used + 4096 <= cap);
-                        *used += black_box(4096);
-                    }
-                    *baseline.lock().unwrap() -= 4096;
+        group.bench_with_input(
+            BenchmarkId::new("mutex_counter", threads),
+            &threads,
+            |b, &t| {
+                b.iter_custom(|iters| {
+                    run(t, iters, || {
+                        {
+                            let mut used = baseline.lock().unwrap();
+                            assert!(*used + 4096 <= cap);
+                            *used += black_box(4096);
+                        }
+                        *baseline.lock().unwrap() -= 4096;
+                    })
                 })
-            })
-        });
+            },
+        );
     }
     group.finish();
 }

@@ -54,8 +54,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut file, mut batch, mut seq, mut json) = (None, 1u64, 128u64, false);
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--batch" => batch = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()),
-            "--seq" => seq = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()),
+            "--batch" => {
+                batch = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage())
+            }
+            "--seq" => {
+                seq = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage())
+            }
             "--json" => json = true,
             "-h" | "--help" => usage(),
             _ if file.is_none() => file = Some(PathBuf::from(a)),
