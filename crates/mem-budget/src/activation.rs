@@ -128,7 +128,7 @@ impl TransformerShape {
     fn validate(&self) -> Result<()> {
         if self.heads == 0
             || self.kv_heads == 0
-            || self.hidden % self.heads != 0
+            || !self.hidden.is_multiple_of(self.heads)
             || self.layers == 0
         {
             return Err(Error::Invalid {

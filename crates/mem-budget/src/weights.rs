@@ -171,7 +171,7 @@ impl WeightType {
     /// is not a whole number of blocks or the size overflows.
     pub fn bytes_for(self, elements: u64) -> Option<u64> {
         let (n, b) = self.block();
-        if elements % n != 0 {
+        if !elements.is_multiple_of(n) {
             return None;
         }
         (elements / n).checked_mul(b)
@@ -356,7 +356,9 @@ impl TensorInfo {
             return self.dtype;
         }
         let inner = self.shape.last().copied().unwrap_or(1);
-        if target.is_quantized() && (self.shape.len() < 2 || inner % target.block().0 != 0) {
+        if target.is_quantized()
+            && (self.shape.len() < 2 || !inner.is_multiple_of(target.block().0))
+        {
             return self.dtype;
         }
         if target.bytes_for(self.elements()).is_none() {
@@ -940,7 +942,7 @@ pub fn read_gguf_header(
                 ),
             )
         })?;
-        if offset % alignment != 0 {
+        if !offset.is_multiple_of(alignment) {
             return Err(Error::header(
                 GG,
                 format!("tensor {name:?}: offset {offset} is not a multiple of the alignment {alignment}"),
