@@ -1,5 +1,15 @@
 //! The error type of the runtime: its own failures, and every sub-crate's.
 
+use std::time::Duration;
+
+fn mib(b: &u64) -> String {
+    format!("{:.1} MiB", *b as f64 / (1u64 << 20) as f64)
+}
+
+fn variants(t: &[(String, u64)]) -> String {
+    t.iter().map(|(l, b)| format!("{l} needs {}", mib(b))).collect::<Vec<_>>().join(", ")
+}
+
 /// What went wrong in the runtime.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -10,9 +20,71 @@ pub enum Error {
     /// A request's input cannot be served.
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// No model is registered under this name.
+    #[error("no model named {0:?} is registered")]
+    UnknownModel(String),
+    /// No variant of a model fits the memory budget, even after unloading
+    /// idle models.
+    #[error(
+        "model {model} does not fit: {tried}; {free} is free under the model cap of {cap}; \
+         unload or unpin other models, raise max_model, or serve from the remote or rule-based tier",
+        tried = variants(.tried), free = mib(.free), cap = mib(.cap)
+    )]
+    DoesNotFit {
+        /// The model.
+        model: String,
+        /// Each variant tried with the bytes it needs.
+        tried: Vec<(String, u64)>,
+        /// Bytes free under the model cap now.
+        free: u64,
+        /// The model cap.
+        cap: u64,
+    },
+    /// A model's loader panicked.
+    #[error("loading model {0} panicked; see the log")]
+    LoadPanicked(String),
+    /// A warm-up was paused by an emergency cleanup.
+    #[error("warm-up of {0} paused by an emergency cleanup")]
+    Paused(String),
+    /// `emergency_cleanup` ran too recently.
+    #[error("emergency cleanup ran moments ago; try again in {retry_after:?}")]
+    RateLimited {
+        /// When it may run again.
+        retry_after: Duration,
+    },
+    /// A tier answered something unusable.
+    #[error("backend error: {0}")]
+    Backend(String),
     /// Reading input failed.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// From hw-detect.
+    #[error(transparent)]
+    Hardware(#[from] hw_detect::Error),
+    /// From mem-budget.
+    #[error(transparent)]
+    Budget(#[from] mem_budget::Error),
+    /// From quant.
+    #[error(transparent)]
+    Quant(#[from] quant::Error),
+    /// From affinity.
+    #[error(transparent)]
+    Affinity(#[from] affinity::Error),
+    /// From tier-router: no tier served, with the record of each.
+    #[error(transparent)]
+    Router(#[from] tier_router::Error),
+    /// From feature-cache.
+    #[error(transparent)]
+    Cache(#[from] feature_cache::Error),
+    /// From buffer-pool.
+    #[error(transparent)]
+    Pool(#[from] buffer_pool::Error),
+    /// From batcher.
+    #[error(transparent)]
+    Batcher(#[from] batcher::Error),
+    /// From the model.
+    #[error(transparent)]
+    Model(#[from] models::Error),
 }
 
 /// A `Result` with the runtime's [`Error`].

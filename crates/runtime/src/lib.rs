@@ -1,7 +1,74 @@
-//! The snug facade: detect, plan, load models within budget, serve through
-//! batcher and cache.
+//! The snug facade: detect the machine, plan memory and precision for it,
+//! load models lazily within a budget, serve requests through a batcher and
+//! a cache, and degrade by tier instead of falling over.
+//!
+//! ```no_run
+//! let rt = runtime::Runtime::builder().build()?;
+//! println!("{}", rt.plan());
+//! let out = rt.embed(&["How is the weather today?", "What is the weather like?"])?;
+//! let cos: f32 = out.vectors[0].iter().zip(&out.vectors[1]).map(|(a, b)| a * b).sum();
+//! assert!(cos > 0.5);
+//! # Ok::<(), runtime::Error>(())
+//! ```
+//!
+//! Without a local model the runtime still answers, from the rule-based
+//! tier that never fails:
+//!
+//! ```
+//! let rt = runtime::Runtime::builder().without_local_model().build()?;
+//! let out = rt.embed(&["a cat sits on the mat"])?;
+//! assert_eq!(out.vectors[0].len(), 384);
+//! assert_eq!(out.tier, Some(runtime::router::Tier::RuleBased));
+//! # Ok::<(), runtime::Error>(())
+//! ```
+//!
+//! Each building block is re-exported as a module, usable alone:
+//! [`hw`], [`budget`], [`quant`], [`affinity`], [`router`], [`cache`],
+//! [`batcher`], [`pool`], and the reference [`models`].
 
 pub mod chunk;
+mod config;
 mod error;
+mod model;
+mod plan;
+mod registry;
+mod runtime;
 
+pub use crate::config::{BatchSettings, RuntimeConfig};
 pub use crate::error::{Error, Result};
+pub use crate::model::{
+    minilm_estimate, EmbeddingModel, LoadContext, LoadEvent, MiniLmEstimate, MiniLmVariants,
+    ModelSpec, Tokens, Variant, MINILM_OVERHEAD,
+};
+pub use crate::plan::Plan;
+pub use crate::registry::ModelStatus;
+pub use crate::runtime::{
+    CleanupReport, EmbedOptions, Embeddings, Reoptimized, RequestEstimate, Runtime,
+    RuntimeBuilder, Status, Throttling, MINILM,
+};
+
+/// Hardware detection (`hw-detect`).
+pub use hw_detect as hw;
+/// Memory budgets, estimates, the ledger and pressure (`mem-budget`).
+pub use mem_budget as budget;
+/// Quantization (`quant`).
+pub use quant;
+/// CPU affinity (`affinity`).
+pub use affinity;
+/// Tier routing with breakers and fallback (`tier-router`).
+pub use tier_router as router;
+/// The feature cache (`feature-cache`).
+pub use feature_cache as cache;
+/// Dynamic batching (`batcher`).
+pub use batcher;
+/// Buffer pools (`buffer-pool`).
+pub use buffer_pool as pool;
+/// Reference models (`models`).
+pub use models;
+
+#[doc(inline)]
+pub use hw_detect::{HardwareClass, HardwareProfile};
+#[doc(inline)]
+pub use mem_budget::PressureLevel;
+#[doc(inline)]
+pub use quant::Format;

@@ -1,0 +1,147 @@
+//! The runtime's settings: every choice the plan makes can be overridden.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How the runtime batches requests for a local model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BatchSettings {
+    /// Texts per batch at most. Default 64.
+    pub max_batch_size: usize,
+    /// Tokens per batch at most (the batcher's weight limit); the plan lowers
+    /// it when memory is short. Default 4096.
+    pub max_batch_tokens: u64,
+    /// How long the oldest request may wait for others to join its batch.
+    /// Default 4 ms.
+    #[serde(with = "millis")]
+    pub max_delay: Duration,
+    /// Requests waiting at most; beyond it `embed` answers `Overloaded`.
+    /// Default 8192.
+    pub max_queued: usize,
+    /// Group requests into batches of similar length: a text's bucket is its
+    /// token count divided by this. `None` (the default) puts every length in
+    /// one bucket: the reference models run batches packed, without padding,
+    /// so mixing lengths wastes nothing and fuller batches run faster.
+    pub bucket_tokens: Option<u64>,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        BatchSettings {
+            max_batch_size: 64,
+            max_batch_tokens: 4096,
+            max_delay: Duration::from_millis(4),
+            max_queued: 8192,
+            bucket_tokens: None,
+        }
+    }
+}
+
+/// Every knob of a [`Runtime`](crate::Runtime). `None` means "let the plan
+/// decide from the hardware"; the chosen values are in
+/// [`Runtime::plan`](crate::Runtime::plan).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RuntimeConfig {
+    /// Overrides of the memory budget (bytes per field).
+    pub budget: mem_budget::BudgetOverrides,
+    /// Weight format for local models. Default: the quant policy for this
+    /// machine (`quant::QuantPolicy::for_profile`).
+    pub format: Option<quant::Format>,
+    /// Compute threads. Default: `affinity::recommended_threads`.
+    pub threads: Option<usize>,
+    /// Where compute threads run. Default `PinStrategy::Auto`.
+    pub pin: affinity::PinStrategy,
+    /// Whether to build rayon's global pool (which candle computes on) with
+    /// `threads` pinned threads. Default `true`; a program that builds its
+    /// own global pool turns it off.
+    pub configure_global_pool: bool,
+    /// Bytes of the embedding cache. Default: the budget's `max_cache`.
+    pub cache_bytes: Option<u64>,
+    /// Time to live of cached embeddings. Default 1 hour.
+    #[serde(with = "secs")]
+    pub cache_ttl: Duration,
+    /// Bytes of the scratch buffer pool. Default 64 MiB, at most an eighth
+    /// of the model budget.
+    pub pool_bytes: Option<u64>,
+    /// Batching of local models.
+    pub batch: BatchSettings,
+    /// Unload a model idle this long (unless pinned). Default 10 minutes.
+    #[serde(with = "secs")]
+    pub keep_alive: Duration,
+    /// `emergency_cleanup` runs at most once per this interval. Default 10 s.
+    #[serde(with = "secs")]
+    pub emergency_min_interval: Duration,
+    /// Pressure thresholds and hysteresis.
+    pub pressure: mem_budget::PressureConfig,
+    /// How often the pressure monitor samples. Default 500 ms.
+    #[serde(with = "millis")]
+    pub monitor_interval: Duration,
+    /// A remote OpenAI-compatible embeddings server to fall back to (or to
+    /// offload to under memory pressure). Default none.
+    pub remote: Option<tier_router::RemoteConfig>,
+    /// How long an `embed` call may take before local work is abandoned and
+    /// the fallback tiers answer. Default 30 s.
+    #[serde(with = "millis")]
+    pub request_timeout: Duration,
+    /// Texts per `embed` call at most. Default 4096.
+    pub max_texts: usize,
+    /// Bytes per text at most; longer texts are refused with a pointer to
+    /// the chunker. Default 256 KiB.
+    pub max_text_bytes: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            budget: mem_budget::BudgetOverrides::default(),
+            format: None,
+            threads: None,
+            pin: affinity::PinStrategy::Auto,
+            configure_global_pool: true,
+            cache_bytes: None,
+            cache_ttl: Duration::from_secs(3600),
+            pool_bytes: None,
+            batch: BatchSettings::default(),
+            keep_alive: Duration::from_secs(600),
+            emergency_min_interval: Duration::from_secs(10),
+            pressure: mem_budget::PressureConfig::default(),
+            monitor_interval: Duration::from_millis(500),
+            remote: None,
+            request_timeout: Duration::from_secs(30),
+            max_texts: 4096,
+            max_text_bytes: 256 * 1024,
+        }
+    }
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom)
+    }
+}
