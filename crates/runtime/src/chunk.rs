@@ -197,7 +197,8 @@ impl<R: Read, T: TokenOffsets> Chunker<R, T> {
         };
         let rest = self.carry.split_off(valid);
         // `carry[..valid]` is valid UTF-8 (checked above).
-        self.buf.push_str(std::str::from_utf8(&self.carry).unwrap_or_default());
+        self.buf
+            .push_str(std::str::from_utf8(&self.carry).unwrap_or_default());
         self.carry = rest;
         Ok(())
     }
@@ -263,7 +264,11 @@ impl<R: Read, T: TokenOffsets> Chunker<R, T> {
             };
             self.index += 1;
             self.emitted_to = chunk.bytes.end;
-            self.pos += if take < avail { take - self.config.overlap } else { take };
+            self.pos += if take < avail {
+                take - self.config.overlap
+            } else {
+                take
+            };
             return Ok(Some(chunk));
         }
     }

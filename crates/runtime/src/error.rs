@@ -7,7 +7,10 @@ fn mib(b: &u64) -> String {
 }
 
 fn variants(t: &[(String, u64)]) -> String {
-    t.iter().map(|(l, b)| format!("{l} needs {}", mib(b))).collect::<Vec<_>>().join(", ")
+    t.iter()
+        .map(|(l, b)| format!("{l} needs {}", mib(b)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What went wrong in the runtime.

@@ -43,28 +43,28 @@ pub use crate::model::{
 pub use crate::plan::Plan;
 pub use crate::registry::ModelStatus;
 pub use crate::runtime::{
-    CleanupReport, EmbedOptions, Embeddings, Reoptimized, RequestEstimate, Runtime,
-    RuntimeBuilder, Status, Throttling, MINILM,
+    CleanupReport, EmbedOptions, Embeddings, Reoptimized, RequestEstimate, Runtime, RuntimeBuilder,
+    Status, Throttling, MINILM,
 };
 
-/// Hardware detection (`hw-detect`).
-pub use hw_detect as hw;
-/// Memory budgets, estimates, the ledger and pressure (`mem-budget`).
-pub use mem_budget as budget;
-/// Quantization (`quant`).
-pub use quant;
 /// CPU affinity (`affinity`).
 pub use affinity;
-/// Tier routing with breakers and fallback (`tier-router`).
-pub use tier_router as router;
-/// The feature cache (`feature-cache`).
-pub use feature_cache as cache;
 /// Dynamic batching (`batcher`).
 pub use batcher;
 /// Buffer pools (`buffer-pool`).
 pub use buffer_pool as pool;
+/// The feature cache (`feature-cache`).
+pub use feature_cache as cache;
+/// Hardware detection (`hw-detect`).
+pub use hw_detect as hw;
+/// Memory budgets, estimates, the ledger and pressure (`mem-budget`).
+pub use mem_budget as budget;
 /// Reference models (`models`).
 pub use models;
+/// Quantization (`quant`).
+pub use quant;
+/// Tier routing with breakers and fallback (`tier-router`).
+pub use tier_router as router;
 
 #[doc(inline)]
 pub use hw_detect::{HardwareClass, HardwareProfile};

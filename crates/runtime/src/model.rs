@@ -102,14 +102,18 @@ pub struct LoadContext<'a> {
 
 impl fmt::Debug for LoadContext<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LoadContext").field("model", &self.model).finish()
+        f.debug_struct("LoadContext")
+            .field("model", &self.model)
+            .finish()
     }
 }
 
 impl LoadContext<'_> {
     /// Reports that weights are being quantized.
     pub fn quantizing(&self) {
-        (self.emit)(LoadEvent::Quantizing { model: self.model.to_string() });
+        (self.emit)(LoadEvent::Quantizing {
+            model: self.model.to_string(),
+        });
     }
 }
 
@@ -143,7 +147,11 @@ impl Variant {
         estimate: u64,
         loader: impl Fn(&LoadContext<'_>) -> Result<Arc<dyn EmbeddingModel>> + Send + Sync + 'static,
     ) -> Self {
-        Variant { label: label.into(), estimate, loader: Arc::new(loader) }
+        Variant {
+            label: label.into(),
+            estimate,
+            loader: Arc::new(loader),
+        }
     }
 
     pub(crate) fn load(&self, ctx: &LoadContext<'_>) -> Result<Arc<dyn EmbeddingModel>> {
@@ -213,14 +221,17 @@ fn is_linear_weight(name: &str, shape: &[u64]) -> bool {
 
 /// Estimates a MiniLM variant in `format` with batches of up to
 /// `batch_tokens` tokens, from the model directory's headers.
-pub fn minilm_estimate(dir: &Path, format: quant::Format, batch_tokens: u64) -> Result<MiniLmEstimate> {
+pub fn minilm_estimate(
+    dir: &Path,
+    format: quant::Format,
+    batch_tokens: u64,
+) -> Result<MiniLmEstimate> {
     let path = dir.join("model.safetensors");
     let file_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let info = mem_budget::estimate_weights(&path)?;
     let config_path = dir.join("config.json");
-    let config = std::fs::read_to_string(&config_path).map_err(|e| {
-        Error::InvalidConfig(format!("cannot read {}: {e}", config_path.display()))
-    })?;
+    let config = std::fs::read_to_string(&config_path)
+        .map_err(|e| Error::InvalidConfig(format!("cannot read {}: {e}", config_path.display())))?;
     let shape = mem_budget::TransformerShape::from_hf_config(&config)?;
     let quantized = format != quant::Format::F32;
     let (mut weights, mut largest_f32) = (0u64, 0u64);
@@ -231,26 +242,42 @@ pub fn minilm_estimate(dir: &Path, format: quant::Format, batch_tokens: u64) -> 
             let (out, inp) = (t.shape[0] as usize, t.shape[1] as usize);
             // The model pads the hidden size up to a multiple of 256 for
             // quantized formats, so candle's repacked kernels apply.
-            let inp = if quantized { inp.div_ceil(256) * 256 } else { inp };
+            let inp = if quantized {
+                inp.div_ceil(256) * 256
+            } else {
+                inp
+            };
             weights += quant::resident_weight_bytes(format.fit(inp), out, inp);
         } else {
             weights += f32_bytes;
         }
     }
     let max_len = 256u64.min(batch_tokens.max(1));
-    let work = mem_budget::Workload { batch: batch_tokens.max(1).div_ceil(max_len), seq: max_len };
+    let work = mem_budget::Workload {
+        batch: batch_tokens.max(1).div_ceil(max_len),
+        seq: max_len,
+    };
     let activations =
-        mem_budget::Activations::estimate(&shape, work, &mem_budget::ActivationConfig::default()).total;
+        mem_budget::Activations::estimate(&shape, work, &mem_budget::ActivationConfig::default())
+            .total;
     let load_peak = file_bytes + largest_f32 + weights;
     let total = load_peak.max(weights + activations) + MINILM_OVERHEAD;
-    Ok(MiniLmEstimate { weights, load_peak, activations, overhead: MINILM_OVERHEAD, total })
+    Ok(MiniLmEstimate {
+        weights,
+        load_peak,
+        activations,
+        overhead: MINILM_OVERHEAD,
+        total,
+    })
 }
 
 impl MiniLmVariants {
     /// The registration of all-MiniLM-L6-v2 under `name`.
     pub fn spec(&self, name: &str) -> Result<ModelSpec> {
         if self.formats.is_empty() {
-            return Err(Error::InvalidConfig("MiniLM needs at least one format to offer".into()));
+            return Err(Error::InvalidConfig(
+                "MiniLM needs at least one format to offer".into(),
+            ));
         }
         let mut variants = Vec::new();
         for &format in &self.formats {
@@ -265,6 +292,10 @@ impl MiniLmVariants {
                 Ok(Arc::new(model) as Arc<dyn EmbeddingModel>)
             }));
         }
-        Ok(ModelSpec { name: name.to_string(), version: "all-MiniLM-L6-v2@1".to_string(), variants })
+        Ok(ModelSpec {
+            name: name.to_string(),
+            version: "all-MiniLM-L6-v2@1".to_string(),
+            variants,
+        })
     }
 }

@@ -51,7 +51,14 @@ impl fmt::Display for Plan {
         let rows: Vec<(&str, String)> = vec![
             ("hardware class", format!("{:?}", self.class)),
             ("cpu", self.cpu.clone()),
-            ("memory (effective)", format!("{} total, {} available", mib(self.memory_total), mib(self.memory_available))),
+            (
+                "memory (effective)",
+                format!(
+                    "{} total, {} available",
+                    mib(self.memory_total),
+                    mib(self.memory_available)
+                ),
+            ),
             (
                 "budget",
                 format!(
@@ -67,7 +74,11 @@ impl fmt::Display for Plan {
                 format!(
                     "{} (then {})",
                     self.format,
-                    self.fallback_formats.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(", ")
+                    self.fallback_formats
+                        .iter()
+                        .map(|f| f.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ),
             ("threads", format!("{} ({})", self.threads, self.pinning)),
@@ -75,7 +86,10 @@ impl fmt::Display for Plan {
             ("buffer pool", mib(self.pool_bytes)),
             (
                 "batches",
-                format!("≤ {} texts, ≤ {} tokens, ≤ {} ms wait", self.batch_size, self.batch_tokens, self.max_delay_ms),
+                format!(
+                    "≤ {} texts, ≤ {} tokens, ≤ {} ms wait",
+                    self.batch_size, self.batch_tokens, self.max_delay_ms
+                ),
             ),
             ("max input", format!("{} tokens", self.max_input_tokens)),
         ];

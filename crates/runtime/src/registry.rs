@@ -88,7 +88,10 @@ pub(crate) struct Registry {
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry")
-            .field("models", &self.slots.lock().keys().cloned().collect::<Vec<_>>())
+            .field(
+                "models",
+                &self.slots.lock().keys().cloned().collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -119,15 +122,26 @@ impl Registry {
 
     pub(crate) fn register(&self, spec: ModelSpec) -> Result<()> {
         if spec.variants.is_empty() {
-            return Err(Error::InvalidConfig(format!("model {:?} has no variants to load", spec.name)));
+            return Err(Error::InvalidConfig(format!(
+                "model {:?} has no variants to load",
+                spec.name
+            )));
         }
         let mut slots = self.slots.lock();
         if slots.contains_key(&spec.name) {
-            return Err(Error::InvalidConfig(format!("a model named {:?} is registered already", spec.name)));
+            return Err(Error::InvalidConfig(format!(
+                "a model named {:?} is registered already",
+                spec.name
+            )));
         }
         slots.insert(
             spec.name.clone(),
-            Slot { spec, state: State::Unloaded, pinned: false, last_used: Instant::now() },
+            Slot {
+                spec,
+                state: State::Unloaded,
+                pinned: false,
+                last_used: Instant::now(),
+            },
         );
         Ok(())
     }
@@ -142,11 +156,17 @@ impl Registry {
 
     /// The smallest estimate among a model's variants.
     pub(crate) fn smallest_estimate(&self, name: &str) -> Option<u64> {
-        self.slots.lock().get(name).and_then(|s| s.spec.variants.iter().map(|v| v.estimate).min())
+        self.slots
+            .lock()
+            .get(name)
+            .and_then(|s| s.spec.variants.iter().map(|v| v.estimate).min())
     }
 
     pub(crate) fn is_loaded(&self, name: &str) -> bool {
-        matches!(self.slots.lock().get(name).map(|s| &s.state), Some(State::Loaded(_)))
+        matches!(
+            self.slots.lock().get(name).map(|s| &s.state),
+            Some(State::Loaded(_))
+        )
     }
 
     pub(crate) fn names(&self) -> Vec<String> {
@@ -157,7 +177,9 @@ impl Registry {
 
     pub(crate) fn pin(&self, name: &str, pinned: bool) -> Result<()> {
         let mut slots = self.slots.lock();
-        let slot = slots.get_mut(name).ok_or_else(|| Error::UnknownModel(name.to_string()))?;
+        let slot = slots
+            .get_mut(name)
+            .ok_or_else(|| Error::UnknownModel(name.to_string()))?;
         slot.pinned = pinned;
         Ok(())
     }
@@ -168,7 +190,9 @@ impl Registry {
         let spec = {
             let mut slots = self.slots.lock();
             loop {
-                let slot = slots.get_mut(name).ok_or_else(|| Error::UnknownModel(name.to_string()))?;
+                let slot = slots
+                    .get_mut(name)
+                    .ok_or_else(|| Error::UnknownModel(name.to_string()))?;
                 match &slot.state {
                     State::Loaded(l) => {
                         slot.last_used = Instant::now();
@@ -196,7 +220,10 @@ impl Registry {
         drop(slots);
         self.loaded_changed.notify_all();
         if let Err(e) = &result {
-            self.emit(LoadEvent::Failed { model: spec.name.clone(), error: e.to_string() });
+            self.emit(LoadEvent::Failed {
+                model: spec.name.clone(),
+                error: e.to_string(),
+            });
         }
         result
     }
@@ -219,9 +246,14 @@ impl Registry {
                 reserved: reservation.bytes(),
             });
             let emit = |e: LoadEvent| self.emit(e);
-            let ctx = LoadContext { model: &spec.name, emit: &emit };
+            let ctx = LoadContext {
+                model: &spec.name,
+                emit: &emit,
+            };
             let model = variant.load(&ctx)?;
-            self.emit(LoadEvent::Warming { model: spec.name.clone() });
+            self.emit(LoadEvent::Warming {
+                model: spec.name.clone(),
+            });
             // One forward builds candle's repacked weights now, not on the
             // first user request.
             let warm = model.tokenize(&["warm up"])?;
@@ -233,13 +265,22 @@ impl Registry {
                 resident,
                 millis: started.elapsed().as_millis() as u64,
             });
-            return Ok(Arc::new(Loaded { model, batcher, variant: variant.label.clone(), resident, reservation }));
+            return Ok(Arc::new(Loaded {
+                model,
+                batcher,
+                variant: variant.label.clone(),
+                resident,
+                reservation,
+            }));
         }
         let stats = self.ledger.stats();
         Err(Error::DoesNotFit {
             model: spec.name.clone(),
             tried,
-            free: self.ledger.available_for(mem_budget::Category::Model).unwrap_or(0),
+            free: self
+                .ledger
+                .available_for(mem_budget::Category::Model)
+                .unwrap_or(0),
             cap: stats.category(mem_budget::Category::Model).cap,
         })
     }
@@ -248,7 +289,10 @@ impl Registry {
         let b = &self.batch;
         let config = batcher::BatcherConfig {
             max_batch_size: b.max_batch_size,
-            max_batch_weight: self.batch_tokens.load(Ordering::Relaxed).max(model.max_tokens() as u64),
+            max_batch_weight: self
+                .batch_tokens
+                .load(Ordering::Relaxed)
+                .max(model.max_tokens() as u64),
             max_delay: b.max_delay,
             max_queued: b.max_queued,
             thread_name: format!("snug-{name}"),
@@ -289,7 +333,9 @@ impl Registry {
                             .filter(|(n, s)| n.as_str() != name && !s.pinned)
                             .filter_map(|(n, s)| match &s.state {
                                 // Only models no request holds right now.
-                                State::Loaded(l) if Arc::strong_count(l) == 1 => Some((n.clone(), s.last_used)),
+                                State::Loaded(l) if Arc::strong_count(l) == 1 => {
+                                    Some((n.clone(), s.last_used))
+                                }
                                 _ => None,
                             })
                             .min_by_key(|(_, used)| *used)
@@ -324,7 +370,10 @@ impl Registry {
         let Some(loaded) = taken else { return 0 };
         let bytes = loaded.reservation.bytes();
         drop(loaded);
-        self.emit(LoadEvent::Unloaded { model: name.to_string(), reason: reason.to_string() });
+        self.emit(LoadEvent::Unloaded {
+            model: name.to_string(),
+            reason: reason.to_string(),
+        });
         bytes
     }
 

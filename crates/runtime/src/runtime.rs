@@ -249,7 +249,11 @@ pub struct RequestEstimate {
 fn rss() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .map_or(0, |pages| pages * 4096)
 }
 
@@ -265,7 +269,10 @@ fn release_to_os() {
 impl Runtime {
     /// A builder with the defaults: detect the machine, plan from it.
     pub fn builder() -> RuntimeBuilder {
-        RuntimeBuilder { with_minilm: true, ..RuntimeBuilder::default() }
+        RuntimeBuilder {
+            with_minilm: true,
+            ..RuntimeBuilder::default()
+        }
     }
 
     fn start(b: RuntimeBuilder) -> Result<Runtime> {
@@ -274,10 +281,19 @@ impl Runtime {
             Some(p) => p,
             None => hw_detect::HardwareProfile::detect()?,
         };
-        let probe: Arc<dyn hw_detect::MemoryProbe> = b.probe.unwrap_or_else(|| Arc::new(hw_detect::Detector::new()));
-        let budget_config = mem_budget::BudgetConfig { overrides: config.budget, ..Default::default() };
+        let probe: Arc<dyn hw_detect::MemoryProbe> = b
+            .probe
+            .unwrap_or_else(|| Arc::new(hw_detect::Detector::new()));
+        let budget_config = mem_budget::BudgetConfig {
+            overrides: config.budget,
+            ..Default::default()
+        };
         let budget = budget_config.budget(profile.class, profile.memory.effective_total);
-        let ledger = mem_budget::MemoryLedger::with_config(budget, Arc::clone(&probe), mem_budget::LedgerConfig::default());
+        let ledger = mem_budget::MemoryLedger::with_config(
+            budget,
+            Arc::clone(&probe),
+            mem_budget::LedgerConfig::default(),
+        );
         let monitor = mem_budget::PressureMonitor::new(Arc::clone(&probe), config.pressure.clone());
         if let Err(e) = monitor.check_now() {
             tracing::warn!(error = %e, "first pressure reading failed");
@@ -294,13 +310,24 @@ impl Runtime {
             };
             match affinity::Placement::plan(&profile, &affinity_config) {
                 Ok(placement) => {
-                    plan.pinning = format!("{:?} on CPUs {}: {}", placement.strategy, placement.cpus, placement.reason);
+                    plan.pinning = format!(
+                        "{:?} on CPUs {}: {}",
+                        placement.strategy, placement.cpus, placement.reason
+                    );
                     match placement.build_global() {
                         Ok(outcomes) => {
-                            let pinned = outcomes.iter().filter(|o| matches!(o, affinity::PinOutcome::Pinned { .. })).count();
-                            plan.reasons.push(format!("{pinned} of {} compute threads pinned", outcomes.len()));
+                            let pinned = outcomes
+                                .iter()
+                                .filter(|o| matches!(o, affinity::PinOutcome::Pinned { .. }))
+                                .count();
+                            plan.reasons.push(format!(
+                                "{pinned} of {} compute threads pinned",
+                                outcomes.len()
+                            ));
                         }
-                        Err(e) => plan.reasons.push(format!("global thread pool left as it was: {e}")),
+                        Err(e) => plan
+                            .reasons
+                            .push(format!("global thread pool left as it was: {e}")),
                     }
                 }
                 Err(e) => plan.reasons.push(format!("threads unpinned: {e}")),
@@ -314,7 +341,10 @@ impl Runtime {
             .build()?;
         let pool = buffer_pool::BufferPool::new(buffer_pool::BufferPoolConfig {
             total_budget_bytes: plan.pool_bytes as usize,
-            pools: vec![buffer_pool::NamedPoolConfig::new("scratch", plan.pool_bytes as usize)],
+            pools: vec![buffer_pool::NamedPoolConfig::new(
+                "scratch",
+                plan.pool_bytes as usize,
+            )],
             ..buffer_pool::BufferPoolConfig::default()
         })?;
 
@@ -331,7 +361,11 @@ impl Runtime {
         if let Some(dir) = minilm_dir {
             let mut formats = vec![plan.format];
             formats.extend(plan.fallback_formats.iter().copied());
-            let variants = MiniLmVariants { dir, formats, batch_tokens: plan.batch_tokens };
+            let variants = MiniLmVariants {
+                dir,
+                formats,
+                batch_tokens: plan.batch_tokens,
+            };
             registry.register(variants.spec(MINILM)?)?;
             default_model = Some(MINILM.to_string());
         }
@@ -341,7 +375,10 @@ impl Runtime {
             default_model.get_or_insert(name);
         }
 
-        let gate = Arc::new(tier_router::LedgerGate::new(Arc::new(ledger.clone()), Arc::new(monitor.clone())));
+        let gate = Arc::new(tier_router::LedgerGate::new(
+            Arc::new(ledger.clone()),
+            Arc::new(monitor.clone()),
+        ));
         let router_config = tier_router::RouterConfig::default();
         let mut router = EmbedRouter::new(router_config, gate)?;
         let dim = 384;
@@ -349,19 +386,37 @@ impl Runtime {
             let reg = Arc::clone(&registry);
             let pool_for_backend = pool.pool("scratch")?;
             let model = name.clone();
-            let backend = LocalBackend { registry: reg, model: model.clone(), pool: pool_for_backend };
+            let backend = LocalBackend {
+                registry: reg,
+                model: model.clone(),
+                pool: pool_for_backend,
+            };
             let memory = registry.smallest_estimate(name).unwrap_or(0);
-            router.add_tier(tier_router::TierSpec::new(model, tier_router::Tier::Small, Arc::new(backend)).memory_bytes(memory))?;
+            router.add_tier(
+                tier_router::TierSpec::new(model, tier_router::Tier::Small, Arc::new(backend))
+                    .memory_bytes(memory),
+            )?;
         }
         if let Some(remote) = &config.remote {
             let client = tier_router::RemoteEmbedder::new(remote.clone())?;
-            router.add_tier(tier_router::TierSpec::new("remote", tier_router::Tier::Remote, Arc::new(client)))?;
+            router.add_tier(tier_router::TierSpec::new(
+                "remote",
+                tier_router::Tier::Remote,
+                Arc::new(client),
+            ))?;
         }
         let rule = models::RuleBasedEmbedder::default();
-        let rule_backend = move |texts: &[String], _d: tier_router::Deadline| -> std::result::Result<Vec<Vec<f32>>, tier_router::BackendError> {
-            Ok(texts.iter().map(|t| rule.embed_one(t)).collect())
-        };
-        router.add_tier(tier_router::TierSpec::new("rule-based", tier_router::Tier::RuleBased, Arc::new(rule_backend)))?;
+        let rule_backend = move |texts: &[String],
+                                 _d: tier_router::Deadline|
+              -> std::result::Result<
+            Vec<Vec<f32>>,
+            tier_router::BackendError,
+        > { Ok(texts.iter().map(|t| rule.embed_one(t)).collect()) };
+        router.add_tier(tier_router::TierSpec::new(
+            "rule-based",
+            tier_router::Tier::RuleBased,
+            Arc::new(rule_backend),
+        ))?;
 
         let inner = Arc::new(Inner {
             config,
@@ -396,16 +451,18 @@ impl Runtime {
         let stop = Arc::clone(&inner.stop);
         let keep_alive = inner.config.keep_alive;
         let tick = (keep_alive / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
-        let handle = std::thread::Builder::new().name("snug-keepalive".into()).spawn(move || {
-            let mut next = Instant::now() + tick;
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(20).min(tick));
-                if Instant::now() >= next {
-                    registry.unload_idle(keep_alive, "idle");
-                    next = Instant::now() + tick;
+        let handle = std::thread::Builder::new()
+            .name("snug-keepalive".into())
+            .spawn(move || {
+                let mut next = Instant::now() + tick;
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20).min(tick));
+                    if Instant::now() >= next {
+                        registry.unload_idle(keep_alive, "idle");
+                        next = Instant::now() + tick;
+                    }
                 }
-            }
-        })?;
+            })?;
         inner.background.lock().push(handle);
         Ok(())
     }
@@ -466,18 +523,20 @@ impl Runtime {
             self.inner.registry.version(n)?;
         }
         let registry = Arc::clone(&self.inner.registry);
-        Ok(std::thread::Builder::new().name("snug-warmup".into()).spawn(move || {
-            lower_thread_priority();
-            names
-                .iter()
-                .map(|n| {
-                    if registry.warmups_paused.load(Ordering::Relaxed) {
-                        return Err(Error::Paused(n.clone()));
-                    }
-                    registry.get(n).map(drop)
-                })
-                .collect()
-        })?)
+        Ok(std::thread::Builder::new()
+            .name("snug-warmup".into())
+            .spawn(move || {
+                lower_thread_priority();
+                names
+                    .iter()
+                    .map(|n| {
+                        if registry.warmups_paused.load(Ordering::Relaxed) {
+                            return Err(Error::Paused(n.clone()));
+                        }
+                        registry.get(n).map(drop)
+                    })
+                    .collect()
+            })?)
     }
 
     /// Embeds texts with the default model (the first registered, MiniLM
@@ -492,7 +551,9 @@ impl Runtime {
     pub fn embed_with(&self, texts: &[&str], options: &EmbedOptions) -> Result<Embeddings> {
         let inner = &self.inner;
         if texts.is_empty() {
-            return Err(Error::InvalidInput("no texts to embed: pass at least one".into()));
+            return Err(Error::InvalidInput(
+                "no texts to embed: pass at least one".into(),
+            ));
         }
         if texts.len() > inner.config.max_texts {
             return Err(Error::InvalidInput(format!(
@@ -501,7 +562,11 @@ impl Runtime {
                 inner.config.max_texts
             )));
         }
-        if let Some((i, t)) = texts.iter().enumerate().find(|(_, t)| t.len() > inner.config.max_text_bytes) {
+        if let Some((i, t)) = texts
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.len() > inner.config.max_text_bytes)
+        {
             return Err(Error::InvalidInput(format!(
                 "text {i} is {} bytes, over the limit of {}; split long documents with runtime::chunk::Chunker",
                 t.len(),
@@ -515,7 +580,10 @@ impl Runtime {
         };
         // 1. The cache.
         let key = |t: &str| format!("{version}\u{1f}{t}");
-        let mut out: Vec<Option<Vec<f32>>> = texts.iter().map(|t| inner.cache.get(&key(t)).map(|v| v.to_vec())).collect();
+        let mut out: Vec<Option<Vec<f32>>> = texts
+            .iter()
+            .map(|t| inner.cache.get(&key(t)).map(|v| v.to_vec()))
+            .collect();
         let hits = out.iter().filter(|v| v.is_some()).count();
         let misses: Vec<usize> = (0..texts.len()).filter(|&i| out[i].is_none()).collect();
         if misses.is_empty() {
@@ -529,7 +597,11 @@ impl Runtime {
         }
         // 2. The router picks the tier; 3. the tier serves.
         let miss_texts: Vec<String> = misses.iter().map(|&i| texts[i].to_string()).collect();
-        let words: usize = miss_texts.iter().map(|t| t.split_whitespace().count()).max().unwrap_or(0);
+        let words: usize = miss_texts
+            .iter()
+            .map(|t| t.split_whitespace().count())
+            .max()
+            .unwrap_or(0);
         let features = tier_router::TaskFeatures::with_tokens((words * 4).div_ceil(3) + 2);
         let timeout = options.timeout.unwrap_or(inner.config.request_timeout);
         let deadline = tier_router::Deadline::after(timeout);
@@ -566,7 +638,9 @@ impl Runtime {
     pub fn estimate(&self, texts: &[&str]) -> Result<RequestEstimate> {
         let inner = &self.inner;
         let Some(model) = inner.default_model.as_ref() else {
-            return Err(Error::InvalidInput("no local model is registered to estimate for".into()));
+            return Err(Error::InvalidInput(
+                "no local model is registered to estimate for".into(),
+            ));
         };
         let loaded = inner.registry.get(model)?;
         let tokens = loaded.model.tokenize(texts)?;
@@ -581,12 +655,26 @@ impl Runtime {
             intermediate: 1536,
             vocab: 30522,
         };
-        let work = mem_budget::Workload { batch: texts.len().max(1) as u64, seq: longest.max(1) };
-        let act = mem_budget::Activations::estimate(&shape, work, &mem_budget::ActivationConfig::default());
+        let work = mem_budget::Workload {
+            batch: texts.len().max(1) as u64,
+            seq: longest.max(1),
+        };
+        let act = mem_budget::Activations::estimate(
+            &shape,
+            work,
+            &mem_budget::ActivationConfig::default(),
+        );
         let room = mem_budget::Room::in_ledger(inner.registry.ledger())?;
         let fits = act.total <= room.activations.min(room.total);
         let max_tokens = (1..=loaded.model.max_tokens() as u64).rev().find(|&s| {
-            let a = mem_budget::Activations::estimate(&shape, mem_budget::Workload { batch: work.batch, seq: s }, &mem_budget::ActivationConfig::default());
+            let a = mem_budget::Activations::estimate(
+                &shape,
+                mem_budget::Workload {
+                    batch: work.batch,
+                    seq: s,
+                },
+                &mem_budget::ActivationConfig::default(),
+            );
             a.total <= room.activations.min(room.total)
         });
         let recommendation = if fits {
@@ -605,8 +693,14 @@ impl Runtime {
             estimate: mem_budget::Estimate {
                 bytes: act.total,
                 breakdown: vec![
-                    mem_budget::Part { name: "attention scores".into(), bytes: act.attention_scores },
-                    mem_budget::Part { name: "layer activations".into(), bytes: act.layer_other },
+                    mem_budget::Part {
+                        name: "attention scores".into(),
+                        bytes: act.attention_scores,
+                    },
+                    mem_budget::Part {
+                        name: "layer activations".into(),
+                        bytes: act.layer_other,
+                    },
                 ],
                 fits,
                 headroom: headroom.clamp(i64::MIN as i128, i64::MAX as i128) as i64,
@@ -619,14 +713,30 @@ impl Runtime {
     /// A snapshot: CPU, memory, pressure, models, cache, pool, batchers.
     pub fn status(&self) -> Status {
         let inner = &self.inner;
-        let reading = inner.monitor.check_now().ok().or_else(|| inner.monitor.last_reading());
+        let reading = inner
+            .monitor
+            .check_now()
+            .ok()
+            .or_else(|| inner.monitor.last_reading());
         let (cpu, used, avail, level, cpu_maxed, thermal) = match &reading {
-            Some(r) => (r.cpu_busy.map(|c| c * 100.0), r.used_fraction, r.memory.effective_available, r.level, r.cpu_maxed, r.thermal_likely),
+            Some(r) => (
+                r.cpu_busy.map(|c| c * 100.0),
+                r.used_fraction,
+                r.memory.effective_available,
+                r.level,
+                r.cpu_maxed,
+                r.thermal_likely,
+            ),
             None => (None, 0.0, 0, inner.monitor.level(), false, false),
         };
-        let throttling = Throttling { memory_critical: used > 0.85, cpu_maxed, thermal_likely: thermal };
+        let throttling = Throttling {
+            memory_critical: used > 0.85,
+            cpu_maxed,
+            thermal_likely: thermal,
+        };
         let recommended_action = if throttling.memory_critical {
-            "memory critical: call emergency_cleanup (clears caches, unloads idle models)".to_string()
+            "memory critical: call emergency_cleanup (clears caches, unloads idle models)"
+                .to_string()
         } else if cpu_maxed {
             "CPU maxed: lower concurrency or batch size".to_string()
         } else if thermal {
@@ -659,7 +769,9 @@ impl Runtime {
             if let Some(at) = *last {
                 let since = at.elapsed();
                 if since < inner.config.emergency_min_interval {
-                    return Err(Error::RateLimited { retry_after: inner.config.emergency_min_interval - since });
+                    return Err(Error::RateLimited {
+                        retry_after: inner.config.emergency_min_interval - since,
+                    });
                 }
             }
             *last = Some(Instant::now());
@@ -675,9 +787,21 @@ impl Runtime {
                 0
             }
         };
-        let before: Vec<String> = inner.registry.status().into_iter().filter(|m| m.state == "loaded").map(|m| m.name).collect();
+        let before: Vec<String> = inner
+            .registry
+            .status()
+            .into_iter()
+            .filter(|m| m.state == "loaded")
+            .map(|m| m.name)
+            .collect();
         let released = inner.registry.unload_idle(Duration::ZERO, "emergency");
-        let after: Vec<String> = inner.registry.status().into_iter().filter(|m| m.state == "loaded").map(|m| m.name).collect();
+        let after: Vec<String> = inner
+            .registry
+            .status()
+            .into_iter()
+            .filter(|m| m.state == "loaded")
+            .map(|m| m.name)
+            .collect();
         release_to_os();
         let report = CleanupReport {
             rss_before,
@@ -688,7 +812,10 @@ impl Runtime {
             models_unloaded: before.into_iter().filter(|m| !after.contains(m)).collect(),
             reserved_bytes_released: released,
         };
-        inner.registry.warmups_paused.store(false, Ordering::Relaxed);
+        inner
+            .registry
+            .warmups_paused
+            .store(false, Ordering::Relaxed);
         tracing::warn!(?report, "emergency cleanup");
         Ok(report)
     }
@@ -701,20 +828,15 @@ impl Runtime {
         let previous = self.plan();
         let mut new = previous.clone();
         new.memory_available = memory.effective_available;
-        let budget = inner.registry.ledger().budget();
-        let free = memory.effective_available.saturating_sub(budget.safety_margin);
-        // Cache: its budget, but never more than a quarter of what is free.
-        new.cache_bytes = inner.config.cache_bytes.unwrap_or(budget.max_cache).min(free / 4).max(1 << 20);
-        // Batches: halve the token budget when less than 1 GiB is free, quarter under 256 MiB.
-        let base = inner.config.batch.max_batch_tokens;
-        new.batch_tokens = if free < (256 << 20) {
-            (base / 4).max(256)
-        } else if free < (1 << 30) {
-            (base / 2).max(256)
-        } else {
-            base
-        };
-        new.max_input_tokens = max_input_tokens(free);
+        let sizes = Sizes::for_memory(
+            &inner.config,
+            inner.registry.ledger().budget(),
+            memory.effective_available,
+        );
+        new.cache_bytes = sizes.cache_bytes;
+        new.batch_tokens = sizes.batch_tokens;
+        new.max_input_tokens = sizes.max_input_tokens;
+        let free = sizes.free;
         new.reasons = vec![format!("re-planned for {} MiB free", free >> 20)];
         let changed = new.cache_bytes != previous.cache_bytes
             || new.batch_tokens != previous.batch_tokens
@@ -726,7 +848,10 @@ impl Runtime {
         inner.cache.set_capacity(new.cache_bytes);
         inner.registry.set_batch_tokens(new.batch_tokens);
         *inner.plan.lock() = new.clone();
-        Ok(Reoptimized::Adjusted { previous: Box::new(previous), new: Box::new(new) })
+        Ok(Reoptimized::Adjusted {
+            previous: Box::new(previous),
+            new: Box::new(new),
+        })
     }
 
     /// The embedding cache (for statistics, invalidation and warming).
@@ -767,7 +892,12 @@ fn max_input_tokens(free: u64) -> u64 {
     (1..=256u64)
         .rev()
         .find(|&s| {
-            mem_budget::Activations::estimate(&shape, mem_budget::Workload { batch: 1, seq: s }, &mem_budget::ActivationConfig::default()).total
+            mem_budget::Activations::estimate(
+                &shape,
+                mem_budget::Workload { batch: 1, seq: s },
+                &mem_budget::ActivationConfig::default(),
+            )
+            .total
                 <= free
         })
         .unwrap_or(0)
@@ -785,6 +915,45 @@ fn minilm_shape() -> mem_budget::TransformerShape {
     }
 }
 
+/// The sizes that follow the memory free now; the same rule at start-up
+/// and in `reoptimize`.
+struct Sizes {
+    free: u64,
+    cache_bytes: u64,
+    batch_tokens: u64,
+    max_input_tokens: u64,
+}
+
+impl Sizes {
+    /// From `available` bytes less the budget's safety margin (`free`): the
+    /// cache gets its budget but never more than a quarter of `free`; batches
+    /// get the configured tokens, halved under 1 GiB free and quartered under
+    /// 256 MiB (never under 256 tokens); the longest input is what one
+    /// text's activations fit in `free`.
+    fn for_memory(config: &RuntimeConfig, budget: &mem_budget::Budget, available: u64) -> Sizes {
+        let free = available.saturating_sub(budget.safety_margin);
+        let cache_bytes = config
+            .cache_bytes
+            .unwrap_or(budget.max_cache)
+            .min(free / 4)
+            .max(1 << 20);
+        let base = config.batch.max_batch_tokens;
+        let batch_tokens = if free < (256 << 20) {
+            (base / 4).max(256)
+        } else if free < (1 << 30) {
+            (base / 2).max(256)
+        } else {
+            base
+        };
+        Sizes {
+            free,
+            cache_bytes,
+            batch_tokens,
+            max_input_tokens: max_input_tokens(free),
+        }
+    }
+}
+
 fn initial_plan(
     profile: &hw_detect::HardwareProfile,
     config: &RuntimeConfig,
@@ -796,22 +965,39 @@ fn initial_plan(
     let format = config.format.unwrap_or(policy.format);
     reasons.push(match config.format {
         Some(f) => format!("weights {f}: set in the configuration"),
-        None => format!("weights {format}: the quant policy for {:?} with {} MiB available", profile.class, profile.memory.effective_available >> 20),
+        None => format!(
+            "weights {format}: the quant policy for {:?} with {} MiB available",
+            profile.class,
+            profile.memory.effective_available >> 20
+        ),
     });
     // If the first choice does not fit, smaller formats are tried in turn.
     let fallback_formats: Vec<quant::Format> = [quant::Format::Q8_0, quant::Format::Q4_K]
         .into_iter()
         .filter(|f| f.bytes_per_weight() < format.bytes_per_weight())
         .collect();
-    let threads = config.threads.unwrap_or_else(|| affinity::recommended_threads(profile)).max(1);
+    let threads = config
+        .threads
+        .unwrap_or_else(|| affinity::recommended_threads(profile))
+        .max(1);
     reasons.push(format!(
         "{threads} compute threads: {}",
-        if config.threads.is_some() { "set in the configuration" } else { "physical performance cores this process may use" }
+        if config.threads.is_some() {
+            "set in the configuration"
+        } else {
+            "physical performance cores this process may use"
+        }
     ));
-    let cache_bytes = config.cache_bytes.unwrap_or(budget.max_cache);
-    let pool_bytes = config.pool_bytes.unwrap_or((64u64 << 20).min(budget.max_model / 8).max(1 << 20));
-    let available = ledger.available_overall().unwrap_or(profile.memory.effective_available);
-    let batch_tokens = config.batch.max_batch_tokens;
+    let pool_bytes = config
+        .pool_bytes
+        .unwrap_or((64u64 << 20).min(budget.max_model / 8).max(1 << 20));
+    let available = ledger
+        .probe()
+        .memory()
+        .map_or(profile.memory.effective_available, |m| {
+            m.effective_available
+        });
+    let sizes = Sizes::for_memory(config, &budget, available);
     Plan {
         class: profile.class,
         cpu: profile.cpu.brand.clone(),
@@ -822,12 +1008,12 @@ fn initial_plan(
         fallback_formats,
         threads,
         pinning: "not configured".into(),
-        cache_bytes,
+        cache_bytes: sizes.cache_bytes,
         pool_bytes,
-        batch_tokens,
+        batch_tokens: sizes.batch_tokens,
         batch_size: config.batch.max_batch_size,
         max_delay_ms: config.batch.max_delay.as_millis() as u64,
-        max_input_tokens: max_input_tokens(available),
+        max_input_tokens: sizes.max_input_tokens,
         reasons,
     }
 }
@@ -849,14 +1035,21 @@ struct LocalBackend {
 }
 
 impl tier_router::Backend<[String], Vec<Vec<f32>>> for LocalBackend {
-    fn call(&self, texts: &[String], deadline: tier_router::Deadline) -> std::result::Result<Vec<Vec<f32>>, tier_router::BackendError> {
+    fn call(
+        &self,
+        texts: &[String],
+        deadline: tier_router::Deadline,
+    ) -> std::result::Result<Vec<Vec<f32>>, tier_router::BackendError> {
         use tier_router::BackendError;
         let loaded = self.registry.get(&self.model).map_err(|e| match e {
             Error::DoesNotFit { .. } => BackendError::permanent(e.to_string()),
             other => BackendError::permanent(other.to_string()),
         })?;
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let tokens = loaded.model.tokenize(&refs).map_err(|e| BackendError::permanent(e.to_string()))?;
+        let tokens = loaded
+            .model
+            .tokenize(&refs)
+            .map_err(|e| BackendError::permanent(e.to_string()))?;
         let dim = loaded.model.dim();
         // Scratch for the answers: bounded by the pool, so a flood of large
         // requests waits here instead of growing memory.
@@ -880,15 +1073,23 @@ impl tier_router::Backend<[String], Vec<Vec<f32>>> for LocalBackend {
         let out = scratch.as_mut_slice_f32();
         for (i, ticket) in tickets.into_iter().enumerate() {
             let v = ticket.wait().map_err(|e| match e {
-                batcher::Error::TimedOut { .. } | batcher::Error::Overloaded { .. } => BackendError::transient(e.to_string()),
+                batcher::Error::TimedOut { .. } | batcher::Error::Overloaded { .. } => {
+                    BackendError::transient(e.to_string())
+                }
                 other => BackendError::permanent(other.to_string()),
             })?;
             if v.len() != dim {
-                return Err(BackendError::permanent(format!("model answered {} dims, expected {dim}", v.len())));
+                return Err(BackendError::permanent(format!(
+                    "model answered {} dims, expected {dim}",
+                    v.len()
+                )));
             }
             out[i * dim..(i + 1) * dim].copy_from_slice(&v);
         }
-        Ok(out[..texts.len() * dim].chunks(dim).map(<[f32]>::to_vec).collect())
+        Ok(out[..texts.len() * dim]
+            .chunks(dim)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 
     fn is_loaded(&self) -> bool {

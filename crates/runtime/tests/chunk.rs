@@ -6,7 +6,12 @@ use proptest::prelude::*;
 use runtime::chunk::{Chunker, ChunkerConfig, WhitespaceTokens};
 
 fn chunks(text: &str, max: usize, overlap: usize, block: usize) -> Vec<runtime::chunk::Chunk> {
-    let config = ChunkerConfig { max_tokens: max, overlap, read_block: block, max_unbroken: 1 << 16 };
+    let config = ChunkerConfig {
+        max_tokens: max,
+        overlap,
+        read_block: block,
+        max_unbroken: 1 << 16,
+    };
     Chunker::new(text.as_bytes(), WhitespaceTokens, config)
         .unwrap()
         .collect::<Result<Vec<_>, _>>()
@@ -56,22 +61,49 @@ fn multibyte_text_split_across_blocks() {
 #[test]
 fn invalid_utf8_and_bad_config_are_errors() {
     let bytes = b"fine words \xff\xfe here".to_vec();
-    let config = ChunkerConfig { max_tokens: 2, overlap: 0, read_block: 4, max_unbroken: 64 };
-    let results: Vec<_> = Chunker::new(&bytes[..], WhitespaceTokens, config).unwrap().collect();
-    let err = results.iter().find_map(|r| r.as_ref().err()).expect("an error");
-    assert!(err.to_string().contains("invalid UTF-8 at byte 11"), "{err}");
+    let config = ChunkerConfig {
+        max_tokens: 2,
+        overlap: 0,
+        read_block: 4,
+        max_unbroken: 64,
+    };
+    let results: Vec<_> = Chunker::new(&bytes[..], WhitespaceTokens, config)
+        .unwrap()
+        .collect();
+    let err = results
+        .iter()
+        .find_map(|r| r.as_ref().err())
+        .expect("an error");
+    assert!(
+        err.to_string().contains("invalid UTF-8 at byte 11"),
+        "{err}"
+    );
     // After an error the iterator ends.
     assert!(results.last().unwrap().is_err());
 
-    let bad = ChunkerConfig { max_tokens: 8, overlap: 8, ..ChunkerConfig::default() };
-    let err = Chunker::new(&b""[..], WhitespaceTokens, bad).unwrap_err().to_string();
-    assert!(err.contains("overlap 8") && err.contains("max_tokens 8"), "{err}");
+    let bad = ChunkerConfig {
+        max_tokens: 8,
+        overlap: 8,
+        ..ChunkerConfig::default()
+    };
+    let err = Chunker::new(&b""[..], WhitespaceTokens, bad)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("overlap 8") && err.contains("max_tokens 8"),
+        "{err}"
+    );
 }
 
 #[test]
 fn an_unbroken_run_is_cut_instead_of_buffered_forever() {
     let text = "x".repeat(10_000);
-    let config = ChunkerConfig { max_tokens: 4, overlap: 1, read_block: 100, max_unbroken: 1000 };
+    let config = ChunkerConfig {
+        max_tokens: 4,
+        overlap: 1,
+        read_block: 100,
+        max_unbroken: 1000,
+    };
     let cs: Vec<_> = Chunker::new(text.as_bytes(), WhitespaceTokens, config)
         .unwrap()
         .collect::<Result<Vec<_>, _>>()
