@@ -4,6 +4,30 @@
 
 use rayon::prelude::*;
 
+/// Calls `$f(args)` compiled for AVX2 + FMA when the CPU has them (the
+/// crate is built for baseline x86-64, SSE2 only), else the portable build.
+macro_rules! dispatch {
+    ($f:ident($($a:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn fast(f: impl FnOnce()) {
+                f()
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the features were detected on this CPU just above.
+                unsafe { fast(#[inline(always)] || $f($($a),*)) }
+            } else {
+                $f($($a),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $f($($a),*)
+        }
+    }};
+}
+
 /// Rows per parallel task for the row-wise kernels.
 const ROW_CHUNK: usize = 16;
 
@@ -46,15 +70,18 @@ pub(crate) fn bias_gelu(x: &[f32], bias: &[f32], cols: usize) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(cols * ROW_CHUNK)
         .zip(x.par_chunks(cols * ROW_CHUNK))
-        .for_each(|(o, x)| {
-            for (orow, xrow) in o.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
-                for ((o, &x), &b) in orow.iter_mut().zip(xrow).zip(bias) {
-                    let v = x + b;
-                    *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                }
-            }
-        });
+        .for_each(|(o, x)| dispatch!(gelu_rows(o, x, bias, cols)));
     out
+}
+
+#[inline(always)]
+fn gelu_rows(o: &mut [f32], x: &[f32], bias: &[f32], cols: usize) {
+    for (orow, xrow) in o.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
+        for ((o, &x), &b) in orow.iter_mut().zip(xrow).zip(bias) {
+            let v = x + b;
+            *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
 }
 
 /// Row-wise layer norm of `x[.., :h] + bias + residual[.., :h]` into an
@@ -164,7 +191,6 @@ pub(crate) fn attention(
     let hidden = heads * head_dim;
     let w = 3 * hidden;
     let rows = qkv.len() / w;
-    let scale = 1.0 / (head_dim as f32).sqrt();
     let mut out = vec![0f32; rows * out_stride];
     // Split the output into one disjoint slice per sequence.
     let mut parts: Vec<(&mut [f32], usize, usize)> = Vec::with_capacity(seqs.len());
@@ -177,7 +203,28 @@ pub(crate) fn attention(
         rest = tail;
         at = start + len;
     }
-    parts.into_par_iter().for_each(|(o, start, len)| {
+    parts
+        .into_par_iter()
+        .for_each(|(o, start, len)| dispatch!(attend(o, qkv, bias, start, len, shape, out_stride)));
+    out
+}
+
+/// Attention of one sequence, all heads, into its output rows.
+#[inline(always)]
+fn attend(
+    o: &mut [f32],
+    qkv: &[f32],
+    bias: &[f32],
+    start: usize,
+    len: usize,
+    shape: AttentionShape,
+    out_stride: usize,
+) {
+    let AttentionShape { heads, head_dim } = shape;
+    let hidden = heads * head_dim;
+    let w = 3 * hidden;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    {
         let mut q = vec![0f32; len * head_dim];
         let mut kt = vec![0f32; head_dim * len];
         let mut v = vec![0f32; len * head_dim];
@@ -220,8 +267,7 @@ pub(crate) fn attention(
                 }
             }
         }
-    });
-    out
+    }
 }
 
 /// Mean over each sequence's rows (first `h` columns of `stride`-wide rows),
