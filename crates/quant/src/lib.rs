@@ -8,6 +8,8 @@
 //!   sizes and the fallback for shapes a block format cannot take.
 //! - [`QLinear`]: a linear layer (`candle_core::Module`) whose weight is a
 //!   [`QMatMul`](candle_core::quantized::QMatMul) and whose bias stays f32.
+//!   Q8_0 layers run on an int8 kernel of this crate where the CPU has
+//!   AVX-512 VNNI ([`int8_kernel_available`]), with candle's arithmetic.
 //!
 //! ```
 //! use candle_core::{Device, Module, Tensor};
@@ -41,17 +43,17 @@ mod policy;
 mod resident;
 #[cfg(test)]
 mod testutil;
+mod vnni;
 
 pub use crate::error::{Error, Result};
 pub use crate::format::Format;
-pub use crate::linear::QLinear;
+pub use crate::linear::{int8_kernel_available, QLinear};
 pub use crate::model::{
     load_safetensors, quantize_safetensors, quantize_tensors, sha256_file, ArtifactMeta,
     QuantizedModel, FORMAT_VERSION,
 };
 pub use crate::plan::{
-    measure, plan, select, uniform_bytes, Calibration, Candidate, PlanEntry, QuantPlan,
-    Sensitivity,
+    measure, plan, select, uniform_bytes, Calibration, Candidate, PlanEntry, QuantPlan, Sensitivity,
 };
 pub use crate::policy::{PolicyConfig, PolicyOverrides, QuantPolicy};
 pub use crate::resident::resident_weight_bytes;

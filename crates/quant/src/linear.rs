@@ -1,11 +1,38 @@
 //! [`QLinear`]: a linear layer whose weight is a candle quantized tensor.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Module, Tensor};
+use candle_core::{CpuStorage, DType, Module, Storage, Tensor};
 
-use crate::{resident::resident_weight_bytes, Error, Format, Result};
+use crate::resident::candle_resident_bytes;
+#[cfg(doc)]
+use crate::resident_weight_bytes;
+use crate::vnni::{self, PackedQ8};
+use crate::{Error, Format, Result};
+
+/// Whether [`QLinear`] computes Q8_0 layers with this crate's int8 kernel on
+/// this machine: the CPU has AVX-512 VNNI (with AVX-512 F/BW) and the
+/// environment does not set `SNUG_INT8_KERNEL=0`. Decided once per process.
+///
+/// The kernel computes exactly candle's Q8_0 arithmetic (activations
+/// quantized per block of 32 with an f16 scale, integer dot products, the
+/// two scales applied per block), so its results equal candle's to float
+/// rounding; it replaces candle's repacked copy with its own (counted by
+/// [`QLinear::resident_bytes`]).
+pub fn int8_kernel_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        vnni::cpu_supports() && std::env::var("SNUG_INT8_KERNEL").as_deref() != Ok("0")
+    })
+}
+
+/// The int8 kernel's copy of a Q8_0 weight, built on first use.
+#[derive(Debug, Default)]
+struct Int8Weight {
+    /// `None` inside: packing was not possible (the layer uses candle).
+    packed: OnceLock<Option<(PackedQ8, Option<Vec<f32>>)>>,
+}
 
 /// A linear layer `y = x·Wᵀ + b` with `W` (`[out, in]`) stored as a candle
 /// [`QMatMul`] and the bias kept in f32.
@@ -17,6 +44,10 @@ use crate::{resident::resident_weight_bytes, Error, Format, Result};
 ///
 /// Forward takes any leading dims, `[.., in] → [.., out]`, computes in f32
 /// and returns the input's dtype.
+///
+/// Q8_0 layers on a CPU with AVX-512 VNNI run on this crate's int8 kernel
+/// (see [`int8_kernel_available`]; [`QLinear::with_int8_kernel`] turns it off
+/// per layer); other formats, and other CPUs, use candle's `QMatMul`.
 #[derive(Debug, Clone)]
 pub struct QLinear {
     weight: QMatMul,
@@ -24,6 +55,8 @@ pub struct QLinear {
     format: Format,
     out_dim: usize,
     in_dim: usize,
+    /// Present when Q8_0 forwards run on the int8 kernel (shared by clones).
+    int8: Option<Arc<Int8Weight>>,
 }
 
 fn dims2(name: &str, t: &[usize]) -> Result<(usize, usize)> {
@@ -90,12 +123,75 @@ impl QLinear {
                 Some(b.to_dtype(DType::F32)?.contiguous()?)
             }
         };
+        let int8 = (format == Format::Q8_0 && int8_kernel_available())
+            .then(|| Arc::new(Int8Weight::default()));
         Ok(QLinear {
             weight,
             bias,
             format,
             out_dim,
             in_dim,
+            int8,
+        })
+    }
+
+    /// Turns the int8 kernel on or off for this layer. On only takes effect
+    /// for Q8_0 weights where [`int8_kernel_available`]; off makes forwards
+    /// use candle's `QMatMul` (which then builds its own repacked copy where
+    /// it does so).
+    pub fn with_int8_kernel(mut self, on: bool) -> QLinear {
+        self.int8 = if on && self.format == Format::Q8_0 && int8_kernel_available() {
+            self.int8.or_else(|| Some(Arc::new(Int8Weight::default())))
+        } else {
+            None
+        };
+        self
+    }
+
+    /// Whether forwards run on the int8 kernel (see [`int8_kernel_available`]).
+    pub fn int8_kernel(&self) -> bool {
+        self.int8.is_some()
+    }
+
+    /// The int8 kernel's copy of the weight, packed on first use.
+    fn packed(&self) -> Option<&(PackedQ8, Option<Vec<f32>>)> {
+        let int8 = self.int8.as_ref()?;
+        int8.packed
+            .get_or_init(|| {
+                let QMatMul::QTensor(q) = &self.weight else {
+                    return None;
+                };
+                let data = q.data().ok()?;
+                let packed = PackedQ8::from_q8_0(&data, self.out_dim, self.in_dim)?;
+                let bias = match &self.bias {
+                    Some(b) => Some(b.to_vec1::<f32>().ok()?),
+                    None => None,
+                };
+                Some((packed, bias))
+            })
+            .as_ref()
+    }
+
+    /// `x2` (`[rows, in]`, contiguous f32) times the weight on the int8
+    /// kernel, bias included; `None` where it does not serve.
+    fn int8_forward(&self, x2: &Tensor, rows: usize) -> Result<Option<Tensor>> {
+        let Some((packed, bias)) = self.packed() else {
+            return Ok(None);
+        };
+        let y = {
+            let (storage, layout) = x2.storage_and_layout();
+            let Storage::Cpu(CpuStorage::F32(v)) = &*storage else {
+                return Ok(None);
+            };
+            let start = layout.start_offset();
+            match v.get(start..start + rows * self.in_dim) {
+                Some(x) => packed.matmul(x, rows, bias.as_deref()),
+                None => None,
+            }
+        };
+        Ok(match y {
+            Some(y) => Some(Tensor::from_vec(y, (rows, self.out_dim), x2.device())?),
+            None => None,
         })
     }
 
@@ -138,9 +234,16 @@ impl QLinear {
     }
 
     /// Bytes the layer occupies after its first forwards: storage plus the
-    /// repacked copy candle keeps on this CPU (see [`resident_weight_bytes`]).
+    /// repacked copy kept for computing — the int8 kernel's (1.25 bytes per
+    /// weight, columns padded to 16, and a copy of the bias) when it serves,
+    /// otherwise the one candle keeps on this CPU (see
+    /// [`resident_weight_bytes`]).
     pub fn resident_bytes(&self) -> u64 {
-        resident_weight_bytes(self.format, self.out_dim, self.in_dim) + self.bias_bytes()
+        if self.int8.is_some() {
+            self.storage_bytes() + vnni::packed_bytes(self.out_dim, self.in_dim) + self.bias_bytes()
+        } else {
+            candle_resident_bytes(self.format, self.out_dim, self.in_dim) + self.bias_bytes()
+        }
     }
 
     /// The weight dequantized to an f32 `[out, in]` tensor.
@@ -167,10 +270,16 @@ impl QLinear {
             .to_dtype(DType::F32)?
             .reshape((rows, self.in_dim))?
             .contiguous()?;
-        let mut y = self.weight.forward(&x2)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
+        let y = match self.int8_forward(&x2, rows)? {
+            Some(y) => y,
+            None => {
+                let mut y = self.weight.forward(&x2)?;
+                if let Some(b) = &self.bias {
+                    y = y.broadcast_add(b)?;
+                }
+                y
+            }
+        };
         let mut out_dims = dims.to_vec();
         *out_dims
             .last_mut()
@@ -233,7 +342,10 @@ mod tests {
         ] {
             let l = QLinear::from_f32(w.clone(), None, format).unwrap();
             let e = rel_rms(&l.dequantize().unwrap(), &w);
-            assert!(e > 0.0 && e < bound, "{format}: weight RMS relative error {e}");
+            assert!(
+                e > 0.0 && e < bound,
+                "{format}: weight RMS relative error {e}"
+            );
         }
     }
 
@@ -278,6 +390,42 @@ mod tests {
             QLinear::from_f32(gaussian(&[4, 32], 1), Some(gaussian(&[5], 1)), Format::Q8_0),
             Err(Error::BiasMismatch { out_dim: 4, .. })
         ));
+    }
+
+    #[test]
+    fn int8_kernel_serves_q8_0_with_candles_arithmetic() {
+        // 384 inputs: candle takes its `vec_dot` path, the same arithmetic.
+        let w = gaussian(&[96, 384], 13);
+        let b = gaussian(&[96], 14);
+        let x = gaussian(&[3, 37, 384], 15);
+        let fast = QLinear::from_f32(w.clone(), Some(b.clone()), Format::Q8_0).unwrap();
+        assert_eq!(fast.int8_kernel(), int8_kernel_available());
+        let slow = fast.clone().with_int8_kernel(false);
+        assert!(!slow.int8_kernel());
+        let (yf, ys) = (fast.forward(&x).unwrap(), slow.forward(&x).unwrap());
+        assert_eq!(yf.dims(), &[3, 37, 96]);
+        let e = rel_rms(&yf, &ys);
+        assert!(e < 1e-6, "int8 kernel vs candle: relative RMS {e}");
+        let want = reference(&x.reshape((3 * 37, 384)).unwrap(), &w, &b);
+        assert!(rel_rms(&yf.reshape((3 * 37, 96)).unwrap(), &want) < 1e-2);
+        // Clones share the packed copy; other formats never take the kernel.
+        let again = fast.clone();
+        assert!(rel_rms(&again.forward(&x).unwrap(), &yf) == 0.0);
+        let f16 = QLinear::from_f32(w, None, Format::F16)
+            .unwrap()
+            .with_int8_kernel(true);
+        assert!(!f16.int8_kernel());
+        // The packed copy is counted: 1.25 bytes per weight and the bias.
+        if fast.int8_kernel() {
+            assert_eq!(
+                fast.resident_bytes(),
+                fast.storage_bytes() + 96 * 384 * 5 / 4 + 4 * 96
+            );
+            assert_eq!(
+                crate::resident_weight_bytes(Format::Q8_0, 96, 384),
+                Format::Q8_0.bytes_for(96 * 384) + 96 * 384 * 5 / 4
+            );
+        }
     }
 
     #[test]

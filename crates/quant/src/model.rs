@@ -300,9 +300,11 @@ impl QuantizedModel {
         };
         let version = match content.metadata.get(KEY_VERSION) {
             Some(gguf_file::Value::U32(v)) => *v,
-            _ => return Err(bad(format!(
+            _ => {
+                return Err(bad(format!(
                 "metadata `{KEY_VERSION}` is missing; this file was not written by snug's quant"
-            ))),
+            )))
+            }
         };
         if version != FORMAT_VERSION {
             return Err(Error::Stale {

@@ -116,9 +116,21 @@ impl RepackRules {
 }
 
 /// Bytes an `[out, in]` weight stored in `format` occupies after its first
-/// forwards on this CPU: the stored blocks plus candle's repacked copy (see
-/// the module docs). `format` should already be fitted ([`Format::fit`]).
+/// forwards on this CPU: the stored blocks plus the repacked copy kept for
+/// computing. For Q8_0 where [`crate::int8_kernel_available`], that is the
+/// int8 kernel's copy (1.25 bytes per weight, output columns padded to 16;
+/// candle's copy is then never built); otherwise candle's (see the module
+/// docs). `format` should already be fitted ([`Format::fit`]). A bias is not
+/// included ([`crate::QLinear::resident_bytes`] adds it, and its copy).
 pub fn resident_weight_bytes(format: Format, out: usize, inp: usize) -> u64 {
+    if format == Format::Q8_0 && crate::int8_kernel_available() {
+        return format.bytes_for(out * inp) + crate::vnni::packed_bytes(out, inp);
+    }
+    candle_resident_bytes(format, out, inp)
+}
+
+/// Storage plus candle's repacked copy on this CPU.
+pub(crate) fn candle_resident_bytes(format: Format, out: usize, inp: usize) -> u64 {
     format.bytes_for(out * inp) + RepackRules::this_cpu().copy_bytes(format, out, inp)
 }
 
