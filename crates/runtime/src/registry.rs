@@ -162,10 +162,12 @@ impl Registry {
             .and_then(|s| s.spec.variants.iter().map(|v| v.estimate).min())
     }
 
-    pub(crate) fn is_loaded(&self, name: &str) -> bool {
+    /// Whether `name` is loaded or being loaded: either way its memory is
+    /// (being) reserved, so a request for it need not fit on top.
+    pub(crate) fn is_loaded_or_loading(&self, name: &str) -> bool {
         matches!(
             self.slots.lock().get(name).map(|s| &s.state),
-            Some(State::Loaded(_))
+            Some(State::Loaded(_) | State::Loading)
         )
     }
 

@@ -1093,6 +1093,6 @@ impl tier_router::Backend<[String], Vec<Vec<f32>>> for LocalBackend {
     }
 
     fn is_loaded(&self) -> bool {
-        self.registry.is_loaded(&self.model)
+        self.registry.is_loaded_or_loading(&self.model)
     }
 }

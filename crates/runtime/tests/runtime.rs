@@ -401,3 +401,38 @@ fn plan_is_printable_and_serialisable() {
     assert_eq!(json["threads"], plan.threads);
     assert!(json["budget"]["max_model"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn under_a_tight_cap_the_smaller_format_serves_every_concurrent_request() {
+    let dir = model_dir();
+    let f32_bytes = runtime::minilm_estimate(&dir, quant::Format::F32, 4096)
+        .unwrap()
+        .total;
+    let q8_bytes = runtime::minilm_estimate(&dir, quant::Format::Q8_0, 4096)
+        .unwrap()
+        .total;
+    let mut c = config();
+    c.format = Some(quant::Format::F32);
+    c.budget.max_model = Some((q8_bytes + f32_bytes) / 2);
+    let rt = minilm_runtime(c);
+    let texts = snug_sentences(48);
+    let handles: Vec<_> = (0..8)
+        .map(|t| {
+            let rt = rt.clone();
+            let texts = texts.clone();
+            std::thread::spawn(move || {
+                (0..6)
+                    .map(|i| {
+                        let out = rt.embed(&[texts[t * 6 + i].as_str()]).unwrap();
+                        (out.backend.clone(), out.trail.clone())
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for h in handles {
+        for (backend, trail) in h.join().unwrap() {
+            assert_eq!(backend.as_deref(), Some("minilm"), "{trail:?}");
+        }
+    }
+}

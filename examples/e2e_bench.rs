@@ -1,0 +1,578 @@
+//! End-to-end proof on all-MiniLM-L6-v2: throughput and latency against the
+//! baselines a user would write, memory against the pre-flight estimate, a
+//! memory-pressure run and a leak check — all in one run.
+//!
+//! ```text
+//! cargo run --release --example e2e_bench                 # the full run (~8 minutes on 2 cores)
+//! cargo run --release --example e2e_bench -- --quick      # 400 sentences, 4,000 for the leak check
+//! ```
+//!
+//! Options: `--sentences N` (2000), `--leak N` (20000; 0 skips it),
+//! `--charts DIR` (where the SVG charts go; default `target/e2e`),
+//! `--json FILE` (all figures as JSON; default `target/e2e/e2e_bench.json`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use runtime::{Runtime, RuntimeConfig};
+use serde::Serialize;
+
+type AnyError = Box<dyn std::error::Error + Send + Sync>;
+
+const CONCURRENCY: [usize; 3] = [1, 8, 32];
+
+#[derive(Debug, Clone, Serialize)]
+struct Run {
+    mode: String,
+    concurrency: usize,
+    sentences: usize,
+    per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Memory {
+    format: String,
+    estimate_bytes: u64,
+    resident_after_load: u64,
+    peak_growth: u64,
+    model_resident_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    machine: String,
+    threads: usize,
+    mean_tokens: f64,
+    runs: Vec<Run>,
+    quality_min_cos_auto: f32,
+    quality_mean_cos_auto: f32,
+    quality_min_cos_f32: f32,
+    auto_format: String,
+    max_delay_ms: f64,
+    batch_ms: f64,
+    memory: Vec<Memory>,
+    pressure: Vec<String>,
+    leak: Option<(u64, u64, usize)>,
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn model_dir() -> Result<PathBuf, AnyError> {
+    if let Ok(d) = models::model_dir() {
+        return Ok(d);
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let status = Command::new("bash")
+        .arg(format!("{root}/scripts/fetch-model.sh"))
+        .current_dir(root)
+        .status()?;
+    if !status.success() {
+        return Err("scripts/fetch-model.sh failed".into());
+    }
+    Ok(models::model_dir()?)
+}
+
+fn cos(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Runs `work(i)` for every i in 0..n from `threads` threads, each taking the
+/// next index; returns wall seconds and each call's latency.
+fn drive(n: usize, threads: usize, work: &(dyn Fn(usize) + Sync)) -> (f64, Vec<f64>) {
+    let next = AtomicUsize::new(0);
+    let latencies = Mutex::new(Vec::with_capacity(n));
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut mine = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let t = Instant::now();
+                    work(i);
+                    mine.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                latencies.lock().unwrap().extend(mine);
+            });
+        }
+    });
+    (
+        start.elapsed().as_secs_f64(),
+        latencies.into_inner().unwrap(),
+    )
+}
+
+fn run(mode: &str, concurrency: usize, n: usize, secs: f64, lat: &[f64]) -> Run {
+    let r = Run {
+        mode: mode.to_string(),
+        concurrency,
+        sentences: n,
+        per_sec: n as f64 / secs,
+        p50_ms: snug::percentile(lat, 50.0).unwrap_or(0.0),
+        p99_ms: snug::percentile(lat, 99.0).unwrap_or(0.0),
+    };
+    println!(
+        "  {:<34} c={:<3} {:>7.1} sentences/s   p50 {:>7.1} ms   p99 {:>7.1} ms",
+        r.mode, r.concurrency, r.per_sec, r.p50_ms, r.p99_ms
+    );
+    r
+}
+
+fn bench_config() -> RuntimeConfig {
+    RuntimeConfig::default()
+}
+
+/// The child process of the memory measurement: loads one plan through the
+/// runtime, serves the sentences at concurrency 8, prints a JSON line.
+fn memory_child(format: &str, n: usize) -> Result<(), AnyError> {
+    let dir = model_dir()?;
+    let texts = snug::sentences(n, 42, 5, 60);
+    let format: quant::Format = format.parse()?;
+    let mut config = bench_config();
+    config.format = Some(format);
+    config.budget.max_model = Some(u64::MAX / 4);
+    let rt = Runtime::builder().config(config).minilm(&dir).build()?;
+    let estimate = runtime::minilm_estimate(&dir, format, rt.plan().batch_tokens)?.total;
+    // Reset the peak (VmHWM) to the current size: growth from here is the model's.
+    std::fs::write("/proc/self/clear_refs", "5")?;
+    let (base, _) = snug::process_memory().ok_or("no /proc/self/status")?;
+    rt.load(runtime::MINILM)?;
+    let (after_load, _) = snug::process_memory().ok_or("no /proc/self/status")?;
+    drive(texts.len(), 8, &|i| {
+        rt.embed(&[texts[i].as_str()]).expect("embed");
+    });
+    let (_, peak) = snug::process_memory().ok_or("no /proc/self/status")?;
+    let model = rt.status().models.into_iter().next().ok_or("no model")?;
+    let m = Memory {
+        format: format.to_string(),
+        estimate_bytes: estimate,
+        resident_after_load: after_load.saturating_sub(base),
+        peak_growth: peak.saturating_sub(base),
+        model_resident_bytes: model.resident_bytes,
+    };
+    println!("{}", serde_json::to_string(&m)?);
+    Ok(())
+}
+
+fn main() -> Result<(), AnyError> {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--memory-child") {
+        let format = args.get(i + 1).ok_or("--memory-child needs a format")?;
+        return memory_child(format, arg(&args, "--sentences", 2000));
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let n: usize = arg(&args, "--sentences", if quick { 400 } else { 2000 });
+    let leak_n: usize = arg(&args, "--leak", if quick { 4000 } else { 20_000 });
+    let charts: PathBuf = arg(&args, "--charts", PathBuf::from("target/e2e"));
+    let json_path: PathBuf = arg(&args, "--json", charts.join("e2e_bench.json"));
+    std::fs::create_dir_all(&charts)?;
+
+    let dir = model_dir()?;
+    let texts = snug::sentences(n, 42, 5, 60);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let tokenizer = models::MiniLm::load(&dir, &models::LoadOptions::default())?;
+    let tokens = tokenizer.tokenize(&refs)?;
+    let mean_tokens = tokens.iter().map(|t| t.len()).sum::<usize>() as f64 / n as f64;
+    let profile = hw_detect::HardwareProfile::detect()?;
+    println!(
+        "{n} sentences (5–60 words, seeded), mean {mean_tokens:.1} tokens; {} ({} logical CPUs), class {:?}\n",
+        profile.cpu.brand, profile.cpu.logical, profile.class
+    );
+
+    // The runtime with its auto plan configures the global thread pool.
+    let auto = Runtime::builder()
+        .config(bench_config())
+        .minilm(&dir)
+        .build()?;
+    let plan = auto.plan();
+    println!(
+        "auto plan: weights {}, {} threads, batches ≤ {} tokens, ≤ {} ms wait\n",
+        plan.format, plan.threads, plan.batch_tokens, plan.max_delay_ms
+    );
+    let mut f32_config = bench_config();
+    f32_config.format = Some(quant::Format::F32);
+    f32_config.configure_global_pool = false;
+    let f32_rt = Runtime::builder().config(f32_config).minilm(&dir).build()?;
+
+    let mut runs = Vec::new();
+    println!("throughput and latency (every sentence a separate request):");
+    // (b) first: it also gives the reference embeddings.
+    let bert = snug::baseline::Bert::load(&dir)?;
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| tokens[i].len());
+    let mut reference = vec![Vec::new(); n];
+    bert.embed(&[&tokens[order[0]].ids])?; // warm
+    let start = Instant::now();
+    let mut batch_lat = Vec::new();
+    for chunk in order.chunks(32) {
+        let batch: Vec<&[u32]> = chunk.iter().map(|&i| tokens[i].ids.as_slice()).collect();
+        let out = bert.embed(&batch)?;
+        let done = start.elapsed().as_secs_f64() * 1e3;
+        for (&i, v) in chunk.iter().zip(out) {
+            reference[i] = v;
+            batch_lat.push(done);
+        }
+    }
+    let secs_b = start.elapsed().as_secs_f64();
+    let base_b = run(
+        "(b) BertModel, sorted batches of 32",
+        1,
+        n,
+        secs_b,
+        &batch_lat,
+    );
+    runs.push(base_b.clone());
+
+    // (a) BertModel per request, threads sharing one model (tokenising included).
+    for c in CONCURRENCY {
+        let (secs, lat) = drive(n, c, &|i| {
+            let t = tokenizer.tokenize(&[refs[i]]).expect("tokenize");
+            bert.embed(&[&t[0].ids]).expect("embed");
+        });
+        runs.push(run("(a) BertModel, one per request", c, n, secs, &lat));
+    }
+
+    // (c) the runtime with f32 weights, (d) with its auto plan. The cache is
+    // cleared before each run: every sentence is computed.
+    let mut f32_out = vec![Vec::new(); n];
+    let mut auto_out = vec![Vec::new(); n];
+    for (label, rt, sink) in [
+        ("(c) runtime, f32 weights", &f32_rt, &mut f32_out),
+        ("(d) runtime, auto plan", &auto, &mut auto_out),
+    ] {
+        rt.load(runtime::MINILM)?;
+        rt.embed(&["warm the batcher"])?;
+        let results: Vec<Mutex<Vec<f32>>> = (0..n).map(|_| Mutex::new(Vec::new())).collect();
+        for c in CONCURRENCY {
+            rt.cache().clear();
+            let (secs, lat) = drive(n, c, &|i| {
+                let out = rt.embed(&[refs[i]]).expect("embed");
+                *results[i].lock().unwrap() = out.vectors.into_iter().next().unwrap_or_default();
+            });
+            runs.push(run(label, c, n, secs, &lat));
+        }
+        for (i, r) in results.into_iter().enumerate() {
+            sink[i] = r.into_inner().unwrap();
+        }
+    }
+    let cosines = |out: &[Vec<f32>]| -> (f32, f32) {
+        let c: Vec<f32> = out.iter().zip(&reference).map(|(a, b)| cos(a, b)).collect();
+        (
+            c.iter().copied().fold(f32::INFINITY, f32::min),
+            c.iter().sum::<f32>() / c.len() as f32,
+        )
+    };
+    let (min_auto, mean_auto) = cosines(&auto_out);
+    let (min_f32, _) = cosines(&f32_out);
+    let auto_8 = runs
+        .iter()
+        .find(|r| r.mode.starts_with("(d)") && r.concurrency == 8)
+        .map_or(0.0, |r| r.per_sec);
+    println!(
+        "\nauto plan at concurrency 8: {:.1} sentences/s = {:.2}× (b) in the same run (goal ≥ 200/s and ≥ 2.5×)",
+        auto_8,
+        auto_8 / base_b.per_sec
+    );
+    println!("quality vs BertModel f32: auto plan min cosine {min_auto:.5} (mean {mean_auto:.5}); runtime f32 min {min_f32:.6}");
+
+    // One batch's time: 8 typical sentences through the auto plan's model.
+    let model = models::MiniLm::load(&dir, &models::LoadOptions::uniform(plan.format))?;
+    let eight: Vec<models::Tokens> = order
+        .iter()
+        .skip(n / 2)
+        .take(8)
+        .map(|&i| tokens[i].clone())
+        .collect();
+    model.embed_tokens(&eight)?;
+    let t = Instant::now();
+    for _ in 0..5 {
+        model.embed_tokens(&eight)?;
+    }
+    let batch_ms = t.elapsed().as_secs_f64() * 1e3 / 5.0;
+    drop(model);
+    let p99_8 = runs
+        .iter()
+        .find(|r| r.mode.starts_with("(d)") && r.concurrency == 8)
+        .map_or(0.0, |r| r.p99_ms);
+    println!(
+        "latency: auto plan p99 at concurrency 8 is {p99_8:.1} ms; max_delay {} ms + one batch of 8 ({batch_ms:.1} ms) = {:.1} ms",
+        plan.max_delay_ms,
+        plan.max_delay_ms as f64 + batch_ms
+    );
+
+    // Memory: each plan in a fresh process.
+    println!("\nmemory per plan (fresh process each; growth from just before the load):");
+    let exe = std::env::current_exe()?;
+    let mut memory = Vec::new();
+    for format in ["f32", "q8_0", "q4_k"] {
+        let out = Command::new(&exe)
+            .args(["--memory-child", format, "--sentences", &n.to_string()])
+            .output()?;
+        let line = String::from_utf8_lossy(&out.stdout);
+        let Some(json) = line.lines().rev().find(|l| l.starts_with('{')) else {
+            println!(
+                "  {format}: child failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            continue;
+        };
+        let m: serde_json::Value = serde_json::from_str(json)?;
+        let m = Memory {
+            format: format.to_string(),
+            estimate_bytes: m["estimate_bytes"].as_u64().unwrap_or(0),
+            resident_after_load: m["resident_after_load"].as_u64().unwrap_or(0),
+            peak_growth: m["peak_growth"].as_u64().unwrap_or(0),
+            model_resident_bytes: m["model_resident_bytes"].as_u64().unwrap_or(0),
+        };
+        let ratio = m.estimate_bytes as f64 / m.peak_growth.max(1) as f64;
+        println!(
+            "  {:<5} weights {:>6.1} MiB   RSS after load +{:>6.1} MiB   peak +{:>6.1} MiB   estimate {:>6.1} MiB ({:+.1}% of peak{})",
+            m.format,
+            m.model_resident_bytes as f64 / 1048576.0,
+            m.resident_after_load as f64 / 1048576.0,
+            m.peak_growth as f64 / 1048576.0,
+            m.estimate_bytes as f64 / 1048576.0,
+            (ratio - 1.0) * 100.0,
+            if m.estimate_bytes < m.peak_growth { ", BELOW" } else { "" }
+        );
+        memory.push(m);
+    }
+
+    // Memory pressure: a budget too small for the f32 model.
+    println!("\nmemory pressure:");
+    let mut pressure = Vec::new();
+    let f32_est = runtime::minilm_estimate(&dir, quant::Format::F32, plan.batch_tokens)?.total;
+    let q8_est = runtime::minilm_estimate(&dir, quant::Format::Q8_0, plan.batch_tokens)?.total;
+    for (label, cap) in [
+        (
+            "cap between the q8_0 and f32 estimates",
+            (f32_est + q8_est) / 2,
+        ),
+        ("cap of 8 MiB: no format fits", 8 << 20),
+    ] {
+        let mut c = bench_config();
+        c.configure_global_pool = false;
+        c.format = Some(quant::Format::F32);
+        c.budget.max_model = Some(cap);
+        let rt = Runtime::builder().config(c).minilm(&dir).build()?;
+        let answered = AtomicUsize::new(0);
+        let tiers = Mutex::new(std::collections::BTreeMap::<String, usize>::new());
+        let (secs, _) = drive(n, 8, &|i| {
+            let out = rt.embed(&[refs[i]]).expect("every request is answered");
+            answered.fetch_add(out.vectors.len(), Ordering::Relaxed);
+            *tiers
+                .lock()
+                .unwrap()
+                .entry(out.backend.unwrap_or_else(|| "cache".into()))
+                .or_default() += 1;
+        });
+        let variant = rt
+            .status()
+            .models
+            .into_iter()
+            .next()
+            .and_then(|m| m.variant)
+            .unwrap_or_else(|| "none".into());
+        let line = format!(
+            "{label} ({:.1} MiB): loaded variant {variant}; {}/{n} answered in {secs:.1} s, by {:?}",
+            cap as f64 / 1048576.0,
+            answered.load(Ordering::Relaxed),
+            tiers.into_inner().unwrap()
+        );
+        println!("  {line}");
+        pressure.push(line);
+    }
+
+    // Leak check: RSS after 2,000 requests vs after `leak_n` (cache off, so
+    // growth can only be a leak).
+    let leak = if leak_n >= 2000 {
+        let mut c = bench_config();
+        c.configure_global_pool = false;
+        c.cache_bytes = Some(1 << 20);
+        let rt = Runtime::builder().config(c).minilm(&dir).build()?;
+        let stream = snug::sentences(leak_n, 7, 5, 60);
+        let first = 2000.min(leak_n);
+        drive(first, 8, &|i| {
+            rt.embed(&[stream[i].as_str()]).expect("embed");
+        });
+        let (rss_first, _) = snug::process_memory().unwrap_or((0, 0));
+        drive(leak_n - first, 8, &|i| {
+            rt.embed(&[stream[first + i].as_str()]).expect("embed");
+        });
+        let (rss_end, _) = snug::process_memory().unwrap_or((0, 0));
+        println!(
+            "\nleak check: RSS {:.1} MiB after {first} requests, {:.1} MiB after {leak_n} ({:+.2}%; goal within 5%)",
+            rss_first as f64 / 1048576.0,
+            rss_end as f64 / 1048576.0,
+            (rss_end as f64 / rss_first.max(1) as f64 - 1.0) * 100.0
+        );
+        Some((rss_first, rss_end, leak_n))
+    } else {
+        None
+    };
+
+    let report = Report {
+        machine: profile.cpu.brand.clone(),
+        threads: plan.threads,
+        mean_tokens,
+        runs,
+        quality_min_cos_auto: min_auto,
+        quality_mean_cos_auto: mean_auto,
+        quality_min_cos_f32: min_f32,
+        auto_format: plan.format.to_string(),
+        max_delay_ms: plan.max_delay_ms as f64,
+        batch_ms,
+        memory,
+        pressure,
+        leak,
+    };
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+    charts::throughput(&report, &charts.join("e2e-throughput.svg"))?;
+    charts::memory(&report, &charts.join("e2e-memory.svg"))?;
+    println!(
+        "\nfigures: {}; charts: {}/e2e-throughput.svg, e2e-memory.svg",
+        json_path.display(),
+        charts.display()
+    );
+    Ok(())
+}
+
+mod charts {
+    use super::*;
+    use plotters::prelude::*;
+
+    pub(super) fn throughput(r: &Report, path: &Path) -> Result<(), AnyError> {
+        let root = SVGBackend::new(path, (760, 440)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let max = r.runs.iter().map(|x| x.per_sec).fold(0.0, f64::max) * 1.15;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "all-MiniLM-L6-v2: sentences/s vs concurrency",
+                ("sans-serif", 20),
+            )
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(52)
+            .build_cartesian_2d(0u32..34u32, 0.0..max)?;
+        chart
+            .configure_mesh()
+            .x_desc("concurrent callers")
+            .y_desc("sentences / s")
+            .draw()?;
+        let colors = [RED, BLUE, GREEN, MAGENTA];
+        for (k, prefix) in ["(a)", "(c)", "(d)"].iter().enumerate() {
+            let pts: Vec<(u32, f64)> = r
+                .runs
+                .iter()
+                .filter(|x| x.mode.starts_with(prefix))
+                .map(|x| (x.concurrency as u32, x.per_sec))
+                .collect();
+            let label = r
+                .runs
+                .iter()
+                .find(|x| x.mode.starts_with(prefix))
+                .map_or(String::new(), |x| x.mode.clone());
+            let color = colors[k];
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+                .label(label)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                });
+            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+        }
+        if let Some(b) = r.runs.iter().find(|x| x.mode.starts_with("(b)")) {
+            let color = colors[3];
+            chart
+                .draw_series(LineSeries::new(
+                    vec![(0, b.per_sec), (33, b.per_sec)],
+                    color.stroke_width(1),
+                ))?
+                .label(b.mode.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(1))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    }
+
+    pub(super) fn memory(r: &Report, path: &Path) -> Result<(), AnyError> {
+        let root = SVGBackend::new(path, (760, 440)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mib = |b: u64| b as f64 / 1048576.0;
+        let max = r
+            .memory
+            .iter()
+            .map(|m| mib(m.estimate_bytes.max(m.peak_growth)))
+            .fold(0.0, f64::max)
+            * 1.2;
+        let n = r.memory.len() as u32;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "estimated vs measured peak memory growth per plan (MiB)",
+                ("sans-serif", 20),
+            )
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(52)
+            .build_cartesian_2d(0u32..(3 * n), 0.0..max.max(1.0))?;
+        let names: Vec<String> = r.memory.iter().map(|m| m.format.clone()).collect();
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(3 * n as usize)
+            .x_label_formatter(&|x| {
+                if x % 3 == 1 {
+                    names.get((x / 3) as usize).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            })
+            .y_desc("MiB")
+            .draw()?;
+        for (i, m) in r.memory.iter().enumerate() {
+            let x = 3 * i as u32;
+            chart.draw_series([
+                Rectangle::new([(x, 0.0), (x + 1, mib(m.estimate_bytes))], BLUE.filled()),
+                Rectangle::new([(x + 1, 0.0), (x + 2, mib(m.peak_growth))], RED.filled()),
+            ])?;
+        }
+        chart
+            .draw_series([Rectangle::new([(0, 0.0), (0, 0.0)], BLUE.filled())])?
+            .label("estimate")
+            .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], BLUE.filled()));
+        chart
+            .draw_series([Rectangle::new([(0, 0.0), (0, 0.0)], RED.filled())])?
+            .label("measured peak growth")
+            .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], RED.filled()));
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    }
+}
