@@ -74,7 +74,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let again = rt.embed(&sentences)?;
-    println!("\nthe same request again: {} of {} from the cache", again.cache_hits, sentences.len());
+    println!(
+        "\nthe same request again: {} of {} from the cache",
+        again.cache_hits,
+        sentences.len()
+    );
 
     let status = rt.status();
     println!("\nstatus:\n{}", serde_json::to_string_pretty(&status)?);
