@@ -646,15 +646,7 @@ impl Runtime {
         let tokens = loaded.model.tokenize(texts)?;
         let total: u64 = tokens.iter().map(|t| t.len() as u64).sum();
         let longest = tokens.iter().map(|t| t.len() as u64).max().unwrap_or(0);
-        let shape = mem_budget::TransformerShape {
-            architecture: mem_budget::Architecture::Encoder,
-            hidden: 384,
-            layers: 6,
-            heads: 12,
-            kv_heads: 12,
-            intermediate: 1536,
-            vocab: 30522,
-        };
+        let shape = minilm_shape();
         let work = mem_budget::Workload {
             batch: texts.len().max(1) as u64,
             seq: longest.max(1),
