@@ -14,14 +14,15 @@
 //!    the next, and the [`Served`] response records which tier served it and why the others
 //!    did not.
 //!
-//! [`RemoteEmbedder`] is an HTTP backend for OpenAI-compatible `/v1/embeddings` servers;
-//! [`HashingEmbedder`] is a rule-based embedder that never fails.
+//! [`RemoteEmbedder`] is an HTTP backend for OpenAI-compatible `/v1/embeddings` servers. A
+//! rule-based tier is any backend that never fails; the `models` crate's `RuleBasedEmbedder`
+//! (feature hashing) is the one the snug runtime uses.
 //!
 //! ```
 //! use std::sync::Arc;
 //! use tier_router::{
-//!     BackendError, Deadline, FixedGate, HashingEmbedder, PressureLevel, Router, RouterConfig,
-//!     TaskFeatures, Tier, TierSpec,
+//!     BackendError, Deadline, FixedGate, PressureLevel, Router, RouterConfig, TaskFeatures, Tier,
+//!     TierSpec,
 //! };
 //!
 //! let gate = Arc::new(FixedGate { pressure: PressureLevel::Normal, available_bytes: 1 << 30 });
@@ -31,7 +32,11 @@
 //!     Err(BackendError::permanent("model file missing"))
 //! };
 //! router.add_tier(TierSpec::new("minilm", Tier::Small, Arc::new(broken)).memory_bytes(100 << 20))?;
-//! router.add_tier(TierSpec::new("hashing", Tier::RuleBased, Arc::new(HashingEmbedder::new(8))))?;
+//! // A rule-based tier: one vector per text, never fails.
+//! let rule = |texts: &[String], _: Deadline| -> Result<Vec<Vec<f32>>, BackendError> {
+//!     Ok(texts.iter().map(|t| vec![t.len() as f32; 8]).collect())
+//! };
+//! router.add_tier(TierSpec::new("hashing", Tier::RuleBased, Arc::new(rule)))?;
 //!
 //! let texts = vec!["hello world".to_string()];
 //! let served = router.serve(&TaskFeatures::with_tokens(3), &texts[..], Deadline::none())?;
@@ -49,7 +54,6 @@ mod backend;
 mod breaker;
 mod complexity;
 mod error;
-mod hashing;
 mod pressure;
 mod remote;
 mod retry;
@@ -63,7 +67,6 @@ pub use breaker::{
 };
 pub use complexity::{Complexity, ComplexityConfig, TaskFeatures};
 pub use error::{BackendError, Error, ErrorKind};
-pub use hashing::HashingEmbedder;
 pub use pressure::{FixedGate, LedgerGate, MemoryGate, PressureLevel};
 pub use remote::{RemoteConfig, RemoteEmbedder};
 pub use retry::RetryConfig;

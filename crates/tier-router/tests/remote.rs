@@ -9,9 +9,9 @@ use std::time::Duration;
 use common::{refused_url, within, Mode, TestServer};
 use parking_lot::Mutex;
 use tier_router::{
-    BackendError, BreakerConfig, BreakerState, Deadline, ErrorKind, FixedGate, GaveUp,
-    HashingEmbedder, Outcome, RemoteConfig, RemoteEmbedder, RetryConfig, Router, RouterConfig,
-    SkipReason, TaskFeatures, Tier, TierSpec, TransitionReason,
+    BackendError, BreakerConfig, BreakerState, Deadline, ErrorKind, FixedGate, GaveUp, Outcome,
+    RemoteConfig, RemoteEmbedder, RetryConfig, Router, RouterConfig, SkipReason, TaskFeatures,
+    Tier, TierSpec, TransitionReason,
 };
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -140,7 +140,7 @@ fn router_with_remote(server: &TestServer) -> Router<[String], Vec<Vec<f32>>> {
         .with_tier(TierSpec::new(
             "hashing",
             Tier::RuleBased,
-            Arc::new(HashingEmbedder::new(3)),
+            Arc::new(rule_based),
         ))
         .unwrap()
 }
@@ -257,7 +257,7 @@ fn transient_errors_are_retried_permanent_ones_are_not() {
             .with_tier(TierSpec::new(
                 "hashing",
                 Tier::RuleBased,
-                Arc::new(HashingEmbedder::new(3)),
+                Arc::new(rule_based),
             ))
             .unwrap();
         let task = TaskFeatures::with_tokens(10);
@@ -329,4 +329,12 @@ fn transient_errors_are_retried_permanent_ones_are_not() {
         }
         assert_eq!(server.requests(), 5);
     });
+}
+
+/// A rule-based tier for the tests: three numbers per text, never fails.
+fn rule_based(texts: &[String], _: Deadline) -> Result<Vec<Vec<f32>>, BackendError> {
+    Ok(texts
+        .iter()
+        .map(|t| vec![t.len() as f32, 1.0, 0.0])
+        .collect())
 }
