@@ -17,14 +17,87 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const WORDS: &[&str] = &[
-    "the", "model", "runs", "on", "a", "small", "laptop", "with", "eight", "gigabytes", "of", "memory",
-    "and", "every", "request", "gets", "an", "answer", "quickly", "while", "cache", "keeps", "recent",
-    "results", "weather", "today", "is", "lovely", "sunny", "outside", "he", "drove", "to", "stadium",
-    "market", "prices", "fell", "sharply", "after", "report", "was", "published", "children", "played",
-    "in", "park", "near", "river", "engineers", "measured", "throughput", "latency", "under", "load",
-    "quantization", "reduces", "size", "weights", "but", "accuracy", "must", "stay", "high", "enough",
-    "for", "search", "ranking", "translation", "summaries", "customer", "support", "tickets", "about",
-    "billing", "errors", "passwords", "shipping", "delays", "refunds", "internationalization", "unbelievable",
+    "the",
+    "model",
+    "runs",
+    "on",
+    "a",
+    "small",
+    "laptop",
+    "with",
+    "eight",
+    "gigabytes",
+    "of",
+    "memory",
+    "and",
+    "every",
+    "request",
+    "gets",
+    "an",
+    "answer",
+    "quickly",
+    "while",
+    "cache",
+    "keeps",
+    "recent",
+    "results",
+    "weather",
+    "today",
+    "is",
+    "lovely",
+    "sunny",
+    "outside",
+    "he",
+    "drove",
+    "to",
+    "stadium",
+    "market",
+    "prices",
+    "fell",
+    "sharply",
+    "after",
+    "report",
+    "was",
+    "published",
+    "children",
+    "played",
+    "in",
+    "park",
+    "near",
+    "river",
+    "engineers",
+    "measured",
+    "throughput",
+    "latency",
+    "under",
+    "load",
+    "quantization",
+    "reduces",
+    "size",
+    "weights",
+    "but",
+    "accuracy",
+    "must",
+    "stay",
+    "high",
+    "enough",
+    "for",
+    "search",
+    "ranking",
+    "translation",
+    "summaries",
+    "customer",
+    "support",
+    "tickets",
+    "about",
+    "billing",
+    "errors",
+    "passwords",
+    "shipping",
+    "delays",
+    "refunds",
+    "internationalization",
+    "unbelievable",
 ];
 
 fn sentences(n: usize) -> Vec<String> {
@@ -32,7 +105,9 @@ fn sentences(n: usize) -> Vec<String> {
     (0..n)
         .map(|_| {
             let len = rng.random_range(5..=60);
-            let mut s: Vec<&str> = (0..len).map(|_| WORDS[rng.random_range(0..WORDS.len())]).collect();
+            let mut s: Vec<&str> = (0..len)
+                .map(|_| WORDS[rng.random_range(0..WORDS.len())])
+                .collect();
             s.push(".");
             s.join(" ")
         })
@@ -50,10 +125,24 @@ fn bert_batch(model: &BertModel, batch: &[&Tokens]) -> Vec<Vec<f32>> {
     }
     let ids = Tensor::from_vec(ids, (n, l), &Device::Cpu).unwrap();
     let mask = Tensor::from_vec(mask, (n, l), &Device::Cpu).unwrap();
-    let out = model.forward(&ids, &ids.zeros_like().unwrap(), Some(&mask)).unwrap();
+    let out = model
+        .forward(&ids, &ids.zeros_like().unwrap(), Some(&mask))
+        .unwrap();
     let m = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
-    let pooled = out.broadcast_mul(&m).unwrap().sum(1).unwrap().broadcast_div(&m.sum(1).unwrap()).unwrap();
-    let norm = pooled.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap();
+    let pooled = out
+        .broadcast_mul(&m)
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .broadcast_div(&m.sum(1).unwrap())
+        .unwrap();
+    let norm = pooled
+        .sqr()
+        .unwrap()
+        .sum_keepdim(1)
+        .unwrap()
+        .sqrt()
+        .unwrap();
     pooled.broadcast_div(&norm).unwrap().to_vec2().unwrap()
 }
 
@@ -66,7 +155,10 @@ fn sorted_batches(tokens: &[Tokens], size: usize) -> Vec<Vec<&Tokens>> {
 fn report(name: &str, n: usize, secs: f64, base: Option<f64>) -> f64 {
     let rate = n as f64 / secs;
     match base {
-        Some(b) => println!("{name:<44} {rate:>8.1} sentences/s  ({:.2}x sorted BertModel)", rate / b),
+        Some(b) => println!(
+            "{name:<44} {rate:>8.1} sentences/s  ({:.2}x sorted BertModel)",
+            rate / b
+        ),
         None => println!("{name:<44} {rate:>8.1} sentences/s"),
     }
     rate
@@ -74,7 +166,10 @@ fn report(name: &str, n: usize, secs: f64, base: Option<f64>) -> f64 {
 
 fn main() {
     let dir = models::model_dir().unwrap_or_else(|e| panic!("{e}"));
-    let n: usize = std::env::var("SNUG_BENCH_SENTENCES").ok().and_then(|s| s.parse().ok()).unwrap_or(400);
+    let n: usize = std::env::var("SNUG_BENCH_SENTENCES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(400);
     let texts = sentences(n);
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
 
@@ -91,9 +186,17 @@ fn main() {
         std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1)
     );
 
-    let config: Config = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let config: Config =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     // SAFETY: the mapped file is not modified while the model lives.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap() };
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
     let bert = BertModel::load(vb, &config).unwrap();
     let batches = sorted_batches(&tokens, 32);
     bert_batch(&bert, &batches[0]);
@@ -103,29 +206,62 @@ fn main() {
     for tk in &tokens[..one_n] {
         bert_batch(&bert, &[tk]);
     }
-    report("BertModel, one at a time", one_n, t.elapsed().as_secs_f64(), None);
+    report(
+        "BertModel, one at a time",
+        one_n,
+        t.elapsed().as_secs_f64(),
+        None,
+    );
     let t = Instant::now();
     for b in &batches {
         bert_batch(&bert, b);
     }
-    let base = report("BertModel, sorted batches of 32", n, t.elapsed().as_secs_f64(), None);
+    let base = report(
+        "BertModel, sorted batches of 32",
+        n,
+        t.elapsed().as_secs_f64(),
+        None,
+    );
 
     let plans: Vec<(&str, LoadOptions)> = vec![
         ("models f32", LoadOptions::default()),
-        ("models Q8_0 (hidden padded to 512)", LoadOptions::uniform(Format::Q8_0)),
-        ("models Q8_0 (unpadded, k=384)", LoadOptions { pad_inputs: false, ..LoadOptions::uniform(Format::Q8_0) }),
-        ("models INT4 plan (Q4_K on 1536-in, Q8_0)", LoadOptions { pad_inputs: false, ..LoadOptions::uniform(Format::Q4_K) }),
+        (
+            "models Q8_0 (hidden padded to 512)",
+            LoadOptions::uniform(Format::Q8_0),
+        ),
+        (
+            "models Q8_0 (unpadded, k=384)",
+            LoadOptions {
+                pad_inputs: false,
+                ..LoadOptions::uniform(Format::Q8_0)
+            },
+        ),
+        (
+            "models INT4 plan (Q4_K on 1536-in, Q8_0)",
+            LoadOptions {
+                pad_inputs: false,
+                ..LoadOptions::uniform(Format::Q4_K)
+            },
+        ),
     ];
     for (name, opts) in plans {
         let m = MiniLm::load(&dir, &opts).unwrap();
-        let owned: Vec<Vec<Tokens>> = batches.iter().map(|b| b.iter().map(|t| (*t).clone()).collect()).collect();
+        let owned: Vec<Vec<Tokens>> = batches
+            .iter()
+            .map(|b| b.iter().map(|t| (*t).clone()).collect())
+            .collect();
         m.embed_tokens(&owned[0]).unwrap(); // first forward: candle repacks quantized weights
         m.reset_profile();
         let t = Instant::now();
         for b in &owned {
             m.embed_tokens(b).unwrap();
         }
-        report(&format!("{name}, sorted batches of 32"), n, t.elapsed().as_secs_f64(), Some(base));
+        report(
+            &format!("{name}, sorted batches of 32"),
+            n,
+            t.elapsed().as_secs_f64(),
+            Some(base),
+        );
         let p = m.profile();
         let tot = p.total().as_secs_f64();
         let pct = |ns: u64| 100.0 * ns as f64 / 1e9 / tot;
@@ -142,5 +278,10 @@ fn main() {
     for b in tokens.chunks(32) {
         m.embed_tokens(b).unwrap();
     }
-    report("models Q8_0, unsorted batches of 32", n, t.elapsed().as_secs_f64(), Some(base));
+    report(
+        "models Q8_0, unsorted batches of 32",
+        n,
+        t.elapsed().as_secs_f64(),
+        Some(base),
+    );
 }
