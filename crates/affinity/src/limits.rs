@@ -190,17 +190,7 @@ impl Cgroup {
     /// root, inside `base`. Inside a cgroup namespace the listed path may not
     /// exist below the mount; the walk then reaches the mount's root.
     fn dirs(&self, base: &str, cg_path: &str) -> Vec<String> {
-        let mut dirs = Vec::new();
-        let mut p = cg_path.trim_end_matches('/').to_string();
-        loop {
-            dirs.push(format!("{base}{p}"));
-            match p.rfind('/') {
-                Some(i) if !p.is_empty() => p.truncate(i),
-                _ => break,
-            }
-        }
-        dirs.push(base.to_string());
-        dirs.dedup();
+        let mut dirs = hw_detect::cgroup_dirs(base, cg_path);
         dirs.retain(|d| self.root.join(d).is_dir());
         dirs
     }

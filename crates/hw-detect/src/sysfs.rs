@@ -43,6 +43,34 @@ pub fn parse_cpu_list(text: &str) -> Option<Vec<usize>> {
     Some(cpus.into_iter().collect())
 }
 
+/// The directories from a cgroup's own (`cg_path`, as `/proc/self/cgroup`
+/// lists it) up to its hierarchy's root, inside `base` (e.g.
+/// `sys/fs/cgroup/memory`), own first. Limits are read along this walk: the
+/// effective limit is the smallest on the path, and inside a cgroup
+/// namespace the listed path may not exist below the mount, so the walk
+/// reaches the mount's own files.
+///
+/// ```
+/// assert_eq!(
+///     hw_detect::cgroup_dirs("sys/fs/cgroup", "/a/b"),
+///     ["sys/fs/cgroup/a/b", "sys/fs/cgroup/a", "sys/fs/cgroup"]
+/// );
+/// ```
+pub fn cgroup_dirs(base: &str, cg_path: &str) -> Vec<String> {
+    let mut dirs = Vec::new();
+    let mut p = cg_path.trim_end_matches('/').to_string();
+    loop {
+        dirs.push(format!("{base}{p}"));
+        match p.rfind('/') {
+            Some(i) if !p.is_empty() => p.truncate(i),
+            _ => break,
+        }
+    }
+    dirs.push(base.to_string());
+    dirs.dedup();
+    dirs
+}
+
 /// Reads `/proc` and `/sys` below `root`.
 #[derive(Debug, Clone)]
 pub(crate) struct Sysfs {
@@ -297,26 +325,8 @@ impl Sysfs {
         None
     }
 
-    /// Directories from the cgroup's own one up to the hierarchy's root,
-    /// inside `base`; the first that exists is where the files live. Inside a
-    /// cgroup namespace the listed path may not exist below the mount.
-    fn cgroup_dirs(&self, base: &str, cg_path: &str) -> Vec<String> {
-        let mut dirs = Vec::new();
-        let mut p = cg_path.trim_end_matches('/').to_string();
-        loop {
-            dirs.push(format!("{base}{p}"));
-            match p.rfind('/') {
-                Some(i) if !p.is_empty() => p.truncate(i),
-                _ => break,
-            }
-        }
-        dirs.push(base.to_string());
-        dirs.dedup();
-        dirs
-    }
-
     fn cgroup_v2(&self, cg_path: &str) -> Option<CgroupMemory> {
-        let dirs = self.cgroup_dirs("sys/fs/cgroup", cg_path);
+        let dirs = cgroup_dirs("sys/fs/cgroup", cg_path);
         // The effective limit is the smallest along the path to the root.
         let mut limit: Option<u64> = None;
         let mut own_dir = None;
@@ -355,7 +365,7 @@ impl Sysfs {
     }
 
     fn cgroup_v1(&self, cg_path: &str) -> Option<CgroupMemory> {
-        let dirs = self.cgroup_dirs("sys/fs/cgroup/memory", cg_path);
+        let dirs = cgroup_dirs("sys/fs/cgroup/memory", cg_path);
         let dir = dirs
             .iter()
             .find(|d| self.path(&format!("{d}/memory.limit_in_bytes")).exists())?;
@@ -435,11 +445,10 @@ mod tests {
 
     #[test]
     fn cgroup_dirs_walk_to_the_root() {
-        let s = Sysfs::new("/");
         assert_eq!(
-            s.cgroup_dirs("sys/fs/cgroup", "/a/b"),
+            cgroup_dirs("sys/fs/cgroup", "/a/b"),
             vec!["sys/fs/cgroup/a/b", "sys/fs/cgroup/a", "sys/fs/cgroup"]
         );
-        assert_eq!(s.cgroup_dirs("sys/fs/cgroup", "/"), vec!["sys/fs/cgroup"]);
+        assert_eq!(cgroup_dirs("sys/fs/cgroup", "/"), vec!["sys/fs/cgroup"]);
     }
 }
