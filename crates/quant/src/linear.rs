@@ -429,6 +429,30 @@ mod tests {
     }
 
     #[test]
+    fn first_forwards_from_many_threads_agree() {
+        // 288 inputs: candle's `vec_dot` path, the kernel's arithmetic.
+        let w = gaussian(&[80, 288], 16);
+        let x = gaussian(&[9, 288], 17);
+        let layer = QLinear::from_f32(w, None, Format::Q8_0).unwrap();
+        let want = layer.clone().with_int8_kernel(false).forward(&x).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                let (tx, layer, x) = (tx.clone(), &layer, &x);
+                s.spawn(move || tx.send(layer.forward(x).unwrap()).unwrap());
+            }
+            drop(tx);
+            for _ in 0..4 {
+                let got = rx
+                    .recv_timeout(std::time::Duration::from_secs(30))
+                    .expect("a forward finished within 30 s");
+                let e = rel_rms(&got, &want);
+                assert!(e < 1e-6, "relative RMS {e}");
+            }
+        });
+    }
+
+    #[test]
     fn from_stored_qtensor_equals_from_f32() {
         let w = gaussian(&[64, 256], 10);
         let q = QTensor::quantize(&w, Format::Q4_K.ggml_dtype()).unwrap();
