@@ -226,7 +226,7 @@ fn main() {
     let plans: Vec<(&str, LoadOptions)> = vec![
         ("models f32", LoadOptions::default()),
         (
-            "models Q8_0 (hidden padded to 512)",
+            "models Q8_0 (default options)",
             LoadOptions::uniform(Format::Q8_0),
         ),
         (

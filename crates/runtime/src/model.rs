@@ -236,19 +236,21 @@ pub fn minilm_estimate(
         .map_err(|e| Error::InvalidConfig(format!("cannot read {}: {e}", config_path.display())))?;
     let shape = mem_budget::TransformerShape::from_hf_config(&config)?;
     let quantized = format != quant::Format::F32;
+    // The model pads the hidden width up to a multiple of 256 where the
+    // format gains from it: block formats, except Q8_0 when quant's int8
+    // kernel serves it (see `models::LoadOptions::pad_inputs`).
+    let padded = match format {
+        quant::Format::F32 | quant::Format::F16 => false,
+        quant::Format::Q8_0 => !quant::int8_kernel_available(),
+        _ => true,
+    };
     let (mut weights, mut largest_linear_f32) = (0u64, 0u64);
     for t in &info.tensors {
         let f32_bytes = t.elements() * 4;
         if is_linear_weight(&t.name, &t.shape) {
             largest_linear_f32 = largest_linear_f32.max(f32_bytes);
             let (out, inp) = (t.shape[0] as usize, t.shape[1] as usize);
-            // The model pads the hidden size up to a multiple of 256 for
-            // quantized formats, so candle's repacked kernels apply.
-            let inp = if quantized {
-                inp.div_ceil(256) * 256
-            } else {
-                inp
-            };
+            let inp = if padded { inp.div_ceil(256) * 256 } else { inp };
             weights += quant::resident_weight_bytes(format.fit(inp), out, inp);
         } else {
             weights += f32_bytes;
@@ -260,7 +262,7 @@ pub fn minilm_estimate(
     // about four hidden-width buffers (input, attention output, residual,
     // layer output; width padded like the weights), plus a quarter for the
     // allocator's slack.
-    let padded_hidden = if quantized {
+    let padded_hidden = if padded {
         shape.hidden.div_ceil(256) * 256
     } else {
         shape.hidden
