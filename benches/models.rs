@@ -8,13 +8,11 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
 use models::{LoadOptions, MiniLm, Tokens};
 use quant::Format;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use snug::baseline::Bert;
 
 const WORDS: &[&str] = &[
     "the",
@@ -114,36 +112,9 @@ fn sentences(n: usize) -> Vec<String> {
         .collect()
 }
 
-fn bert_batch(model: &BertModel, batch: &[&Tokens]) -> Vec<Vec<f32>> {
-    let l = batch.iter().map(|t| t.len()).max().unwrap();
-    let n = batch.len();
-    let mut ids = vec![0u32; n * l];
-    let mut mask = vec![0u32; n * l];
-    for (i, t) in batch.iter().enumerate() {
-        ids[i * l..i * l + t.len()].copy_from_slice(&t.ids);
-        mask[i * l..i * l + t.len()].iter_mut().for_each(|m| *m = 1);
-    }
-    let ids = Tensor::from_vec(ids, (n, l), &Device::Cpu).unwrap();
-    let mask = Tensor::from_vec(mask, (n, l), &Device::Cpu).unwrap();
-    let out = model
-        .forward(&ids, &ids.zeros_like().unwrap(), Some(&mask))
-        .unwrap();
-    let m = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
-    let pooled = out
-        .broadcast_mul(&m)
-        .unwrap()
-        .sum(1)
-        .unwrap()
-        .broadcast_div(&m.sum(1).unwrap())
-        .unwrap();
-    let norm = pooled
-        .sqr()
-        .unwrap()
-        .sum_keepdim(1)
-        .unwrap()
-        .sqrt()
-        .unwrap();
-    pooled.broadcast_div(&norm).unwrap().to_vec2().unwrap()
+fn bert_batch(model: &Bert, batch: &[&Tokens]) -> Vec<Vec<f32>> {
+    let ids: Vec<&[u32]> = batch.iter().map(|t| t.ids.as_slice()).collect();
+    model.embed(&ids).expect("BertModel forward")
 }
 
 fn sorted_batches(tokens: &[Tokens], size: usize) -> Vec<Vec<&Tokens>> {
@@ -186,18 +157,7 @@ fn main() {
         std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1)
     );
 
-    let config: Config =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    // SAFETY: the mapped file is not modified while the model lives.
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(
-            &[dir.join("model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
-    let bert = BertModel::load(vb, &config).unwrap();
+    let bert = Bert::load(&dir).expect("load BertModel");
     let batches = sorted_batches(&tokens, 32);
     bert_batch(&bert, &batches[0]);
 

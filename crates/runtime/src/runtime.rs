@@ -779,21 +779,16 @@ impl Runtime {
                 0
             }
         };
-        let before: Vec<String> = inner
-            .registry
-            .status()
-            .into_iter()
-            .filter(|m| m.state == "loaded")
-            .map(|m| m.name)
-            .collect();
+        let loaded = || -> Vec<String> {
+            let models = inner.registry.status().into_iter();
+            models
+                .filter(|m| m.state == "loaded")
+                .map(|m| m.name)
+                .collect()
+        };
+        let before = loaded();
         let released = inner.registry.unload_idle(Duration::ZERO, "emergency");
-        let after: Vec<String> = inner
-            .registry
-            .status()
-            .into_iter()
-            .filter(|m| m.state == "loaded")
-            .map(|m| m.name)
-            .collect();
+        let after = loaded();
         release_to_os();
         let report = CleanupReport {
             rss_before,
