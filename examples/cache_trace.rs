@@ -7,7 +7,7 @@
 //! Our cache runs with one shard so that it is compared whole, as the peers are.
 //!
 //! ```text
-//! cargo run --release --example cache_trace [TRACE_DIR] [oltp|p3]
+//! cargo run --release --example cache_trace [TRACE_DIR] [oltp|p3] [--ours-only]
 //! ```
 //! TRACE_DIR defaults to `../shared/traces` (relative to the repository root).
 
@@ -103,10 +103,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dir = args
         .iter()
-        .find(|a| !matches!(a.as_str(), "oltp" | "p3"))
+        .find(|a| !matches!(a.as_str(), "oltp" | "p3" | "--ours-only"))
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("../shared/traces"));
     let only = args.iter().find(|a| matches!(a.as_str(), "oltp" | "p3"));
+    // `--ours-only` skips the LRU policy and the peers (their columns print as –):
+    // a quick loop while tuning the admission policy.
+    let ours_only = args.iter().any(|a| a == "--ours-only");
     let traces: [(&str, &str, &[usize]); 2] = [
         ("oltp", "arc-OLTP.lis.zst", &[256, 512, 1000, 2000]),
         (
@@ -123,6 +126,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let keys = load(&dir.join(file))?;
         for &cap in caps {
+            if ours_only {
+                let t = Instant::now();
+                let ours_adm = ours(&keys, cap, Policy::TinyLfu);
+                let ms = t.elapsed().as_millis();
+                println!("| {name} | {cap} | – | {ours_adm:.2} | – | – | – | – | {ms} |");
+                continue;
+            }
             let ours_lru = ours(&keys, cap, Policy::Lru);
             let t = Instant::now();
             let ours_adm = ours(&keys, cap, Policy::TinyLfu);
