@@ -133,7 +133,11 @@ fn run(mode: &str, concurrency: usize, n: usize, secs: f64, lat: &[f64]) -> Run 
 }
 
 fn bench_config() -> RuntimeConfig {
-    RuntimeConfig::default()
+    let mut c = RuntimeConfig::default();
+    if let Ok(w) = std::env::var("SNUG_BATCH_WORKERS") {
+        c.batch.workers = w.parse().unwrap_or(1);
+    }
+    c
 }
 
 /// The child process of the memory measurement: loads one plan through the

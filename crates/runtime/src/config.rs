@@ -25,6 +25,10 @@ pub struct BatchSettings {
     /// one bucket: the reference models run batches packed, without padding,
     /// so mixing lengths wastes nothing and fuller batches run faster.
     pub bucket_tokens: Option<u64>,
+    /// Batches that may run at the same time per model. With one, a request
+    /// that arrives while a batch runs waits for it; with two, the next batch
+    /// starts beside it and the two share the compute threads. Default 1.
+    pub workers: usize,
 }
 
 impl Default for BatchSettings {
@@ -35,6 +39,7 @@ impl Default for BatchSettings {
             max_delay: Duration::from_millis(4),
             max_queued: 8192,
             bucket_tokens: None,
+            workers: 1,
         }
     }
 }

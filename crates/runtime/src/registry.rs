@@ -297,6 +297,7 @@ impl Registry {
                 .max(model.max_tokens() as u64),
             max_delay: b.max_delay,
             max_queued: b.max_queued,
+            max_concurrent_batches: b.workers.max(1),
             thread_name: format!("snug-{name}"),
             ..batcher::BatcherConfig::default()
         };
