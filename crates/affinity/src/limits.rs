@@ -154,26 +154,11 @@ struct Cgroup {
 
 impl Cgroup {
     fn new(root: &Path) -> Self {
-        let membership = std::fs::read_to_string(root.join("proc/self/cgroup")).unwrap_or_default();
-        let (mut v2, mut v1_cpu, mut v1_cpuset) = (None, None, None);
-        for line in membership.lines() {
-            let mut parts = line.splitn(3, ':');
-            let (Some(id), Some(controllers), Some(path)) =
-                (parts.next(), parts.next(), parts.next())
-            else {
-                continue;
-            };
-            if id == "0" && controllers.is_empty() {
-                v2 = Some(path.to_string());
-            }
-            for c in controllers.split(',') {
-                match c {
-                    "cpu" => v1_cpu = Some(path.to_string()),
-                    "cpuset" => v1_cpuset = Some(path.to_string()),
-                    _ => {}
-                }
-            }
-        }
+        let membership = hw_detect::CgroupMembership::parse(
+            &std::fs::read_to_string(root.join("proc/self/cgroup")).unwrap_or_default(),
+        );
+        let v1 = |c: &str| membership.v1_path(c).map(str::to_string);
+        let (v2, v1_cpu, v1_cpuset) = (membership.v2.clone(), v1("cpu"), v1("cpuset"));
         Cgroup {
             root: root.to_path_buf(),
             v2,

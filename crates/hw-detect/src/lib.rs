@@ -51,7 +51,7 @@ pub use crate::profile::{
     Accelerator, AcceleratorKind, CgroupMemory, CgroupVersion, ClassThresholds, CoreKindSource,
     CpuInfo, CpuVendor, DeviceKind, HardwareClass, MemoryInfo, EFFICIENCY_RATIO, GIB,
 };
-pub use crate::sysfs::{cgroup_dirs, parse_cpu_list};
+pub use crate::sysfs::{cgroup_dirs, parse_cpu_list, CgroupMembership};
 
 /// Where facts come from: the real machine or a fixture tree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -71,6 +71,56 @@ pub fn cgroup_dirs(base: &str, cg_path: &str) -> Vec<String> {
     dirs
 }
 
+/// The cgroups a process belongs to, parsed from `/proc/<pid>/cgroup`
+/// (`id:controllers:path` lines): the unified (v2) path, and the path of
+/// each v1 controller.
+///
+/// ```
+/// let m = hw_detect::CgroupMembership::parse("4:memory:/app\n3:cpu,cpuacct:/app\n0::/\n");
+/// assert_eq!(m.v2.as_deref(), Some("/"));
+/// assert_eq!(m.v1_path("memory"), Some("/app"));
+/// assert_eq!(m.v1_path("cpuacct"), Some("/app"));
+/// assert_eq!(m.v1_path("cpuset"), None);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CgroupMembership {
+    /// The unified hierarchy's path (`0::<path>`), if listed.
+    pub v2: Option<String>,
+    /// `(controller, path)` of each v1 controller listed.
+    pub v1: Vec<(String, String)>,
+}
+
+impl CgroupMembership {
+    /// Parses the lines; malformed ones are skipped.
+    pub fn parse(text: &str) -> Self {
+        let mut m = CgroupMembership::default();
+        for line in text.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (Some(id), Some(controllers), Some(path)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            if id == "0" && controllers.is_empty() {
+                m.v2 = Some(path.to_string());
+            } else {
+                for c in controllers.split(',').filter(|c| !c.is_empty()) {
+                    m.v1.push((c.to_string(), path.to_string()));
+                }
+            }
+        }
+        m
+    }
+
+    /// The path of v1 controller `name`, if listed.
+    pub fn v1_path(&self, name: &str) -> Option<&str> {
+        self.v1
+            .iter()
+            .find(|(c, _)| c == name)
+            .map(|(_, p)| p.as_str())
+    }
+}
+
 /// Reads `/proc` and `/sys` below `root`.
 #[derive(Debug, Clone)]
 pub(crate) struct Sysfs {
@@ -293,22 +343,10 @@ impl Sysfs {
 
     /// The cgroup's memory limit and usage, v2 first, then v1.
     fn cgroup(&self) -> Option<CgroupMemory> {
-        let membership = self.read_opt("proc/self/cgroup").unwrap_or_default();
-        let mut v2_path = None;
-        let mut v1_path = None;
-        for line in membership.lines() {
-            let mut parts = line.splitn(3, ':');
-            let (Some(id), Some(controllers), Some(path)) =
-                (parts.next(), parts.next(), parts.next())
-            else {
-                continue;
-            };
-            if id == "0" && controllers.is_empty() {
-                v2_path = Some(path.to_string());
-            } else if controllers.split(',').any(|c| c == "memory") {
-                v1_path = Some(path.to_string());
-            }
-        }
+        let membership =
+            CgroupMembership::parse(&self.read_opt("proc/self/cgroup").unwrap_or_default());
+        let v2_path = membership.v2.clone();
+        let v1_path = membership.v1_path("memory").map(str::to_string);
         // v1's memory controller wins when it is mounted: a hybrid host
         // has a v2 line too, but limits memory through v1.
         if self.path("sys/fs/cgroup/memory").is_dir() {
