@@ -37,6 +37,20 @@ impl hw_detect::MemoryProbe for ScriptedProbe {
     }
 }
 
+/// A config asking for f32 weights under a model cap halfway between the
+/// Q8_0 and f32 estimates, and that cap.
+fn f32_asked_under_a_cap_that_only_q8_fits() -> (RuntimeConfig, u64) {
+    let dir = model_dir();
+    let estimate = |f| runtime::minilm_estimate(&dir, f, 4096).unwrap().total;
+    let (f32_bytes, q8_bytes) = (estimate(quant::Format::F32), estimate(quant::Format::Q8_0));
+    assert!(q8_bytes < f32_bytes, "q8 {q8_bytes} < f32 {f32_bytes}");
+    let cap = (q8_bytes + f32_bytes) / 2;
+    let mut c = config();
+    c.format = Some(quant::Format::F32);
+    c.budget.max_model = Some(cap);
+    (c, cap)
+}
+
 fn config() -> RuntimeConfig {
     RuntimeConfig {
         configure_global_pool: false,
@@ -132,17 +146,7 @@ fn bad_requests_get_clear_errors() {
 
 #[test]
 fn a_budget_too_small_for_f32_loads_a_smaller_format() {
-    let dir = model_dir();
-    let f32_bytes = runtime::minilm_estimate(&dir, quant::Format::F32, 4096)
-        .unwrap()
-        .total;
-    let q8_bytes = runtime::minilm_estimate(&dir, quant::Format::Q8_0, 4096)
-        .unwrap()
-        .total;
-    assert!(q8_bytes < f32_bytes, "q8 {q8_bytes} < f32 {f32_bytes}");
-    let mut c = config();
-    c.format = Some(quant::Format::F32);
-    c.budget.max_model = Some((q8_bytes + f32_bytes) / 2);
+    let (c, cap) = f32_asked_under_a_cap_that_only_q8_fits();
     let rt = minilm_runtime(c);
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&events);
@@ -152,7 +156,7 @@ fn a_budget_too_small_for_f32_loads_a_smaller_format() {
     let status = rt.status();
     let m = status.models.iter().find(|m| m.name == "minilm").unwrap();
     assert_ne!(m.variant.as_deref(), Some("f32"));
-    assert!(m.reserved_bytes <= (q8_bytes + f32_bytes) / 2);
+    assert!(m.reserved_bytes <= cap);
     let events = events.lock().unwrap();
     let stages: Vec<&str> = events
         .iter()
@@ -407,16 +411,7 @@ fn plan_is_printable_and_serialisable() {
 
 #[test]
 fn under_a_tight_cap_the_smaller_format_serves_every_concurrent_request() {
-    let dir = model_dir();
-    let f32_bytes = runtime::minilm_estimate(&dir, quant::Format::F32, 4096)
-        .unwrap()
-        .total;
-    let q8_bytes = runtime::minilm_estimate(&dir, quant::Format::Q8_0, 4096)
-        .unwrap()
-        .total;
-    let mut c = config();
-    c.format = Some(quant::Format::F32);
-    c.budget.max_model = Some((q8_bytes + f32_bytes) / 2);
+    let (c, _) = f32_asked_under_a_cap_that_only_q8_fits();
     let rt = minilm_runtime(c);
     let texts = snug_sentences(48);
     let handles: Vec<_> = (0..8)
