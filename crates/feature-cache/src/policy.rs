@@ -315,11 +315,18 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
         self.maintain(removed);
     }
 
+    /// Sizes the sketch for the entry count the shard will hold when full:
+    /// the capacity itself with unit weights, otherwise projected from the
+    /// entries' mean weight so far.
     fn grow_sketch(&mut self) {
         let len = self.len();
+        let weight = self.weight().max(1);
+        let capacity = self.capacity;
         if let Some(s) = &mut self.sketch {
-            if len > s.width() {
-                s.grow(len * 2);
+            if len > s.expected() {
+                let projected = (len as u128 * u128::from(capacity) / u128::from(weight))
+                    .min(usize::MAX as u128) as usize;
+                s.grow(projected.clamp(len, len.saturating_mul(4)));
             }
         }
     }
@@ -472,35 +479,14 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
         }
     }
 
+    /// Moves the boundary towards the window. No entry moves: the window
+    /// fills with new arrivals while the main space, now over its share,
+    /// gives up its least recently used entries to them.
     fn increase_window(&mut self, amount: u64) {
-        let mut quota = amount.min(self.protected_max);
+        let quota = amount.min(self.protected_max);
         self.protected_max -= quota;
         self.window_max += quota;
         self.demote_protected_overflow();
-        // Move entries from main into the window to fill the new room.
-        while quota > 0 {
-            let next = if !self.probation.is_empty() {
-                self.probation.pop_lru().map(|x| (x, Region::Probation))
-            } else {
-                self.protected.pop_lru().map(|x| (x, Region::Protected))
-            };
-            let Some(((k, e), r)) = next else { break };
-            if e.weight > quota {
-                // Too heavy for the room left: back to the LRU end, unchanged.
-                let (list, _) = self.region_mut(r);
-                list.push(k.clone(), e);
-                list.demote(&k);
-                break;
-            }
-            match r {
-                Region::Probation => self.probation_weight -= e.weight,
-                _ => self.protected_weight -= e.weight,
-            }
-            quota -= e.weight;
-            self.put(k, e, Region::Window);
-        }
-        self.protected_max += quota;
-        self.window_max -= quota;
     }
 
     fn decrease_window(&mut self, amount: u64) {
