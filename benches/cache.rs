@@ -1,6 +1,6 @@
 //! Get/insert throughput on a Zipf(0.99) key stream, 1 and 2 threads:
-//! feature-cache (W-TinyLFU and LRU policies) against `moka::sync::Cache`
-//! and `Mutex<lru::LruCache>` in the same run.
+//! feature-cache (W-TinyLFU tuned by miniatures or by the hill climber, and
+//! LRU) against `moka::sync::Cache` and `Mutex<lru::LruCache>` in the same run.
 //!
 //! Each operation is a `get`; on a miss the key is inserted. 100,000
 //! distinct keys, capacity 10,000 entries.
@@ -87,6 +87,11 @@ fn bench(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("feature_cache_tinylfu", threads), |b| {
             b.iter_custom(|iters| run(&cache, &keys, threads, iters, ours_op))
         });
+        let cache = ours(Policy::TinyLfuHillClimber);
+        group.bench_function(
+            BenchmarkId::new("feature_cache_tinylfu_climber", threads),
+            |b| b.iter_custom(|iters| run(&cache, &keys, threads, iters, ours_op)),
+        );
         let cache = ours(Policy::Lru);
         group.bench_function(BenchmarkId::new("feature_cache_lru", threads), |b| {
             b.iter_custom(|iters| run(&cache, &keys, threads, iters, ours_op))

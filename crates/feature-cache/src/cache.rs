@@ -12,14 +12,23 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use crate::codec::Codec;
 use crate::disk::DiskStore;
 use crate::hash::hash_key;
-use crate::policy::{Entry, Removed, Shard};
+use crate::policy::{Entry, Removed, Shard, Tuning};
 use crate::stats::{CacheStats, EvictionCause};
+use crate::tuner::Tuner;
 use crate::{CacheConfig, Clock, Error, Policy, SystemClock};
 
 /// Gives each entry its weight (bytes, usually) for the capacity bound.
 pub trait Weigher<K, V>: Send + Sync {
     /// The weight of `value` stored under `key`.
     fn weigh(&self, key: &K, value: &V) -> u64;
+
+    /// The weight of every entry, when it is the same for all. The cache
+    /// then knows how many entries its capacity holds from the start (and
+    /// sizes its tuning up front); otherwise it projects that count from
+    /// the entries' mean weight once it is half full.
+    fn fixed_weight(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl<K, V, F> Weigher<K, V> for F
@@ -38,6 +47,10 @@ pub struct UnitWeigher;
 impl<K, V> Weigher<K, V> for UnitWeigher {
     fn weigh(&self, _: &K, _: &V) -> u64 {
         1
+    }
+
+    fn fixed_weight(&self) -> Option<u64> {
+        Some(1)
     }
 }
 
@@ -157,6 +170,15 @@ pub(crate) struct Inner<K: Hash + Eq, V> {
     loads: AtomicU64,
     load_failures: AtomicU64,
     disk_hits: AtomicU64,
+    /// The miniature simulations (with [`Policy::TinyLfu`], once started).
+    tuner: Mutex<Option<Tuner>>,
+    /// The tuner's sampling threshold; 0 while no tuner runs.
+    tuner_threshold: AtomicU64,
+    /// Set once a tuner was started (or found impossible) for this capacity.
+    tuner_started: AtomicBool,
+    /// The latest tuning, and how many have been published.
+    tuning: RwLock<Tuning>,
+    tuning_generation: AtomicU64,
 }
 
 /// A concurrent, weight-bounded cache with TTL, tags, single-flight loading,
@@ -273,13 +295,27 @@ where
                 hint: "use a power of two up to 65536, or 0 for automatic",
             });
         };
-        let admission = c.policy == Policy::TinyLfu;
+        let admission = c.policy != Policy::Lru;
+        // With a fixed entry weight the miniatures start now; a cache too
+        // small for them runs the hill climber instead.
+        let tuner = match (c.policy, self.weigher.fixed_weight()) {
+            (Policy::TinyLfu, Some(w)) => Some(Tuner::new(c.capacity, c.capacity / w.max(1))),
+            _ => None,
+        };
+        let climb = c.policy == Policy::TinyLfuHillClimber || matches!(tuner, Some(None));
+        // The sketch is sized for the entries a shard will hold: known up
+        // front with a fixed weight, otherwise grown as the shard fills.
+        let fixed = self.weigher.fixed_weight();
         let shard_vec: Vec<_> = (0..shards)
             .map(|i| {
                 let cap = shard_capacity(c.capacity, shards, i);
-                Mutex::new(Shard::new(cap, admission, cap.min(4096) as usize))
+                let entries = fixed.map_or(cap.min(4096), |w| (cap / w.max(1)).min(1 << 20));
+                Mutex::new(Shard::new(cap, admission, climb, entries as usize))
             })
             .collect();
+        let tuner_started = tuner.is_some();
+        let tuner = tuner.flatten();
+        let threshold = tuner.as_ref().map_or(0, Tuner::threshold);
         Ok(FeatureCache {
             inner: Arc::new(Inner {
                 shards: shard_vec.into_boxed_slice(),
@@ -296,6 +332,11 @@ where
                 loads: AtomicU64::new(0),
                 load_failures: AtomicU64::new(0),
                 disk_hits: AtomicU64::new(0),
+                tuner: Mutex::new(tuner),
+                tuner_threshold: AtomicU64::new(threshold),
+                tuner_started: AtomicBool::new(tuner_started),
+                tuning: RwLock::new(Tuning::default()),
+                tuning_generation: AtomicU64::new(0),
             }),
         })
     }
@@ -399,7 +440,57 @@ where
             &mut removed,
         );
         self.notify(removed);
-        v
+        let (v, weight) = v?;
+        self.replay(hash, weight);
+        Some(v)
+    }
+
+    /// Feeds one request (a hit, or a miss and its insert) to the miniature
+    /// simulations when its key is in their sample, and publishes the
+    /// tuning they choose at the end of a period.
+    #[inline]
+    fn replay(&self, hash: u64, weight: u64) {
+        let threshold = self.inner.tuner_threshold.load(Ordering::Relaxed);
+        if threshold == 0 || !Tuner::sampled(hash, threshold) {
+            return;
+        }
+        let mut tuner = self.inner.tuner.lock();
+        let Some(tuner) = tuner.as_mut() else { return };
+        if let Some(tuning) = tuner.record(hash, weight, &*self.inner.clock) {
+            *self.inner.tuning.write() = tuning;
+            self.inner.tuning_generation.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// Starts the miniature simulations of a cache whose entry weight
+    /// varies, once a shard is half full: the entry count the capacity
+    /// holds is projected from that shard's mean weight. A cache too small
+    /// to sample runs the hill climber instead.
+    fn start_tuner(&self, entries: u64) {
+        if self
+            .inner
+            .tuner_started
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let capacity = self.capacity();
+        match Tuner::new(capacity, entries) {
+            Some(tuner) => {
+                let threshold = tuner.threshold();
+                *self.inner.tuner.lock() = Some(tuner);
+                self.inner
+                    .tuner_threshold
+                    .store(threshold, Ordering::Relaxed);
+                tracing::debug!(capacity, entries, "feature-cache tuning started");
+            }
+            None => {
+                for shard in self.inner.shards.iter() {
+                    shard.lock().set_climbing(true);
+                }
+            }
+        }
     }
 
     /// Whether a live entry is stored under `key` (does not count as an access).
@@ -432,7 +523,8 @@ where
             load_time: options.load_time,
         };
         let mut removed = Vec::new();
-        {
+        let mut projected = None;
+        let new = {
             let mut shard = self.inner.shards[self.shard_of(hash)].lock();
             if weight > shard.capacity() {
                 return Err(Error::TooHeavy {
@@ -440,9 +532,30 @@ where
                     limit: shard.capacity(),
                 });
             }
-            shard.insert(key, hash, entry, &mut removed);
-        }
+            let generation = self.inner.tuning_generation.load(Ordering::Acquire);
+            if shard.tuning_generation != generation {
+                shard.tuning_generation = generation;
+                shard.tune(*self.inner.tuning.read());
+            }
+            let new = shard.insert(key, hash, entry, &mut removed);
+            if self.inner.policy == Policy::TinyLfu
+                && !self.inner.tuner_started.load(Ordering::Relaxed)
+                && shard.weight().saturating_mul(2) >= shard.capacity()
+            {
+                let per_shard = shard.len() as u128 * u128::from(shard.capacity())
+                    / u128::from(shard.weight().max(1));
+                let total = per_shard * self.inner.shards.len() as u128;
+                projected = Some(total.min(u128::from(u64::MAX)) as u64);
+            }
+            new
+        };
         self.notify(removed);
+        if let Some(entries) = projected {
+            self.start_tuner(entries);
+        }
+        if new {
+            self.replay(hash, weight);
+        }
         Ok(())
     }
 
@@ -539,12 +652,36 @@ where
     /// quarter in a memory emergency).
     pub fn set_capacity(&self, capacity: u64) {
         self.inner.capacity.store(capacity, Ordering::Relaxed);
+        // The miniatures are sized for the capacity: start them afresh.
+        let mut climb = self.inner.policy == Policy::TinyLfuHillClimber;
+        if self.inner.policy == Policy::TinyLfu {
+            let mut tuner = self.inner.tuner.lock();
+            *tuner = match self.inner.weigher.fixed_weight() {
+                Some(w) => {
+                    let t = Tuner::new(capacity, capacity / w.max(1));
+                    climb = t.is_none();
+                    self.inner.tuner_started.store(true, Ordering::Release);
+                    t
+                }
+                None => {
+                    self.inner.tuner_started.store(false, Ordering::Release);
+                    None
+                }
+            };
+            let threshold = tuner.as_ref().map_or(0, Tuner::threshold);
+            self.inner
+                .tuner_threshold
+                .store(threshold, Ordering::Relaxed);
+            *self.inner.tuning.write() = Tuning::default();
+            self.inner.tuning_generation.fetch_add(1, Ordering::Release);
+        }
         let n = self.inner.shards.len();
         for (i, shard) in self.inner.shards.iter().enumerate() {
             let mut removed = Vec::new();
-            shard
-                .lock()
-                .set_capacity(shard_capacity(capacity, n, i), &mut removed);
+            let mut shard = shard.lock();
+            shard.set_climbing(climb);
+            shard.set_capacity(shard_capacity(capacity, n, i), &mut removed);
+            drop(shard);
             self.notify(removed);
         }
     }
@@ -589,7 +726,7 @@ where
     }
 
     /// The admission windows' current total target size (W-TinyLFU only;
-    /// shows where the hill climber has moved it).
+    /// shows where the tuning or the hill climber has moved it).
     pub fn window_capacity(&self) -> u64 {
         self.inner
             .shards

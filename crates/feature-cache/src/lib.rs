@@ -57,6 +57,7 @@ mod hash;
 mod policy;
 mod sketch;
 mod stats;
+mod tuner;
 mod warm;
 
 pub use cache::{DiskTier, EntryOptions, FeatureCache, FeatureCacheBuilder, UnitWeigher, Weigher};

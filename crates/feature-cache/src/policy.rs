@@ -77,9 +77,40 @@ pub(crate) struct Shard<K: Hash + Eq, V> {
     misses_in_sample: u64,
     previous_hit_rate: f64,
     step: f64,
+    /// Whether the hill climber sizes the window (otherwise a [`Tuning`]
+    /// from the miniature simulations does, or nothing).
+    climbing: bool,
+    /// Probability of admitting a candidate whose estimate ties the victim's.
+    tie: f64,
     rng: u64,
+    /// The generation of the last [`Tuning`] applied.
+    pub(crate) tuning_generation: u64,
     pub(crate) counters: ShardCounters,
 }
+
+/// Settings the miniature simulations choose for the real shards.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Tuning {
+    /// Target share of the capacity for the window.
+    pub(crate) window_share: f64,
+    /// Probability of admitting a candidate that ties the victim.
+    pub(crate) tie: f64,
+    /// Sketch aging period in multiples of the expected entry count.
+    pub(crate) aging: f64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            window_share: INITIAL_WINDOW,
+            tie: 0.0,
+            aging: crate::sketch::DEFAULT_AGING,
+        }
+    }
+}
+
+/// Most a new [`Tuning`] moves the window at once, as a share of capacity.
+const TUNING_STEP: f64 = 0.05;
 
 /// Starting share of the window in admission mode (Caffeine: 1%).
 const INITIAL_WINDOW: f64 = 0.01;
@@ -87,7 +118,9 @@ const INITIAL_WINDOW: f64 = 0.01;
 const PROTECTED_SHARE: f64 = 0.80;
 
 impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
-    pub(crate) fn new(capacity: u64, admission: bool, sketch_width: usize) -> Self {
+    /// A shard of `capacity` weight units. With `admission`, W-TinyLFU whose
+    /// window the hill climber sizes when `climb` is set; otherwise LRU.
+    pub(crate) fn new(capacity: u64, admission: bool, climb: bool, sketch_width: usize) -> Self {
         let mut s = Self {
             admission,
             window: LruCache::unbounded(),
@@ -104,7 +137,10 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
             misses_in_sample: 0,
             previous_hit_rate: 0.0,
             step: 0.0,
+            climbing: climb,
+            tie: 0.0,
             rng: 0x9e37_79b9_7f4a_7c15,
+            tuning_generation: 0,
             counters: ShardCounters::default(),
         };
         s.reset_partition();
@@ -174,15 +210,16 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
         list.push(key, e);
     }
 
-    /// Looks `key` up; a hit counts as an access. Expired entries are removed
-    /// (into `removed`) and reported as a miss.
+    /// Looks `key` up; a hit counts as an access and returns the value with
+    /// its weight. Expired entries are removed (into `removed`) and reported
+    /// as a miss.
     pub(crate) fn get(
         &mut self,
         key: &K,
         hash: u64,
         clock: &dyn crate::Clock,
         removed: &mut Removed<K, V>,
-    ) -> Option<V> {
+    ) -> Option<(V, u64)> {
         let mut now = None;
         let found = if let Some(e) = self.protected.get(key) {
             Some((Region::Protected, e.is_expired(&mut now, clock)))
@@ -193,19 +230,18 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
                 .get(key)
                 .map(|e| (Region::Window, e.is_expired(&mut now, clock)))
         };
-        let value = match found {
-            None => None,
+        match found {
+            None => {}
             Some((r, true)) => {
                 if let Some((k, e)) = self.take(key, r) {
                     self.counters.evictions[EvictionCause::Expired as usize] += 1;
                     removed.push((k, e, EvictionCause::Expired));
                 }
-                None
             }
             Some((Region::Probation, false)) => {
                 // A second access in main: promote to protected.
                 let (k, e) = self.take(key, Region::Probation)?;
-                let v = e.value.clone();
+                let v = (e.value.clone(), e.weight);
                 self.counters.time_saved += e.load_time;
                 self.put(k, e, Region::Protected);
                 self.demote_protected_overflow();
@@ -218,7 +254,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
             Some((r, false)) => {
                 let (list, _) = self.region_mut(r);
                 let e = list.peek(key)?;
-                let v = e.value.clone();
+                let v = (e.value.clone(), e.weight);
                 let saved = e.load_time;
                 self.counters.time_saved += saved;
                 if let Some(s) = &mut self.sketch {
@@ -227,9 +263,9 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
                 self.record(true);
                 return Some(v);
             }
-        };
+        }
         self.record(false);
-        value
+        None
     }
 
     /// Like `get` but without counting an access or a hit/miss.
@@ -244,19 +280,21 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
         (!e.is_expired(&mut now, clock)).then_some(e)
     }
 
-    /// Inserts or replaces `key`; evictions go to `removed`.
+    /// Inserts or replaces `key`; evictions go to `removed`. True when the
+    /// key was not stored before.
     pub(crate) fn insert(
         &mut self,
         key: K,
         hash: u64,
         entry: Entry<V>,
         removed: &mut Removed<K, V>,
-    ) {
+    ) -> bool {
         self.counters.inserts += 1;
         if let Some(s) = &mut self.sketch {
             s.increment(hash);
         }
-        let region = match self.locate(&key) {
+        let found = self.locate(&key);
+        let region = match found {
             Some(r) => {
                 if let Some((k, old)) = self.take(&key, r) {
                     self.counters.evictions[EvictionCause::Replaced as usize] += 1;
@@ -272,6 +310,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
         }
         self.grow_sketch();
         self.maintain(removed);
+        found.is_none()
     }
 
     /// Removes `key` explicitly.
@@ -422,16 +461,73 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
         let Some(s) = &self.sketch else { return true };
         let cf = s.frequency(hash_key(candidate));
         let vf = s.frequency(hash_key(victim));
-        if cf > vf {
+        if cf > vf || (cf == vf && self.tie > 0.0 && self.random_unit() < self.tie) {
             true
         } else if cf >= HASHDOS_THRESHOLD {
-            // xorshift64
-            self.rng ^= self.rng << 13;
-            self.rng ^= self.rng >> 7;
-            self.rng ^= self.rng << 17;
-            self.rng & 127 == 0
+            self.random_unit() < 1.0 / 128.0
         } else {
             false
+        }
+    }
+
+    /// A pseudo-random number in [0, 1) (xorshift64).
+    fn random_unit(&mut self) -> f64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Turns the hill climber on or off.
+    pub(crate) fn set_climbing(&mut self, on: bool) {
+        self.climbing = on && self.admission;
+        self.hits_in_sample = 0;
+        self.misses_in_sample = 0;
+    }
+
+    /// Fixes the window at `share` of the capacity, the protected segment at
+    /// 80 % of the rest, and the tie rule and sketch aging (a miniature's
+    /// fixed setting).
+    pub(crate) fn fix(&mut self, tuning: Tuning) {
+        self.tie = tuning.tie;
+        if let Some(s) = &mut self.sketch {
+            s.set_aging(tuning.aging);
+        }
+        self.set_window((self.capacity as f64 * tuning.window_share) as u64);
+    }
+
+    /// Applies a tuning from the miniature simulations: the tie rule and the
+    /// aging period at once, the window moved towards its target by at most
+    /// 5 % of the capacity (each new tuning moves it one step further).
+    pub(crate) fn tune(&mut self, tuning: Tuning) {
+        if !self.admission {
+            return;
+        }
+        self.tie = tuning.tie;
+        if let Some(s) = &mut self.sketch {
+            s.set_aging(tuning.aging);
+        }
+        let cap = self.capacity as f64;
+        let target = cap * tuning.window_share;
+        let step = cap * TUNING_STEP;
+        let now = self.window_max as f64;
+        self.set_window((now + (target - now).clamp(-step, step)) as u64);
+    }
+
+    /// Sets the window's size; the protected segment gets 80 % of the rest.
+    /// A smaller window hands its oldest entries to probation at once; a
+    /// larger one fills with new arrivals.
+    fn set_window(&mut self, size: u64) {
+        self.window_max = size.clamp(1, self.capacity.max(1));
+        self.protected_max =
+            (self.capacity.saturating_sub(self.window_max) as f64 * PROTECTED_SHARE) as u64;
+        self.demote_protected_overflow();
+        while self.window_weight > self.window_max {
+            let Some((k, e)) = self.window.pop_lru() else {
+                break;
+            };
+            self.window_weight -= e.weight;
+            self.put(k, e, Region::Probation);
         }
     }
 
@@ -442,6 +538,9 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
             self.counters.hits += 1;
         } else {
             self.counters.misses += 1;
+        }
+        if !self.climbing {
+            return;
         }
         let Some(s) = &self.sketch else { return };
         if hit {

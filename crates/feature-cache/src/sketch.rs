@@ -9,8 +9,8 @@
 /// word by the key's low bits and the row), and its estimate is the minimum of
 /// the four. An increment raises only the counters that equal that minimum
 /// (conservative update), so keys that share a counter with a hot key are not
-/// inflated by it. After `sample_size` (ten times the expected entry count)
-/// increments every counter is halved, so that the history ages and a key
+/// inflated by it. After `sample_size` (by default ten times the expected
+/// entry count) increments every counter is halved, so that the history ages and a key
 /// that was hot an hour ago does not keep its place for ever.
 #[derive(Debug)]
 pub(crate) struct FrequencySketch {
@@ -18,8 +18,13 @@ pub(crate) struct FrequencySketch {
     mask: usize,
     expected: usize,
     additions: u64,
+    aging: f64,
     sample_size: u64,
 }
+
+/// The default aging period, in multiples of the expected entry count
+/// (Caffeine's).
+pub(crate) const DEFAULT_AGING: f64 = 10.0;
 
 const SEEDS: [u64; 4] = [
     0xc3a5_c85c_97cb_3127,
@@ -42,8 +47,16 @@ impl FrequencySketch {
             mask: words - 1,
             expected,
             additions: 0,
-            sample_size: 10 * expected as u64,
+            aging: DEFAULT_AGING,
+            sample_size: (DEFAULT_AGING * expected as f64) as u64,
         }
+    }
+
+    /// Sets the aging period to `multiple` × the expected entry count
+    /// (at least one increment).
+    pub(crate) fn set_aging(&mut self, multiple: f64) {
+        self.aging = multiple;
+        self.sample_size = ((multiple * self.expected as f64) as u64).max(1);
     }
 
     /// The number of distinct keys the sketch is sized for.
@@ -51,9 +64,9 @@ impl FrequencySketch {
         self.expected
     }
 
-    /// How many increments make one aging period (ten times the expected
-    /// entry count); the hill climber samples the hit rate over as many
-    /// requests.
+    /// How many increments make one aging period (by default ten times the
+    /// expected entry count); the hill climber samples the hit rate over as
+    /// many requests.
     pub(crate) fn sample_size(&self) -> u64 {
         self.sample_size
     }
@@ -124,7 +137,7 @@ impl FrequencySketch {
             self.mask = words - 1;
         }
         self.expected = expected;
-        self.sample_size = 10 * expected as u64;
+        self.set_aging(self.aging);
     }
 
     /// Halves every counter; the odd ones lose their half unit, which the

@@ -356,3 +356,81 @@ fn admission_keeps_the_hot_set_through_a_scan() {
     assert!(tiny >= 0.9, "TinyLfu hot hit ratio {tiny:.3}");
     assert!(lru <= 0.1, "Lru hot hit ratio {lru:.3}");
 }
+
+/// Every key is requested twice, about 3,000 distinct keys apart (a get, and
+/// an insert on a miss), through a cache of 8,000 entries: a workload where
+/// recency wins. Returns the hit ratio over the last half and the window's
+/// share of the capacity at the end.
+fn recency_workload(cache: &FeatureCache<u64, u64>) -> (f64, f64) {
+    let n = 600_000u64;
+    let mut hits = 0u64;
+    for i in 0..n {
+        let key = if i % 2 == 0 {
+            i / 2
+        } else {
+            (i / 2).saturating_sub(1_500)
+        };
+        let hit = cache.get(&key).is_some();
+        if !hit {
+            cache.insert(key, key).unwrap();
+        }
+        if i >= n / 2 {
+            hits += u64::from(hit);
+        }
+    }
+    let window = cache.window_capacity() as f64 / cache.capacity() as f64;
+    (hits as f64 / (n / 2) as f64, window)
+}
+
+#[test]
+fn tuning_widens_the_window_when_recency_wins() {
+    let build = |policy| {
+        FeatureCache::builder()
+            .capacity(8_000)
+            .shards(2)
+            .policy(policy)
+            .weigher(UnitWeigher)
+            .build()
+            .unwrap()
+    };
+    let (tuned_hits, tuned_window) = recency_workload(&build(Policy::TinyLfu));
+    let (lru_hits, _) = recency_workload(&build(Policy::Lru));
+    // Plain LRU hits every repeat (half the requests); the tuned cache must
+    // have found a window that holds the repeats too.
+    assert!(lru_hits > 0.49, "LRU {lru_hits:.3}");
+    assert!(tuned_window > 0.5, "window share {tuned_window:.3}");
+    assert!(
+        tuned_hits > 0.45,
+        "tuned {tuned_hits:.3} against LRU {lru_hits:.3}"
+    );
+}
+
+#[test]
+fn tuning_starts_for_weighted_entries_once_half_full() {
+    // Entries of 100 bytes in a 800,000-byte cache: the count (8,000) is
+    // only known once the cache has filled, from the mean weight.
+    let cache: FeatureCache<u64, u64> = FeatureCache::builder()
+        .capacity(800_000)
+        .shards(2)
+        .policy(Policy::TinyLfu)
+        .weigher(|_: &u64, _: &u64| 100)
+        .build()
+        .unwrap();
+    let (hits, window) = recency_workload(&cache);
+    assert!(window > 0.5, "window share {window:.3}");
+    assert!(hits > 0.45, "hit ratio {hits:.3}");
+}
+
+#[test]
+fn the_hill_climber_policy_still_runs() {
+    let cache: FeatureCache<u64, u64> = FeatureCache::builder()
+        .capacity(8_000)
+        .shards(1)
+        .policy(Policy::TinyLfuHillClimber)
+        .weigher(UnitWeigher)
+        .build()
+        .unwrap();
+    let before = cache.window_capacity();
+    let _ = recency_workload(&cache);
+    assert_ne!(cache.window_capacity(), before, "the climber never moved");
+}
