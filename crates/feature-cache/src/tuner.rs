@@ -1,6 +1,6 @@
 //! Miniature simulations that tune W-TinyLFU to the workload.
 //!
-//! A fixed share of the keys, chosen by hash, is replayed through twelve
+//! A share of the keys (at most one in sixteen), chosen by hash, is replayed through twelve
 //! small caches of the same policy, one per setting of three knobs: the
 //! window's share of the capacity (1 %, 30 %, 60 %), whether a candidate
 //! whose frequency estimate ties the victim's is admitted (no, yes), and the
@@ -33,10 +33,10 @@ const AGINGS: [f64; 2] = [10.0, 20.0];
 /// Entries a miniature holds at most.
 const MINI_ENTRIES: u64 = 8192;
 /// The largest share of the keys sampled (bounds the cost per request).
-const MAX_RATE: f64 = 1.0 / 8.0;
+const MAX_RATE: f64 = 1.0 / 16.0;
 /// Below this many entries per miniature the sample is too small to tell
 /// the settings apart, and the cache is not tuned.
-const MIN_MINI_ENTRIES: u64 = 32;
+const MIN_MINI_ENTRIES: u64 = 16;
 /// Weight of the previous score at the end of a period.
 const DECAY: f64 = 0.9;
 /// Softmax temperature, in units of the score's noise.
@@ -183,12 +183,12 @@ mod tests {
         assert!(Tuner::new(100, 100).is_none());
         let t = Tuner::new(10_000, 10_000).expect("large enough");
         assert_eq!(t.minis.len(), 12);
-        assert_eq!(t.period, 1250);
-        // One key in eight is sampled.
+        assert_eq!(t.period, 625);
+        // One key in sixteen is sampled.
         let sampled = (0..80_000u64)
             .filter(|&k| Tuner::sampled(fmix64(k), t.threshold()))
             .count();
-        assert!((9_000..11_000).contains(&sampled), "{sampled} of 80,000");
+        assert!((4_500..5_500).contains(&sampled), "{sampled} of 80,000");
     }
 
     #[test]
