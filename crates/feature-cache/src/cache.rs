@@ -542,10 +542,8 @@ where
                 && !self.inner.tuner_started.load(Ordering::Relaxed)
                 && shard.weight().saturating_mul(2) >= shard.capacity()
             {
-                let per_shard = shard.len() as u128 * u128::from(shard.capacity())
-                    / u128::from(shard.weight().max(1));
-                let total = per_shard * self.inner.shards.len() as u128;
-                projected = Some(total.min(u128::from(u64::MAX)) as u64);
+                let shards = self.inner.shards.len() as u64;
+                projected = Some(shard.projected_entries().saturating_mul(shards));
             }
             new
         };

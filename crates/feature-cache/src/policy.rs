@@ -359,15 +359,19 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
     /// entries' mean weight so far.
     fn grow_sketch(&mut self) {
         let len = self.len();
-        let weight = self.weight().max(1);
-        let capacity = self.capacity;
+        let projected = usize::try_from(self.projected_entries()).unwrap_or(usize::MAX);
         if let Some(s) = &mut self.sketch {
             if len > s.expected() {
-                let projected = (len as u128 * u128::from(capacity) / u128::from(weight))
-                    .min(usize::MAX as u128) as usize;
                 s.grow(projected.clamp(len, len.saturating_mul(4)));
             }
         }
+    }
+
+    /// The entry count the shard will hold when full, projected from the
+    /// mean weight of the entries it holds now.
+    pub(crate) fn projected_entries(&self) -> u64 {
+        let p = self.len() as u128 * u128::from(self.capacity) / u128::from(self.weight().max(1));
+        u64::try_from(p).unwrap_or(u64::MAX)
     }
 
     fn demote_protected_overflow(&mut self) {
@@ -489,17 +493,19 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
     /// 80 % of the rest, and the tie rule and sketch aging (a miniature's
     /// fixed setting).
     pub(crate) fn fix(&mut self, tuning: Tuning) {
-        self.tie = tuning.tie;
-        if let Some(s) = &mut self.sketch {
-            s.set_aging(tuning.aging);
-        }
-        self.set_window((self.capacity as f64 * tuning.window_share) as u64);
+        self.apply(tuning, 1.0);
     }
 
     /// Applies a tuning from the miniature simulations: the tie rule and the
     /// aging period at once, the window moved towards its target by at most
     /// 5 % of the capacity (each new tuning moves it one step further).
     pub(crate) fn tune(&mut self, tuning: Tuning) {
+        self.apply(tuning, TUNING_STEP);
+    }
+
+    /// Applies `tuning`, moving the window by at most `max_step` of the
+    /// capacity.
+    fn apply(&mut self, tuning: Tuning, max_step: f64) {
         if !self.admission {
             return;
         }
@@ -509,7 +515,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
         }
         let cap = self.capacity as f64;
         let target = cap * tuning.window_share;
-        let step = cap * TUNING_STEP;
+        let step = cap * max_step;
         let now = self.window_max as f64;
         self.set_window((now + (target - now).clamp(-step, step)) as u64);
     }
