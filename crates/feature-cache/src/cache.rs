@@ -303,6 +303,7 @@ where
             _ => None,
         };
         let climb = c.policy == Policy::TinyLfuHillClimber || matches!(tuner, Some(None));
+        let ghost = c.policy == Policy::TinyLfu;
         // The sketch is sized for the entries a shard will hold: known up
         // front with a fixed weight, otherwise grown as the shard fills.
         let fixed = self.weigher.fixed_weight();
@@ -310,7 +311,7 @@ where
             .map(|i| {
                 let cap = shard_capacity(c.capacity, shards, i);
                 let entries = fixed.map_or(cap.min(4096), |w| (cap / w.max(1)).min(1 << 20));
-                Mutex::new(Shard::new(cap, admission, climb, entries as usize))
+                Mutex::new(Shard::new(cap, admission, climb, ghost, entries as usize))
             })
             .collect();
         let tuner_started = tuner.is_some();

@@ -2,6 +2,7 @@
 //! window LRU in front of a segmented main space, a frequency sketch deciding
 //! who enters main, and a hill climber sizing the window), after Caffeine.
 
+use std::collections::{HashSet, VecDeque};
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
@@ -85,7 +86,40 @@ pub(crate) struct Shard<K: Hash + Eq, V> {
     rng: u64,
     /// The generation of the last [`Tuning`] applied.
     pub(crate) tuning_generation: u64,
+    /// Hashes of candidates that lost their admission duel (with
+    /// [`Policy::TinyLfu`](crate::Policy::TinyLfu)).
+    ghost: Option<Ghost>,
     pub(crate) counters: ShardCounters,
+}
+
+/// Recently rejected candidates, remembered by hash: one that is requested
+/// again while remembered enters the main space directly (its return is the
+/// evidence of reuse the frequency sketch had not yet seen). Holds up to half
+/// the shard's projected entry count, oldest forgotten first.
+#[derive(Debug, Default)]
+struct Ghost {
+    set: HashSet<u64, std::hash::BuildHasherDefault<crate::hash::MixHasher>>,
+    order: VecDeque<u64>,
+}
+
+impl Ghost {
+    fn remember(&mut self, hash: u64, limit: usize) {
+        if self.set.insert(hash) {
+            self.order.push_back(hash);
+        }
+        while self.order.len() > limit {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    /// Forgets `hash`; true if it was remembered.
+    fn take(&mut self, hash: u64) -> bool {
+        // The queue keeps a taken hash until it reaches the front (it still
+        // counts towards the limit there).
+        self.set.remove(&hash)
+    }
 }
 
 /// Settings the miniature simulations choose for the real shards.
@@ -119,8 +153,15 @@ const PROTECTED_SHARE: f64 = 0.80;
 
 impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
     /// A shard of `capacity` weight units. With `admission`, W-TinyLFU whose
-    /// window the hill climber sizes when `climb` is set; otherwise LRU.
-    pub(crate) fn new(capacity: u64, admission: bool, climb: bool, sketch_width: usize) -> Self {
+    /// window the hill climber sizes when `climb` is set, with a ghost of
+    /// rejected candidates when `ghost` is set; otherwise LRU.
+    pub(crate) fn new(
+        capacity: u64,
+        admission: bool,
+        climb: bool,
+        ghost: bool,
+        sketch_width: usize,
+    ) -> Self {
         let mut s = Self {
             admission,
             window: LruCache::unbounded(),
@@ -141,6 +182,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
             tie: 0.0,
             rng: 0x9e37_79b9_7f4a_7c15,
             tuning_generation: 0,
+            ghost: (admission && ghost).then(Ghost::default),
             counters: ShardCounters::default(),
         };
         s.reset_partition();
@@ -302,6 +344,8 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
                 }
                 r
             }
+            // A rejected candidate that came back goes straight to main.
+            None if self.ghost.as_mut().is_some_and(|g| g.take(hash)) => Region::Probation,
             None => Region::Window,
         };
         self.put(key, entry, region);
@@ -455,6 +499,14 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
                         self.evict_key(&v, r, removed);
                     } else {
                         self.evict_key(&c, Region::Probation, removed);
+                        if self.ghost.is_some() {
+                            let limit = usize::try_from(self.projected_entries() / 2)
+                                .unwrap_or(usize::MAX)
+                                .max(1);
+                            if let Some(g) = &mut self.ghost {
+                                g.remember(hash_key(&c), limit);
+                            }
+                        }
                     }
                 }
             }
@@ -613,5 +665,51 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
         }
         self.protected_max -= quota;
         self.window_max += quota;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SystemClock;
+
+    fn entry() -> Entry<()> {
+        Entry {
+            value: (),
+            weight: 1,
+            expires_at: None,
+            tags: Vec::new(),
+            load_time: Duration::ZERO,
+        }
+    }
+
+    /// A shard of 10 whose main space holds keys 0..10, each seen six
+    /// times; then key 100 is inserted and pushed out of the one-entry
+    /// window by key 101, loses its duel, and is inserted again.
+    fn returning_candidate(ghost: bool) -> Option<Region> {
+        let clock = SystemClock;
+        let mut removed = Vec::new();
+        let mut s: Shard<u64, ()> = Shard::new(10, true, false, ghost, 16);
+        for _ in 0..6 {
+            for k in 0..10u64 {
+                if s.get(&k, hash_key(&k), &clock, &mut removed).is_none() {
+                    s.insert(k, hash_key(&k), entry(), &mut removed);
+                }
+            }
+        }
+        for k in [100u64, 101, 100] {
+            s.insert(k, hash_key(&k), entry(), &mut removed);
+        }
+        assert!(
+            removed.iter().any(|(k, _, _)| *k == 100),
+            "key 100 was never rejected"
+        );
+        s.locate(&100)
+    }
+
+    #[test]
+    fn a_rejected_candidate_that_returns_enters_main() {
+        assert_eq!(returning_candidate(true), Some(Region::Probation));
+        assert_eq!(returning_candidate(false), Some(Region::Window));
     }
 }

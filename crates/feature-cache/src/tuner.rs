@@ -82,7 +82,7 @@ impl Tuner {
         let minis = settings
             .iter()
             .map(|&t| {
-                let mut m = Shard::new(mini_capacity, true, false, mini_entries as usize);
+                let mut m = Shard::new(mini_capacity, true, false, true, mini_entries as usize);
                 m.fix(t);
                 m
             })
