@@ -10,9 +10,9 @@
 //!   set of `lru::LruCache`s behind a `parking_lot::Mutex`.
 //! - **Admission** ([`Policy::TinyLfu`], the default): W-TinyLFU as in
 //!   Caffeine (a count-min frequency sketch with aging, an LRU admission
-//!   window in front of a segmented main space), with the window's size, the
-//!   tie rule and the aging period chosen by miniature simulations of a
-//!   hash-sampled share of the keys. [`Policy::TinyLfuHillClimber`] sizes the
+//!   window in front of a segmented main space), plus a memory of rejected
+//!   candidates, with the window's size, the tie rule and the aging period
+//!   chosen by miniature simulations of a hash-sampled share of the keys. [`Policy::TinyLfuHillClimber`] sizes the
 //!   window with Caffeine's hill climber instead; [`Policy::Lru`] is plain LRU.
 //! - **TTL**, **tags** and predicate invalidation; **single-flight**
 //!   [`FeatureCache::get_or_insert_with`]; background **warming**;
