@@ -12,8 +12,9 @@
 //!   Caffeine (a count-min frequency sketch with aging, an LRU admission
 //!   window in front of a segmented main space), plus a memory of rejected
 //!   candidates, with the window's size, the tie rule and the aging period
-//!   chosen by miniature simulations of a hash-sampled share of the keys. [`Policy::TinyLfuHillClimber`] sizes the
-//!   window with Caffeine's hill climber instead; [`Policy::Lru`] is plain LRU.
+//!   chosen by miniature simulations of a hash-sampled share of the keys.
+//!   [`Policy::TinyLfuHillClimber`] sizes the window with Caffeine's hill
+//!   climber instead; [`Policy::Lru`] is plain LRU.
 //! - **TTL**, **tags** and predicate invalidation; **single-flight**
 //!   [`FeatureCache::get_or_insert_with`]; background **warming**;
 //!   eviction **listeners**; [`CacheStats`] including time saved.

@@ -1,6 +1,7 @@
 //! One shard's eviction policy: weighted LRU, or W-TinyLFU (an admission
 //! window LRU in front of a segmented main space, a frequency sketch deciding
-//! who enters main, and a hill climber sizing the window), after Caffeine.
+//! who enters main, and a hill climber or the miniatures' tuning sizing the
+//! window), after Caffeine, with an optional ghost of rejected candidates.
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::Hash;
@@ -116,8 +117,11 @@ impl Ghost {
 
     /// Forgets `hash`; true if it was remembered.
     fn take(&mut self, hash: u64) -> bool {
-        // The queue keeps a taken hash until it reaches the front (it still
-        // counts towards the limit there).
+        // The queue keeps a taken hash until it reaches the front: it counts
+        // towards the limit until then, and if the same hash was remembered
+        // again meanwhile, popping the old copy forgets the new one early.
+        // That needs two rejections of one key within one ghost length, and
+        // is cheaper than tracking positions.
         self.set.remove(&hash)
     }
 }
