@@ -13,7 +13,6 @@
 //! TRACE_DIR defaults to `../shared/traces` (relative to the repository root).
 
 use std::fs::File;
-use std::hash::Hash;
 use std::io::Read;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
@@ -38,8 +37,11 @@ fn load(path: &Path) -> Result<Vec<u64>, Box<dyn std::error::Error>> {
     Ok(keys)
 }
 
-fn ratio(hits: usize, total: usize) -> f64 {
-    100.0 * hits as f64 / total as f64
+/// Replays `keys` through `access` (a lookup that inserts on a miss and
+/// says whether it hit); returns the hit ratio in percent.
+fn replay(keys: &[u64], mut access: impl FnMut(u64) -> bool) -> f64 {
+    let hits = keys.iter().filter(|&&k| access(k)).count();
+    100.0 * hits as f64 / keys.len() as f64
 }
 
 fn ours(keys: &[u64], cap: usize, policy: Policy) -> f64 {
@@ -50,54 +52,46 @@ fn ours(keys: &[u64], cap: usize, policy: Policy) -> f64 {
         .weigher(UnitWeigher)
         .build()
         .expect("valid configuration");
-    let mut hits = 0;
-    for &k in keys {
-        if cache.get(&k).is_some() {
-            hits += 1;
-        } else {
+    replay(keys, |k| {
+        let hit = cache.get(&k).is_some();
+        if !hit {
             let _ = cache.insert(k, ());
         }
-    }
-    ratio(hits, keys.len())
+        hit
+    })
 }
 
 fn moka(keys: &[u64], cap: usize) -> f64 {
     let cache = moka::sync::Cache::new(cap as u64);
-    let mut hits = 0;
-    for &k in keys {
-        if cache.get(&k).is_some() {
-            hits += 1;
-        } else {
+    replay(keys, |k| {
+        let hit = cache.get(&k).is_some();
+        if !hit {
             cache.insert(k, ());
         }
-    }
-    ratio(hits, keys.len())
+        hit
+    })
 }
 
 fn quick(keys: &[u64], cap: usize) -> f64 {
     let mut cache = quick_cache::unsync::Cache::new(cap);
-    let mut hits = 0;
-    for &k in keys {
-        if cache.get(&k).is_some() {
-            hits += 1;
-        } else {
+    replay(keys, |k| {
+        let hit = cache.get(&k).is_some();
+        if !hit {
             cache.insert(k, ());
         }
-    }
-    ratio(hits, keys.len())
+        hit
+    })
 }
 
-fn plain_lru<K: Hash + Eq + Copy>(keys: &[K], cap: usize) -> f64 {
+fn plain_lru(keys: &[u64], cap: usize) -> f64 {
     let mut cache = lru::LruCache::new(NonZeroUsize::new(cap).expect("capacity > 0"));
-    let mut hits = 0;
-    for &k in keys {
-        if cache.get(&k).is_some() {
-            hits += 1;
-        } else {
+    replay(keys, |k| {
+        let hit = cache.get(&k).is_some();
+        if !hit {
             cache.put(k, ());
         }
-    }
-    ratio(hits, keys.len())
+        hit
+    })
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
