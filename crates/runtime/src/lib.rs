@@ -26,15 +26,22 @@
 //! [`hw`], [`budget`], [`quant`], [`affinity`], [`router`], [`cache`],
 //! [`batcher`], [`pool`], and the reference [`models`].
 
+mod builder;
 pub mod chunk;
+mod cleanup;
 mod config;
+mod embed;
 mod error;
 mod model;
 mod plan;
 mod registry;
 mod runtime;
+mod status;
 
+pub use crate::builder::RuntimeBuilder;
+pub use crate::cleanup::{CleanupReport, Reoptimized};
 pub use crate::config::{BatchSettings, RuntimeConfig};
+pub use crate::embed::{EmbedOptions, Embeddings, RequestEstimate};
 pub use crate::error::{Error, Result};
 pub use crate::model::{
     minilm_estimate, EmbeddingModel, LoadContext, LoadEvent, MiniLmEstimate, MiniLmVariants,
@@ -42,10 +49,8 @@ pub use crate::model::{
 };
 pub use crate::plan::Plan;
 pub use crate::registry::ModelStatus;
-pub use crate::runtime::{
-    CleanupReport, EmbedOptions, Embeddings, Reoptimized, RequestEstimate, Runtime, RuntimeBuilder,
-    Status, Throttling, MINILM,
-};
+pub use crate::runtime::{Runtime, MINILM};
+pub use crate::status::{Status, Throttling};
 
 /// CPU affinity (`affinity`).
 pub use affinity;

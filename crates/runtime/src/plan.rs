@@ -4,6 +4,8 @@ use std::fmt;
 
 use serde::Serialize;
 
+use crate::config::RuntimeConfig;
+
 /// Everything the runtime decided from the hardware (or was told), printable
 /// as a table and serialisable.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -101,5 +103,142 @@ impl fmt::Display for Plan {
             writeln!(f, "  - {r}")?;
         }
         Ok(())
+    }
+}
+
+/// Longest input (tokens) whose activations fit in `free` bytes, for MiniLM
+/// at batch 1, capped at its 256-token window.
+fn max_input_tokens(free: u64) -> u64 {
+    let shape = minilm_shape();
+    (1..=256u64)
+        .rev()
+        .find(|&s| {
+            mem_budget::Activations::estimate(
+                &shape,
+                mem_budget::Workload { batch: 1, seq: s },
+                &mem_budget::ActivationConfig::default(),
+            )
+            .total
+                <= free
+        })
+        .unwrap_or(0)
+}
+
+pub(crate) fn minilm_shape() -> mem_budget::TransformerShape {
+    mem_budget::TransformerShape {
+        architecture: mem_budget::Architecture::Encoder,
+        hidden: 384,
+        layers: 6,
+        heads: 12,
+        kv_heads: 12,
+        intermediate: 1536,
+        vocab: 30522,
+    }
+}
+
+/// The sizes that follow the memory free now; the same rule at start-up
+/// and in `reoptimize`.
+pub(crate) struct Sizes {
+    pub(crate) free: u64,
+    pub(crate) cache_bytes: u64,
+    pub(crate) batch_tokens: u64,
+    pub(crate) max_input_tokens: u64,
+}
+
+impl Sizes {
+    /// From `available` bytes less the budget's safety margin (`free`): the
+    /// cache gets its budget but never more than a quarter of `free`; batches
+    /// get the configured tokens, halved under 1 GiB free and quartered under
+    /// 256 MiB (never under 256 tokens); the longest input is what one
+    /// text's activations fit in `free`.
+    pub(crate) fn for_memory(
+        config: &RuntimeConfig,
+        budget: &mem_budget::Budget,
+        available: u64,
+    ) -> Sizes {
+        let free = available.saturating_sub(budget.safety_margin);
+        let cache_bytes = config
+            .cache_bytes
+            .unwrap_or(budget.max_cache)
+            .min(free / 4)
+            .max(1 << 20);
+        let base = config.batch.max_batch_tokens;
+        let batch_tokens = if free < (256 << 20) {
+            (base / 4).max(256)
+        } else if free < (1 << 30) {
+            (base / 2).max(256)
+        } else {
+            base
+        };
+        Sizes {
+            free,
+            cache_bytes,
+            batch_tokens,
+            max_input_tokens: max_input_tokens(free),
+        }
+    }
+}
+
+pub(crate) fn initial_plan(
+    profile: &hw_detect::HardwareProfile,
+    config: &RuntimeConfig,
+    budget: mem_budget::Budget,
+    ledger: &mem_budget::MemoryLedger,
+) -> Plan {
+    let mut reasons = Vec::new();
+    let policy = quant::QuantPolicy::for_profile(profile);
+    let format = config.format.unwrap_or(policy.format);
+    reasons.push(match config.format {
+        Some(f) => format!("weights {f}: set in the configuration"),
+        None => format!(
+            "weights {format}: the quant policy for {:?} with {} MiB available",
+            profile.class,
+            profile.memory.effective_available >> 20
+        ),
+    });
+    // If the first choice does not fit, smaller formats are tried in turn.
+    let fallback_formats: Vec<quant::Format> = [quant::Format::Q8_0, quant::Format::Q4_K]
+        .into_iter()
+        .filter(|f| f.bytes_per_weight() < format.bytes_per_weight())
+        .collect();
+    let threads = config
+        .threads
+        .unwrap_or_else(|| affinity::recommended_threads(profile))
+        .max(1);
+    reasons.push(format!(
+        "{threads} compute threads: {}",
+        if config.threads.is_some() {
+            "set in the configuration"
+        } else {
+            "physical performance cores this process may use"
+        }
+    ));
+    let pool_bytes = config
+        .pool_bytes
+        .unwrap_or((64u64 << 20).min(budget.max_model / 8).max(1 << 20));
+    let available = ledger
+        .probe()
+        .memory()
+        .map_or(profile.memory.effective_available, |m| {
+            m.effective_available
+        });
+    let sizes = Sizes::for_memory(config, &budget, available);
+    Plan {
+        class: profile.class,
+        cpu: profile.cpu.brand.clone(),
+        memory_total: profile.memory.effective_total,
+        memory_available: profile.memory.effective_available,
+        budget,
+        format,
+        fallback_formats,
+        threads,
+        pinning: "not configured".into(),
+        cache_bytes: sizes.cache_bytes,
+        pool_bytes,
+        batch_tokens: sizes.batch_tokens,
+        batch_size: config.batch.max_batch_size,
+        max_delay_ms: config.batch.max_delay.as_millis() as u64,
+        max_input_tokens: sizes.max_input_tokens,
+        reasons,
     }
 }

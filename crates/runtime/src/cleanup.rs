@@ -1,0 +1,146 @@
+//! Freeing memory in an emergency ([`CleanupReport`]) and re-planning for
+//! the memory free now ([`Reoptimized`]).
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::plan::{Plan, Sizes};
+use crate::runtime::{rss, Runtime};
+
+/// What `emergency_cleanup` did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CleanupReport {
+    /// Resident memory before, bytes (Linux; else 0).
+    pub rss_before: u64,
+    /// Resident memory after, bytes.
+    pub rss_after: u64,
+    /// Cache entries dropped.
+    pub cache_entries_cleared: usize,
+    /// Bytes the cache held before.
+    pub cache_bytes_cleared: u64,
+    /// Bytes the pool released.
+    pub pool_bytes_released: u64,
+    /// Models unloaded.
+    pub models_unloaded: Vec<String>,
+    /// Bytes of reservations released by unloading.
+    pub reserved_bytes_released: u64,
+}
+
+/// What `reoptimize` decided.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum Reoptimized {
+    /// The plan already suits the memory free now.
+    Optimal,
+    /// The plan changed.
+    Adjusted {
+        /// The plan before.
+        previous: Box<Plan>,
+        /// The plan now.
+        new: Box<Plan>,
+    },
+}
+
+/// Returns freed heap memory to the OS where the allocator allows.
+fn release_to_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own heap and takes its locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+impl Runtime {
+    /// Frees what can be freed now: pauses warm-ups, clears the cache,
+    /// shrinks the pool to 25%, unloads idle unpinned models and returns
+    /// freed heap to the OS. At most once per `emergency_min_interval`.
+    pub fn emergency_cleanup(&self) -> Result<CleanupReport> {
+        let inner = &self.inner;
+        {
+            let mut last = inner.last_emergency.lock();
+            if let Some(at) = *last {
+                let since = at.elapsed();
+                if since < inner.config.emergency_min_interval {
+                    return Err(Error::RateLimited {
+                        retry_after: inner.config.emergency_min_interval - since,
+                    });
+                }
+            }
+            *last = Some(Instant::now());
+        }
+        let rss_before = rss();
+        inner.registry.warmups_paused.store(true, Ordering::Relaxed);
+        let cache_stats = inner.cache.stats();
+        inner.cache.clear();
+        let pool_released = match inner.pool.shrink_to(0.25) {
+            Ok(r) => r.bytes as u64,
+            Err(e) => {
+                tracing::warn!(error = %e, "pool not shrunk");
+                0
+            }
+        };
+        let loaded = || -> Vec<String> {
+            let models = inner.registry.status().into_iter();
+            models
+                .filter(|m| m.state == "loaded")
+                .map(|m| m.name)
+                .collect()
+        };
+        let before = loaded();
+        let released = inner.registry.unload_idle(Duration::ZERO, "emergency");
+        let after = loaded();
+        release_to_os();
+        let report = CleanupReport {
+            rss_before,
+            rss_after: rss(),
+            cache_entries_cleared: cache_stats.entries as usize,
+            cache_bytes_cleared: cache_stats.weight,
+            pool_bytes_released: pool_released,
+            models_unloaded: before.into_iter().filter(|m| !after.contains(m)).collect(),
+            reserved_bytes_released: released,
+        };
+        inner
+            .registry
+            .warmups_paused
+            .store(false, Ordering::Relaxed);
+        tracing::warn!(?report, "emergency cleanup");
+        Ok(report)
+    }
+
+    /// Re-plans from the memory free now: batch tokens, cache capacity and
+    /// the longest input, applied at once.
+    pub fn reoptimize(&self) -> Result<Reoptimized> {
+        let inner = &self.inner;
+        let memory = inner.registry.ledger().probe().memory()?;
+        let previous = self.plan();
+        let mut new = previous.clone();
+        new.memory_available = memory.effective_available;
+        let sizes = Sizes::for_memory(
+            &inner.config,
+            inner.registry.ledger().budget(),
+            memory.effective_available,
+        );
+        new.cache_bytes = sizes.cache_bytes;
+        new.batch_tokens = sizes.batch_tokens;
+        new.max_input_tokens = sizes.max_input_tokens;
+        let free = sizes.free;
+        new.reasons = vec![format!("re-planned for {} MiB free", free >> 20)];
+        let changed = new.cache_bytes != previous.cache_bytes
+            || new.batch_tokens != previous.batch_tokens
+            || new.max_input_tokens != previous.max_input_tokens;
+        if !changed {
+            inner.plan.lock().memory_available = memory.effective_available;
+            return Ok(Reoptimized::Optimal);
+        }
+        inner.cache.set_capacity(new.cache_bytes);
+        inner.registry.set_batch_tokens(new.batch_tokens);
+        *inner.plan.lock() = new.clone();
+        Ok(Reoptimized::Adjusted {
+            previous: Box::new(previous),
+            new: Box::new(new),
+        })
+    }
+}
