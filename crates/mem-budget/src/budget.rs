@@ -75,6 +75,11 @@ pub struct ScaleRatios {
     pub safety_margin: f64,
     /// Floor of the safety margin, bytes. Default 256 MiB.
     pub safety_margin_min: u64,
+    /// The floor never takes more than this fraction of the total, so that a
+    /// small machine or container keeps room for a model. Default 0.20 (a
+    /// 128 MiB container keeps 25.6 MiB free, a 1 GiB one 205 MiB, from
+    /// 1.25 GiB on the 256 MiB floor holds).
+    pub safety_margin_floor_share: f64,
     /// Ceiling of the safety margin, bytes. Default 8 GiB.
     pub safety_margin_max: u64,
 }
@@ -89,6 +94,7 @@ impl Default for ScaleRatios {
             max_cache: 0.125,
             safety_margin: 0.10,
             safety_margin_min: 256 * MIB,
+            safety_margin_floor_share: 0.20,
             safety_margin_max: 8 * GIB,
         }
     }
@@ -150,6 +156,41 @@ impl BudgetConfig {
     }
 }
 
+impl BudgetConfig {
+    /// The budget for `class` on a machine whose memory is `memory`: as
+    /// [`BudgetConfig::budget`] for its effective total, except that when a
+    /// cgroup limit is what binds (the process lives in a container smaller
+    /// than the machine) nothing is reserved for the operating system and
+    /// other programs, which live outside the cgroup: the limit is this
+    /// process's alone. An override of `reserved_os` still wins.
+    ///
+    /// ```
+    /// use mem_budget::{BudgetConfig, MIB, GIB};
+    /// use hw_detect::{CgroupMemory, CgroupVersion, HardwareClass, MemoryInfo};
+    ///
+    /// let cg = CgroupMemory { version: CgroupVersion::V1, limit: Some(256 * MIB), usage: Some(8 * MIB) };
+    /// let memory = MemoryInfo::new(24 * GIB, 20 * GIB, 0, 0, Some(cg));
+    /// let b = BudgetConfig::default().budget_for_memory(HardwareClass::Constrained, &memory);
+    /// assert_eq!(b.reserved_os, 0);
+    /// assert!(b.overall_cap() >= 200 * MIB, "{}", b.overall_cap());
+    /// ```
+    pub fn budget_for_memory(
+        &self,
+        class: HardwareClass,
+        memory: &hw_detect::MemoryInfo,
+    ) -> Budget {
+        let mut b = self.budget(class, memory.effective_total);
+        let cgroup_binds = memory
+            .cgroup
+            .and_then(|c| c.limit)
+            .is_some_and(|limit| limit < memory.total);
+        if cgroup_binds && self.overrides.reserved_os.is_none() {
+            b.reserved_os = 0;
+        }
+        b
+    }
+}
+
 fn gib(x: f64) -> u64 {
     (x * GIB as f64) as u64
 }
@@ -205,7 +246,9 @@ impl Budget {
             max_activations: None,
             safety_margin: clamp(
                 frac(ratios.safety_margin),
-                ratios.safety_margin_min,
+                ratios
+                    .safety_margin_min
+                    .min(frac(ratios.safety_margin_floor_share)),
                 ratios.safety_margin_max,
             ),
         }

@@ -277,6 +277,50 @@ impl MemoryLedger {
         }
     }
 
+    /// Reserves `bytes` for `category` as [`MemoryLedger::try_reserve`] does,
+    /// except that while the category holds nothing its cap does not apply:
+    /// a category's cap shares memory among competitors and is no reason to
+    /// refuse the only one. The overall cap and the machine's available
+    /// memory less the safety margin still apply.
+    ///
+    /// ```
+    /// use mem_budget::{Budget, Category, MemoryLedger, GIB, MIB};
+    /// # #[derive(Debug)] struct Fixed;
+    /// # impl hw_detect::MemoryProbe for Fixed {
+    /// #     fn memory(&self) -> hw_detect::Result<hw_detect::MemoryInfo> {
+    /// #         Ok(hw_detect::MemoryInfo::new(8 * GIB, 6 * GIB, 0, 0, None))
+    /// #     }
+    /// # }
+    /// let budget = Budget { max_model: 100 * MIB, ..Budget::for_class(hw_detect::HardwareClass::Generic, 8 * GIB) };
+    /// let ledger = MemoryLedger::new(budget, Fixed);
+    /// assert!(ledger.try_reserve(Category::Model, 200 * MIB).is_err());
+    /// let first = ledger.try_reserve_alone(Category::Model, 200 * MIB)?;
+    /// // A second model competes: the cap applies again.
+    /// assert!(ledger.try_reserve_alone(Category::Model, 10 * MIB).is_err());
+    /// drop(first);
+    /// # Ok::<(), mem_budget::Error>(())
+    /// ```
+    pub fn try_reserve_alone(&self, category: Category, bytes: u64) -> Result<Reservation> {
+        let mut st = self.inner.state.lock();
+        let alone = st.used[category.index()] == 0;
+        let result = if alone {
+            self.inner.admit_uncapped(&mut st, category, bytes)
+        } else {
+            self.inner.admit(&mut st, category, bytes)
+        };
+        match result {
+            Ok(()) => Ok(self.reservation(category, bytes)),
+            Err(e) => {
+                if e.is_refusal() {
+                    st.refusals += 1;
+                }
+                drop(st);
+                tracing::debug!(%category, bytes, alone, error = %e, "reservation refused");
+                Err(e)
+            }
+        }
+    }
+
     /// Reserves `bytes` for `category`, waiting up to `timeout` for other
     /// reservations to be released (or the machine to free memory).
     ///
@@ -419,6 +463,32 @@ impl Inner {
             let limit = if bytes > cat {
                 Some(Limit::Category)
             } else if bytes > overall {
+                Some(Limit::Overall)
+            } else if bytes > machine {
+                Some(Limit::Machine)
+            } else {
+                None
+            };
+            if let Some(limit) = limit {
+                return Err(self.refusal(category, bytes, (cat, overall, machine), limit));
+            }
+        }
+        self.book(st, category, bytes);
+        st.live += 1;
+        Ok(())
+    }
+
+    /// [`Inner::admit`] without the category's cap.
+    fn admit_uncapped(
+        &self,
+        st: &mut MutexGuard<'_, State>,
+        category: Category,
+        bytes: u64,
+    ) -> Result<()> {
+        if bytes > 0 {
+            self.refresh(st)?;
+            let (cat, overall, machine) = self.free(st, category);
+            let limit = if bytes > overall {
                 Some(Limit::Overall)
             } else if bytes > machine {
                 Some(Limit::Machine)

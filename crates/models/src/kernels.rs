@@ -129,9 +129,100 @@ fn norm_into(v: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) 
     }
 }
 
+/// Weights per Q8_0 block: one f16 scale for 32 signed bytes.
+pub(crate) const Q8_BLOCK: usize = 32;
+
+/// A table of rows stored as Q8_0 blocks (as GGML stores them: per block of
+/// 32 values one f16 scale `d = max|x| / 127` and 32 bytes `round(x / d)`),
+/// dequantized a row at a time on lookup. 34 bytes per 32 values instead of
+/// 128.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Q8Rows {
+    pub(crate) cols: usize,
+    pub(crate) scales: Vec<half::f16>,
+    pub(crate) quants: Vec<i8>,
+}
+
+impl Q8Rows {
+    /// Quantizes `rows × cols` f32 values (`cols` a multiple of 32).
+    pub(crate) fn quantize(data: &[f32], cols: usize) -> Q8Rows {
+        debug_assert!(cols.is_multiple_of(Q8_BLOCK) && data.len().is_multiple_of(cols));
+        let blocks = data.len() / Q8_BLOCK;
+        let mut scales = Vec::with_capacity(blocks);
+        let mut quants = Vec::with_capacity(data.len());
+        for block in data.chunks_exact(Q8_BLOCK) {
+            let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            scales.push(half::f16::from_f32(d));
+            quants.extend(
+                block
+                    .iter()
+                    .map(|x| (x * inv).round().clamp(-127.0, 127.0) as i8),
+            );
+        }
+        Q8Rows {
+            cols,
+            scales,
+            quants,
+        }
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> u64 {
+        (self.scales.len() * 2 + self.quants.len()) as u64
+    }
+
+    /// Row `r` dequantized into `out` (`cols` long).
+    #[inline(always)]
+    pub(crate) fn row_into(&self, r: usize, out: &mut [f32]) {
+        let per_row = self.cols / Q8_BLOCK;
+        let q = &self.quants[r * self.cols..][..self.cols];
+        let d = &self.scales[r * per_row..][..per_row];
+        for ((o, q), d) in out
+            .chunks_exact_mut(Q8_BLOCK)
+            .zip(q.chunks_exact(Q8_BLOCK))
+            .zip(d)
+        {
+            let d = d.to_f32();
+            for (o, &q) in o.iter_mut().zip(q) {
+                *o = q as f32 * d;
+            }
+        }
+    }
+}
+
+/// The word-embedding table: f32 rows, or Q8_0 rows dequantized on lookup.
+#[derive(Debug, Clone)]
+pub(crate) enum WordTable {
+    /// `vocab × hidden` f32 values.
+    F32(Vec<f32>),
+    /// Q8_0 rows.
+    Q8_0(Q8Rows),
+}
+
+impl WordTable {
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> u64 {
+        match self {
+            WordTable::F32(v) => 4 * v.len() as u64,
+            WordTable::Q8_0(q) => q.bytes(),
+        }
+    }
+
+    /// Row `id` (`out.len()` wide) into `out`.
+    #[inline(always)]
+    fn row_into(&self, id: usize, out: &mut [f32]) {
+        match self {
+            WordTable::F32(v) => out.copy_from_slice(&v[id * out.len()..][..out.len()]),
+            WordTable::Q8_0(q) => q.row_into(id, out),
+        }
+    }
+}
+
 /// The embedding tables and the norm that follows them.
 pub(crate) struct EmbeddingTables<'a> {
-    pub(crate) word: &'a [f32],
+    pub(crate) word: &'a WordTable,
     pub(crate) position: &'a [f32],
     pub(crate) token_type: &'a [f32],
     pub(crate) gamma: &'a [f32],
@@ -156,11 +247,11 @@ pub(crate) fn embed(
             let mut tmp = vec![0f32; h];
             for (r, orow) in o.chunks_exact_mut(out_stride).enumerate() {
                 let k = c * ROW_CHUNK + r;
-                let w = &t.word[ids[k] as usize * h..][..h];
+                t.word.row_into(ids[k] as usize, &mut tmp);
                 let p = &t.position[positions[k] as usize * h..][..h];
                 let ty = &t.token_type[type_ids[k] as usize * h..][..h];
                 for i in 0..h {
-                    tmp[i] = w[i] + p[i] + ty[i];
+                    tmp[i] += p[i] + ty[i];
                 }
                 norm_into(&tmp, t.gamma, t.beta, t.eps, &mut orow[..h]);
             }

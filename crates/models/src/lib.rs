@@ -42,7 +42,9 @@ mod rule;
 use std::path::{Path, PathBuf};
 
 pub use crate::error::{Error, Result};
-pub use crate::minilm::{BertConfig, LoadOptions, MiniLm, Profile, Tokens};
+pub use crate::minilm::{
+    BertConfig, LoadOptions, MiniLm, MiniLmMemory, MiniLmTokenizer, Profile, Tokens,
+};
 pub use crate::rule::{RuleBasedConfig, RuleBasedEmbedder};
 
 /// A sentence embedder: texts in, one vector per text out.

@@ -10,7 +10,7 @@ use quant::{Format, QLinear};
 use serde::{Deserialize, Serialize};
 use tokenizers::{Tokenizer, TruncationParams};
 
-use crate::kernels::{self, AttentionShape, EmbeddingTables};
+use crate::kernels::{self, AttentionShape, EmbeddingTables, Q8Rows, WordTable};
 use crate::{Embed, Error, Result};
 
 /// The BERT settings read from `config.json` (the fields this encoder uses).
@@ -60,6 +60,11 @@ pub struct LoadOptions {
     /// kernel serves it ([`quant::int8_kernel_available`]), which takes
     /// 384 inputs at full speed. Default `true`.
     pub pad_inputs: bool,
+    /// How the word-embedding table (vocabulary × hidden, the largest tensor)
+    /// is stored: `F32`, or `Q8_0` rows dequantized on lookup (34 bytes per
+    /// 32 values instead of 128). `None` (the default): Q8_0 when
+    /// `default_format` is quantized, else f32. Other formats are refused.
+    pub word_embeddings: Option<Format>,
     /// Longest input in tokens, including `[CLS]` and `[SEP]`; longer texts
     /// are truncated. Default 256 (sentence-transformers' limit for this
     /// model); at most the model's position table (512).
@@ -79,6 +84,7 @@ impl Default for LoadOptions {
             default_format: Format::F32,
             plan: BTreeMap::new(),
             pad_inputs: true,
+            word_embeddings: None,
             max_tokens: 256,
             device: Device::Cpu,
         }
@@ -86,7 +92,20 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
-    /// Every linear weight in `format`.
+    /// The format the word-embedding table is stored in (see
+    /// [`LoadOptions::word_embeddings`]).
+    pub fn word_embedding_format(&self) -> Format {
+        match self.word_embeddings {
+            Some(f) => f,
+            None if self.default_format == Format::F32 || self.default_format == Format::F16 => {
+                Format::F32
+            }
+            None => Format::Q8_0,
+        }
+    }
+
+    /// Every linear weight in `format` (and the word table in Q8_0 when
+    /// `format` is quantized).
     pub fn uniform(format: Format) -> Self {
         Self {
             default_format: format,
@@ -165,8 +184,8 @@ struct Layer {
 /// tokens, L2 normalised.
 pub struct MiniLm {
     config: BertConfig,
-    tokenizer: Tokenizer,
-    word: Vec<f32>,
+    tokenizer: MiniLmTokenizer,
+    word: WordTable,
     position: Vec<f32>,
     token_type: Vec<f32>,
     emb_ln: (Vec<f32>, Vec<f32>),
@@ -185,6 +204,68 @@ impl std::fmt::Debug for MiniLm {
             .field("max_tokens", &self.max_tokens)
             .field("formats", &self.formats)
             .finish_non_exhaustive()
+    }
+}
+
+/// The model's WordPiece tokenizer alone (`tokenizer.json`, no padding), to
+/// count and prepare tokens without loading the weights.
+#[derive(Clone)]
+pub struct MiniLmTokenizer {
+    tokenizer: Tokenizer,
+    max_tokens: Option<usize>,
+}
+
+impl std::fmt::Debug for MiniLmTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MiniLmTokenizer")
+            .field("max_tokens", &self.max_tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MiniLmTokenizer {
+    /// Loads `tokenizer.json` from the model directory `dir`; texts are
+    /// truncated to `max_tokens` when given, else kept whole.
+    pub fn load(dir: impl AsRef<Path>, max_tokens: Option<usize>) -> Result<Self> {
+        Self::from_file(&file(dir.as_ref(), "tokenizer.json")?, max_tokens)
+    }
+
+    fn from_file(path: &Path, max_tokens: Option<usize>) -> Result<Self> {
+        let mut tokenizer = Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        // The shipped tokenizer.json pads every input to 128 tokens; the
+        // encoder packs batches, so no padding at all.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(max_tokens.map(|max_length| TruncationParams {
+                max_length,
+                ..Default::default()
+            }))
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(Self {
+            tokenizer,
+            max_tokens,
+        })
+    }
+
+    /// Tokenises texts, with `[CLS]` and `[SEP]`.
+    pub fn tokenize(&self, texts: &[&str]) -> Result<Vec<Tokens>> {
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(encodings
+            .into_iter()
+            .map(|e| Tokens {
+                ids: e.get_ids().to_vec(),
+                type_ids: e.get_type_ids().to_vec(),
+            })
+            .collect())
+    }
+
+    /// Tokens of each text, with `[CLS]` and `[SEP]`.
+    pub fn count(&self, texts: &[&str]) -> Result<Vec<usize>> {
+        Ok(self.tokenize(texts)?.iter().map(Tokens::len).collect())
     }
 }
 
@@ -215,6 +296,168 @@ fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
             let c = t.contiguous()?;
             with_slice(&c, f)
         }
+    }
+}
+
+/// Whether a linear weight in `f` gains from a 256-multiple input: block
+/// formats do, except Q8_0 on quant's int8 kernel, which is fastest at 384.
+fn wants_pad(f: Format) -> bool {
+    match f {
+        Format::F32 | Format::F16 => false,
+        Format::Q8_0 => !quant::int8_kernel_available(),
+        Format::Q6_K | Format::Q4_K | Format::Q4_0 => true,
+    }
+}
+
+/// The width of the hidden activations: `hidden`, or padded up to a
+/// multiple of 256 when `pad_inputs` is set and a weight reading the hidden
+/// width wants it ([`LoadOptions::pad_inputs`]).
+fn stride_for(config: &BertConfig, options: &LoadOptions) -> usize {
+    let h = config.hidden_size;
+    let fmt_of = |name: &str| {
+        options
+            .plan
+            .get(name)
+            .copied()
+            .unwrap_or(options.default_format)
+    };
+    let any = (0..config.num_hidden_layers).any(|l| {
+        [
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+        ]
+        .iter()
+        .any(|r| wants_pad(fmt_of(&format!("encoder.layer.{l}.{r}.weight"))))
+    });
+    if options.pad_inputs && any {
+        h.next_multiple_of(256)
+    } else {
+        h
+    }
+}
+
+/// What all-MiniLM-L6-v2 takes in memory with given [`LoadOptions`],
+/// computed from `config.json` and the size of `model.safetensors` alone (no
+/// tensor is read): every term is a buffer the loader or the forward pass
+/// allocates, sized as the code sizes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MiniLmMemory {
+    /// Bytes of the weights once forwards have run: linear weights in their
+    /// formats with the repacked copies the kernels keep
+    /// ([`quant::resident_weight_bytes`]), the word table (f32 or Q8_0 rows),
+    /// and the f32 position and type tables, biases and norms.
+    pub weights: u64,
+    /// Peak bytes while loading: the pages of the memory-mapped file (all of
+    /// it is read once), the weights built so far, and the f32 copies in
+    /// flight (the word table while it is quantized, or one layer's fused
+    /// projection, its padded copy and the quantizer's input).
+    pub load_peak: u64,
+    /// Activation bytes per token of a batch at its peak inside a layer: the
+    /// attention output (hidden stride wide), the FFN's intermediate and its
+    /// GELU (both intermediate wide), all f32, live together while GELU runs.
+    pub per_token: u64,
+    /// Bytes per text of a batch: its token ids, type ids and positions
+    /// (4 bytes each per token are in `per_token`'s rounding) and its output
+    /// vector (hidden f32).
+    pub per_text: u64,
+    /// The hidden stride the forward pass uses.
+    pub stride: usize,
+    /// The embedding dimension (hidden size).
+    pub hidden: usize,
+    /// The longest input in tokens ([`LoadOptions::max_tokens`]).
+    pub max_tokens: usize,
+}
+
+impl MiniLmMemory {
+    /// Bytes one batch of `tokens` tokens over `texts` texts adds at its peak.
+    pub fn batch_bytes(&self, tokens: u64, texts: u64) -> u64 {
+        tokens * self.per_token + texts * self.per_text
+    }
+}
+
+impl MiniLm {
+    /// What the model in `dir` will take with `options`, from its
+    /// `config.json` and the size of `model.safetensors` (nothing else is
+    /// read).
+    pub fn memory(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<MiniLmMemory> {
+        let dir = dir.as_ref();
+        let config_path = file(dir, "config.json")?;
+        let weights_path = file(dir, "model.safetensors")?;
+        let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+        let c: BertConfig = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+            path: config_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let file_bytes = std::fs::metadata(&weights_path)
+            .map_err(|source| Error::Io {
+                path: weights_path.clone(),
+                source,
+            })?
+            .len();
+        let (h, i, l) = (c.hidden_size, c.intermediate_size, c.num_hidden_layers);
+        let stride = stride_for(&c, options);
+        let fmt_of = |name: String| {
+            options
+                .plan
+                .get(&name)
+                .copied()
+                .unwrap_or(options.default_format)
+        };
+        let f32b = |n: usize| 4 * n as u64;
+        let mut linear = 0u64;
+        let mut largest_f32 = 0u64;
+        for layer in 0..l {
+            let n = |r: &str| format!("encoder.layer.{layer}.{r}.weight");
+            let qkv = [
+                "attention.self.query",
+                "attention.self.key",
+                "attention.self.value",
+            ]
+            .iter()
+            .map(|r| fmt_of(n(r)))
+            .min()
+            .unwrap_or(Format::F32);
+            let parts = [
+                (qkv, 3 * h, stride),
+                (fmt_of(n("attention.output.dense")), h, stride),
+                (fmt_of(n("intermediate.dense")), i, stride),
+                (fmt_of(n("output.dense")), h, i),
+            ];
+            for (f, out, inp) in parts {
+                linear += quant::resident_weight_bytes(f.fit(inp), out, inp);
+                largest_f32 = largest_f32.max(f32b(out * inp));
+            }
+        }
+        let word = match options.word_embedding_format() {
+            Format::Q8_0 => (c.vocab_size * h / kernels::Q8_BLOCK * 34) as u64,
+            _ => f32b(c.vocab_size * h),
+        };
+        let small = f32b(c.max_position_embeddings * h + c.type_vocab_size * h + 2 * h)
+            + l as u64 * f32b(3 * h + h + 2 * h + i + h + 2 * h);
+        let weights = linear + word + small;
+        // Loading: the word table first (its f32 copy, and its Q8_0 rows when
+        // quantized), then the layers; the file's pages stay mapped until
+        // the end. A layer's fused projection exists as its three parts, the
+        // concatenation and the padded copy at once.
+        let word_f32 = f32b(c.vocab_size * h);
+        let word_phase = word_f32 + if word == word_f32 { 0 } else { word };
+        let layer_phase = weights + 3 * largest_f32;
+        let load_peak = file_bytes + word_phase.max(layer_phase);
+        Ok(MiniLmMemory {
+            weights,
+            load_peak,
+            per_token: f32b(stride + 2 * i),
+            per_text: f32b(h),
+            stride,
+            hidden: h,
+            max_tokens: options.max_tokens,
+        })
     }
 }
 
@@ -268,17 +511,7 @@ impl MiniLm {
             )));
         }
 
-        let mut tokenizer = Tokenizer::from_file(&tokenizer_path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
-        // The shipped tokenizer.json pads every input to 128 tokens; the
-        // encoder packs batches, so no padding at all.
-        tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: options.max_tokens,
-                ..Default::default()
-            }))
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let tokenizer = MiniLmTokenizer::from_file(&tokenizer_path, Some(options.max_tokens))?;
 
         // SAFETY: the file is mapped read-only and only read while `vb` lives;
         // every tensor is copied out (to f32 vectors or quantized blocks)
@@ -288,7 +521,22 @@ impl MiniLm {
         };
         let h = config.hidden_size;
         let e = vb.pp("embeddings");
-        let word = to_vec(e.get((config.vocab_size, h), "word_embeddings.weight")?)?;
+        let word_format = options.word_embedding_format();
+        let word_tensor = e.get((config.vocab_size, h), "word_embeddings.weight")?;
+        let word = match word_format {
+            Format::F32 => WordTable::F32(to_vec(word_tensor)?),
+            Format::Q8_0 if h.is_multiple_of(kernels::Q8_BLOCK) => {
+                let rows = with_slice(&word_tensor, |w| Q8Rows::quantize(w, h))?;
+                // The f32 copy goes before the layers are read.
+                drop(word_tensor);
+                WordTable::Q8_0(rows)
+            }
+            other => {
+                return Err(bad(format!(
+                    "word embeddings in {other} (hidden {h}): only f32, or q8_0 with a hidden size that is a multiple of 32"
+                )))
+            }
+        };
         let position = to_vec(e.get(
             (config.max_position_embeddings, h),
             "position_embeddings.weight",
@@ -308,29 +556,7 @@ impl MiniLm {
                 .unwrap_or(options.default_format)
         };
         let name = |l: usize, rest: &str| format!("encoder.layer.{l}.{rest}.weight");
-        // Block formats gain from a 512 stride, except Q8_0 on quant's int8
-        // kernel, which is fastest at 384.
-        let wants_pad = |f: Format| match f {
-            Format::F32 | Format::F16 => false,
-            Format::Q8_0 => !quant::int8_kernel_available(),
-            Format::Q6_K | Format::Q4_K | Format::Q4_0 => true,
-        };
-        let any_quantized_hidden_input = (0..config.num_hidden_layers).any(|l| {
-            [
-                "attention.self.query",
-                "attention.self.key",
-                "attention.self.value",
-                "attention.output.dense",
-                "intermediate.dense",
-            ]
-            .iter()
-            .any(|r| wants_pad(fmt_of(&name(l, r))))
-        });
-        let stride = if options.pad_inputs && any_quantized_hidden_input {
-            h.next_multiple_of(256)
-        } else {
-            h
-        };
+        let stride = stride_for(&config, options);
         let pad = |w: Tensor| -> Result<Tensor> {
             let (o, i) = w.dims2()?;
             if i == h && stride > h {
@@ -489,9 +715,13 @@ impl MiniLm {
                 .sum::<u64>()
     }
 
+    /// Bytes of the word-embedding table as stored (f32 or Q8_0 rows).
+    pub fn word_embedding_bytes(&self) -> u64 {
+        self.word.bytes()
+    }
+
     fn float_bytes(&self) -> u64 {
-        let floats = self.word.len()
-            + self.position.len()
+        let floats = self.position.len()
             + self.token_type.len()
             + 2 * self.config.hidden_size
             + self
@@ -506,23 +736,13 @@ impl MiniLm {
                         + 2 * l.out_ln.0.len()
                 })
                 .sum::<usize>();
-        4 * floats as u64
+        self.word.bytes() + 4 * floats as u64
     }
 
     /// Tokenises texts (truncated to [`Self::max_tokens`], no padding).
     pub fn tokenize(&self, texts: &[&str]) -> Result<Vec<Tokens>> {
         let start = Instant::now();
-        let encodings = self
-            .tokenizer
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let out = encodings
-            .into_iter()
-            .map(|e| Tokens {
-                ids: e.get_ids().to_vec(),
-                type_ids: e.get_type_ids().to_vec(),
-            })
-            .collect();
+        let out = self.tokenizer.tokenize(texts)?;
         self.profile.lock().tokenize_ns += elapsed(start);
         Ok(out)
     }

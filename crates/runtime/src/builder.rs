@@ -8,9 +8,9 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::config::RuntimeConfig;
-use crate::embed::LocalBackend;
+use crate::embed::{LocalBackend, CACHE_ENTRY_BYTES};
 use crate::error::Result;
-use crate::model::{MiniLmVariants, ModelSpec};
+use crate::model::{MiniLmFacts, MiniLmVariants, ModelSpec};
 use crate::plan::initial_plan;
 use crate::registry::Registry;
 use crate::runtime::{EmbedRouter, Inner, Runtime, MINILM};
@@ -113,7 +113,7 @@ impl Runtime {
             overrides: config.budget,
             ..Default::default()
         };
-        let budget = budget_config.budget(profile.class, profile.memory.effective_total);
+        let budget = budget_config.budget_for_memory(profile.class, &profile.memory);
         let ledger = mem_budget::MemoryLedger::with_config(
             budget,
             Arc::clone(&probe),
@@ -124,7 +124,32 @@ impl Runtime {
             tracing::warn!(error = %e, "first pressure reading failed");
         }
 
-        let mut plan = initial_plan(&profile, &config, budget, &ledger);
+        // The bundled MiniLM (from the builder, or found on disk) and what it
+        // takes in memory, known before anything is loaded.
+        let minilm_dir = match (b.with_minilm, b.minilm_dir) {
+            (true, Some(dir)) => Some(dir),
+            (true, None) => models::model_dir().ok(),
+            (false, _) => None,
+        };
+        let facts = match &minilm_dir {
+            Some(dir) => {
+                let formats: Vec<quant::Format> = config
+                    .format
+                    .iter()
+                    .chain(&config.formats)
+                    .copied()
+                    .collect();
+                Some(MiniLmFacts::new(dir.clone(), &formats)?)
+            }
+            None => None,
+        };
+        let mut plan = initial_plan(
+            &profile,
+            &config,
+            budget,
+            &ledger,
+            facts.as_ref().map(|f| &f.memory),
+        );
 
         // Compute threads: rayon's global pool (candle's) pinned per plan.
         if config.configure_global_pool {
@@ -162,7 +187,9 @@ impl Runtime {
         let cache = feature_cache::FeatureCache::builder()
             .capacity(plan.cache_bytes)
             .default_ttl(config.cache_ttl)
-            .weigher(|k: &String, v: &Arc<Vec<f32>>| (k.len() + v.len() * 4 + 96) as u64)
+            .weigher(|k: &String, v: &Arc<Vec<f32>>| {
+                k.len() as u64 + v.len() as u64 * 4 + CACHE_ENTRY_BYTES
+            })
             .build()?;
         let pool = buffer_pool::BufferPool::new(buffer_pool::BufferPoolConfig {
             total_budget_bytes: plan.pool_bytes as usize,
@@ -173,16 +200,15 @@ impl Runtime {
             ..buffer_pool::BufferPoolConfig::default()
         })?;
 
-        let registry = Arc::new(Registry::new(ledger.clone(), config.batch.clone()));
+        let registry = Arc::new(Registry::new(
+            ledger.clone(),
+            config.batch.clone(),
+            config.budget.max_model.is_some(),
+        ));
         registry.set_batch_tokens(plan.batch_tokens);
 
         // Models: the bundled MiniLM (from the builder, or found on disk) and any others.
         let mut default_model = None;
-        let minilm_dir = match (b.with_minilm, b.minilm_dir) {
-            (true, Some(dir)) => Some(dir),
-            (true, None) => models::model_dir().ok(),
-            (false, _) => None,
-        };
         if let Some(dir) = minilm_dir {
             let mut formats = vec![plan.format];
             formats.extend(plan.fallback_formats.iter().copied());
@@ -206,7 +232,10 @@ impl Runtime {
         ));
         let router_config = tier_router::RouterConfig::default();
         let mut router = EmbedRouter::new(router_config, gate)?;
-        let dim = 384;
+        // MiniLM's width, or the rule-based tier's (the same 384 by design).
+        let dim = facts
+            .as_ref()
+            .map_or(models::RuleBasedConfig::default().dim, |f| f.memory.hidden);
         if let Some(name) = &default_model {
             let reg = Arc::clone(&registry);
             let pool_for_backend = pool.pool("scratch")?;
@@ -254,6 +283,7 @@ impl Runtime {
             router,
             default_model,
             dim,
+            facts,
             last_emergency: Mutex::new(None),
             stop: Arc::new(AtomicBool::new(false)),
             background: Mutex::new(Vec::new()),

@@ -45,7 +45,7 @@ pub enum Reoptimized {
 }
 
 /// Returns freed heap memory to the OS where the allocator allows.
-fn release_to_os() {
+pub(crate) fn release_to_os() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks glibc's own heap and takes its locks.
     unsafe {
@@ -118,10 +118,17 @@ impl Runtime {
         let previous = self.plan();
         let mut new = previous.clone();
         new.memory_available = memory.effective_available;
+        let memory_facts = inner.facts.as_ref().map(|f| &f.memory);
+        let pending = match (&inner.default_model, memory_facts) {
+            (Some(m), Some(f)) if !inner.registry.is_loaded_or_loading(m) => f.weights,
+            _ => 0,
+        };
         let sizes = Sizes::for_memory(
             &inner.config,
             inner.registry.ledger().budget(),
             memory.effective_available,
+            memory_facts,
+            pending,
         );
         new.cache_bytes = sizes.cache_bytes;
         new.batch_tokens = sizes.batch_tokens;

@@ -52,9 +52,14 @@ impl Default for BatchSettings {
 pub struct RuntimeConfig {
     /// Overrides of the memory budget (bytes per field).
     pub budget: mem_budget::BudgetOverrides,
-    /// Weight format for local models. Default: the quant policy for this
-    /// machine (`quant::QuantPolicy::for_profile`).
+    /// Weight format for local models, tried first (then the smaller ones of
+    /// [`RuntimeConfig::formats`]). Default: none, so the order of `formats`
+    /// decides.
     pub format: Option<quant::Format>,
+    /// Formats a local model may load in, most precise first: a model loads
+    /// in the first whose estimate fits the memory available less the
+    /// safety margin. Default f32, q8_0, q4_k.
+    pub formats: Vec<quant::Format>,
     /// Compute threads. Default: `affinity::recommended_threads`.
     pub threads: Option<usize>,
     /// Where compute threads run. Default `PinStrategy::Auto`.
@@ -103,6 +108,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             budget: mem_budget::BudgetOverrides::default(),
             format: None,
+            formats: vec![quant::Format::F32, quant::Format::Q8_0, quant::Format::Q4_K],
             threads: None,
             pin: affinity::PinStrategy::Auto,
             configure_global_pool: true,

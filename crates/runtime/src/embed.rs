@@ -7,7 +7,6 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::plan::minilm_shape;
 use crate::registry::Registry;
 use crate::runtime::Runtime;
 
@@ -86,11 +85,18 @@ impl Runtime {
             Some(m) => inner.registry.version(m)?,
             None => "rule-based".to_string(),
         };
-        // 1. The cache.
-        let key = |t: &str| format!("{version}\u{1f}{t}");
+        self.check_input_tokens(texts)?;
+        // 1. The cache, keyed by the model's version and the variant (the
+        // format) loaded now: answers of one format are never served as
+        // another's after a re-plan.
+        let variant = model
+            .as_deref()
+            .and_then(|m| inner.registry.loaded_variant(m))
+            .unwrap_or_default();
+        let key = |variant: &str, t: &str| format!("{version}\u{1f}{variant}\u{1f}{t}");
         let mut out: Vec<Option<Vec<f32>>> = texts
             .iter()
-            .map(|t| inner.cache.get(&key(t)).map(|v| v.to_vec()))
+            .map(|t| inner.cache.get(&key(&variant, t)).map(|v| v.to_vec()))
             .collect();
         let hits = out.iter().filter(|v| v.is_some()).count();
         let misses: Vec<usize> = (0..texts.len()).filter(|&i| out[i].is_none()).collect();
@@ -113,7 +119,9 @@ impl Runtime {
         let features = tier_router::TaskFeatures::with_tokens((words * 4).div_ceil(3) + 2);
         let timeout = options.timeout.unwrap_or(inner.config.request_timeout);
         let deadline = tier_router::Deadline::after(timeout);
+        SERVED_VARIANT.with(|v| v.borrow_mut().take());
         let served = inner.router.serve(&features, &miss_texts[..], deadline)?;
+        let served_variant = SERVED_VARIANT.with(|v| v.borrow_mut().take());
         if served.response.len() != miss_texts.len() {
             return Err(Error::Backend(format!(
                 "tier {} answered {} vectors for {} texts",
@@ -124,9 +132,13 @@ impl Runtime {
         }
         // 4. Only the model's own answers are cached under its version.
         let cacheable = model.as_deref() == Some(served.backend.as_str());
+        let served_variant = served_variant.unwrap_or_default();
         for (&i, v) in misses.iter().zip(served.response) {
             if cacheable {
-                if let Err(e) = inner.cache.insert(key(texts[i]), Arc::new(v.clone())) {
+                if let Err(e) = inner
+                    .cache
+                    .insert(key(&served_variant, texts[i]), Arc::new(v.clone()))
+                {
                     tracing::debug!(error = %e, "embedding not cached");
                 }
             }
@@ -141,41 +153,42 @@ impl Runtime {
         })
     }
 
-    /// The pre-flight answer for embedding `texts` in one batch: whether it
-    /// fits the memory left now, and if not, the longest input that does.
+    /// The pre-flight answer for embedding `texts` in one request: the
+    /// bytes it will add at its peak and whether they fit the memory left
+    /// now, and if not, the longest input that does. Computed from the
+    /// tokenizer and the model's memory facts ([`models::MiniLmMemory`]),
+    /// without loading the model, for what the runtime really runs: the
+    /// request split into batches of at most `batch_size` texts and the
+    /// plan's batch tokens, one batch at a time, packed without padding.
     pub fn estimate(&self, texts: &[&str]) -> Result<RequestEstimate> {
         let inner = &self.inner;
-        let Some(model) = inner.default_model.as_ref() else {
+        let Some(facts) = inner.facts.as_ref() else {
             return Err(Error::InvalidInput(
-                "no local model is registered to estimate for".into(),
+                "no local model with known memory facts is registered to estimate for".into(),
             ));
         };
-        let loaded = inner.registry.get(model)?;
-        let tokens = loaded.model.tokenize(texts)?;
-        let total: u64 = tokens.iter().map(|t| t.len() as u64).sum();
-        let longest = tokens.iter().map(|t| t.len() as u64).max().unwrap_or(0);
-        let shape = minilm_shape();
-        let work = mem_budget::Workload {
-            batch: texts.len().max(1) as u64,
-            seq: longest.max(1),
+        let counts = facts.count(texts)?;
+        let window = facts.memory.max_tokens as u64;
+        let lens: Vec<u64> = counts.iter().map(|&n| (n as u64).min(window)).collect();
+        let total: u64 = lens.iter().sum();
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let bytes_of = |lens: &[u64], text_bytes: u64| {
+            request_bytes(
+                &facts.memory,
+                lens,
+                text_bytes,
+                inner.plan.lock().batch_tokens,
+                inner.config.batch.max_batch_size,
+            )
         };
-        let act = mem_budget::Activations::estimate(
-            &shape,
-            work,
-            &mem_budget::ActivationConfig::default(),
-        );
+        let text_bytes: u64 = texts.iter().map(|t| t.len() as u64).sum();
+        let bytes = bytes_of(&lens, text_bytes);
         let room = mem_budget::Room::in_ledger(inner.registry.ledger())?;
-        let fits = act.total <= room.activations.min(room.total);
-        let max_tokens = (1..=loaded.model.max_tokens() as u64).rev().find(|&s| {
-            let a = mem_budget::Activations::estimate(
-                &shape,
-                mem_budget::Workload {
-                    batch: work.batch,
-                    seq: s,
-                },
-                &mem_budget::ActivationConfig::default(),
-            );
-            a.total <= room.activations.min(room.total)
+        let free = room.activations.min(room.total);
+        let fits = bytes <= free;
+        let max_tokens = (1..=window).rev().find(|&s| {
+            let capped: Vec<u64> = lens.iter().map(|&l| l.min(s)).collect();
+            bytes_of(&capped, text_bytes) <= free
         });
         let recommendation = if fits {
             "OK".to_string()
@@ -185,21 +198,30 @@ impl Runtime {
                 None => "memory is too short for any input now: free memory (emergency cleanup) or use the remote tier".to_string(),
             }
         };
-        let headroom = room.activations.min(room.total) as i128 - act.total as i128;
+        let batch = largest_batch(
+            &lens,
+            inner.plan.lock().batch_tokens,
+            inner.config.batch.max_batch_size,
+        );
+        let activations = facts.memory.batch_bytes(batch.0, batch.1);
+        let headroom = free as i128 - bytes as i128;
         Ok(RequestEstimate {
             texts: texts.len(),
             tokens: total,
             longest,
             estimate: mem_budget::Estimate {
-                bytes: act.total,
+                bytes,
                 breakdown: vec![
                     mem_budget::Part {
-                        name: "attention scores".into(),
-                        bytes: act.attention_scores,
+                        name: format!(
+                            "activations of the largest batch ({} tokens, {} texts)",
+                            batch.0, batch.1
+                        ),
+                        bytes: activations,
                     },
                     mem_budget::Part {
-                        name: "layer activations".into(),
-                        bytes: act.layer_other,
+                        name: "tokens, texts and answers of the request".into(),
+                        bytes: bytes - activations,
                     },
                 ],
                 fits,
@@ -209,6 +231,45 @@ impl Runtime {
             },
         })
     }
+
+    /// Refuses texts longer than the plan's `max_input_tokens` where that is
+    /// below the model's window (memory, not the model, sets the limit);
+    /// texts longer than the window are truncated by the model as documented.
+    fn check_input_tokens(&self, texts: &[&str]) -> Result<()> {
+        let inner = &self.inner;
+        let Some(facts) = inner.facts.as_ref() else {
+            return Ok(());
+        };
+        let limit = inner.plan.lock().max_input_tokens;
+        if limit >= facts.memory.max_tokens as u64 {
+            return Ok(());
+        }
+        // A WordPiece token covers at least one byte: only texts with more
+        // bytes than the limit (less [CLS] and [SEP]) can be over it.
+        let suspects: Vec<(usize, &str)> = texts
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.len() as u64 + 2 > limit)
+            .map(|(i, t)| (i, *t))
+            .collect();
+        if suspects.is_empty() {
+            return Ok(());
+        }
+        let refs: Vec<&str> = suspects.iter().map(|(_, t)| *t).collect();
+        let counts = facts.count(&refs)?;
+        if let Some(((i, _), n)) = suspects.iter().zip(counts).find(|(_, n)| *n as u64 > limit) {
+            return Err(Error::InvalidInput(format!(
+                "text {i} is {n} tokens, over the limit of {limit} tokens that fit the memory free now; split it with runtime::chunk::Chunker or free memory"
+            )));
+        }
+        Ok(())
+    }
+}
+
+thread_local! {
+    /// The variant the local tier served the last call on this thread with
+    /// (the router calls backends on the caller's thread).
+    static SERVED_VARIANT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 
 /// The local tier: the registry's model through its batcher.
@@ -229,6 +290,7 @@ impl tier_router::Backend<[String], Vec<Vec<f32>>> for LocalBackend {
             Error::DoesNotFit { .. } => BackendError::permanent(e.to_string()),
             other => BackendError::permanent(other.to_string()),
         })?;
+        SERVED_VARIANT.with(|v| *v.borrow_mut() = Some(loaded.variant.clone()));
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let tokens = loaded
             .model
@@ -280,3 +342,45 @@ impl tier_router::Backend<[String], Vec<Vec<f32>>> for LocalBackend {
         self.registry.is_loaded_or_loading(&self.model)
     }
 }
+
+/// Tokens and texts of the largest batch `lens` make when packed in order
+/// into batches of at most `batch_tokens` tokens and `batch_size` texts, as
+/// the batcher forms them (a text longer than `batch_tokens` runs alone).
+pub(crate) fn largest_batch(lens: &[u64], batch_tokens: u64, batch_size: usize) -> (u64, u64) {
+    let (mut best, mut cur) = ((0u64, 0u64), (0u64, 0u64));
+    for &l in lens {
+        if cur.1 > 0 && (cur.0 + l > batch_tokens || cur.1 as usize >= batch_size.max(1)) {
+            cur = (0, 0);
+        }
+        cur = (cur.0 + l, cur.1 + 1);
+        if cur.0 > best.0 {
+            best = cur;
+        }
+    }
+    best
+}
+
+/// Bytes a request adds at its peak: the activations of its largest batch,
+/// plus what the runtime holds for the whole request: each text's tokens
+/// (ids and type ids, 8 bytes a token), two copies of the texts (the misses
+/// and the cache keys), and per text four copies of its answer (the
+/// batcher's, the pooled scratch, the returned vector, the cached one) with
+/// the cache's per-entry overhead.
+pub(crate) fn request_bytes(
+    memory: &models::MiniLmMemory,
+    lens: &[u64],
+    text_bytes: u64,
+    batch_tokens: u64,
+    batch_size: usize,
+) -> u64 {
+    let (tokens, texts) = largest_batch(lens, batch_tokens, batch_size);
+    let all_tokens: u64 = lens.iter().sum();
+    let n = lens.len() as u64;
+    memory.batch_bytes(tokens, texts)
+        + 8 * all_tokens
+        + 2 * text_bytes
+        + n * (4 * memory.per_text + CACHE_ENTRY_BYTES)
+}
+
+/// The cache's weigher charges this per entry beyond key and vector.
+pub(crate) const CACHE_ENTRY_BYTES: u64 = 96;

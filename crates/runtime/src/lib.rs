@@ -44,8 +44,8 @@ pub use crate::config::{BatchSettings, RuntimeConfig};
 pub use crate::embed::{EmbedOptions, Embeddings, RequestEstimate};
 pub use crate::error::{Error, Result};
 pub use crate::model::{
-    minilm_estimate, EmbeddingModel, LoadContext, LoadEvent, MiniLmEstimate, MiniLmVariants,
-    ModelSpec, Tokens, Variant, MINILM_OVERHEAD,
+    minilm_estimate, tokenizer_bytes, EmbeddingModel, LoadContext, LoadEvent, MiniLmEstimate,
+    MiniLmVariants, ModelSpec, Tokens, Variant,
 };
 pub use crate::plan::Plan;
 pub use crate::registry::ModelStatus;

@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -184,41 +185,59 @@ pub struct MiniLmVariants {
     pub batch_tokens: u64,
 }
 
-/// What a MiniLM variant will need, estimated from the safetensors header
-/// and `config.json` alone (no tensor data is read).
+/// What a MiniLM variant will need, estimated from `config.json`, the size
+/// of `model.safetensors` and the tokenizer (no tensor data is read); the
+/// terms come from [`models::MiniLm::memory`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MiniLmEstimate {
-    /// Weights once forwards have run: quantized linear weights (input
-    /// dimension padded as the model pads it) with candle's repacked copies,
-    /// and the f32 embeddings, biases and norms.
+    /// Weights once forwards have run: linear weights (input dimension
+    /// padded as the model pads it) with their repacked copies, the word
+    /// table (Q8_0 rows when quantized) and the f32 tables, biases and norms.
     pub weights: u64,
     /// Peak bytes while loading: the memory-mapped file's pages, the
-    /// weights built, and the f32 copy of the one linear weight being
-    /// quantized.
+    /// weights built, and the f32 copies in flight.
     pub load_peak: u64,
     /// Activations of the largest batch of `batch_tokens` tokens (the
     /// encoder packs a batch without padding and attends one text at a
     /// time, so they grow linearly with the tokens).
     pub activations: u64,
-    /// The tokenizer and the runtime's own structures (a measured constant,
-    /// [`MINILM_OVERHEAD`]).
+    /// The model's tokenizer, as measured when it was loaded in this
+    /// process ([`tokenizer_bytes`]).
     pub overhead: u64,
     /// What to reserve: `max(load_peak, weights + activations) + overhead`.
     pub total: u64,
 }
 
-/// Bytes the MiniLM tokenizer and per-model runtime structures take beyond
-/// weights and activations: measured on the project's machine as resident
-/// growth after load less the weights (9.6–11.0 MiB for f32, Q8_0 and Q4_K;
-/// `cargo run --release --example e2e_bench`), rounded up.
-pub const MINILM_OVERHEAD: u64 = 12 << 20;
-
-/// Is `name` a linear layer's weight in a BERT safetensors file?
-fn is_linear_weight(name: &str, shape: &[u64]) -> bool {
-    shape.len() == 2
-        && name.ends_with(".weight")
-        && name.contains("encoder.layer.")
-        && !name.contains("LayerNorm")
+/// Resident bytes the MiniLM tokenizer in `dir` takes: the growth of this
+/// process's resident memory while one is loaded, measured once per process
+/// and directory (the calibration the estimates use for the one part whose
+/// size the code does not set: the tokenizer's vocabulary tables), rounded
+/// up to whole MiB. Where resident memory cannot be read, four times the
+/// size of `tokenizer.json`.
+pub fn tokenizer_bytes(dir: &Path) -> Result<u64> {
+    static MEASURED: std::sync::OnceLock<Mutex<std::collections::HashMap<PathBuf, u64>>> =
+        std::sync::OnceLock::new();
+    let cache = MEASURED.get_or_init(Default::default);
+    if let Some(&b) = cache.lock().get(dir) {
+        return Ok(b);
+    }
+    let file = std::fs::metadata(dir.join("tokenizer.json"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    crate::cleanup::release_to_os();
+    let before = crate::runtime::rss();
+    let tokenizer = models::MiniLmTokenizer::load(dir, None)?;
+    let after = crate::runtime::rss();
+    drop(tokenizer);
+    let grown = after.saturating_sub(before);
+    let bytes = if before == 0 {
+        4 * file
+    } else {
+        grown.max(file)
+    };
+    let bytes = bytes.div_ceil(1 << 20) << 20;
+    cache.lock().insert(dir.to_path_buf(), bytes);
+    Ok(bytes)
 }
 
 /// Estimates a MiniLM variant in `format` with batches of up to
@@ -228,59 +247,68 @@ pub fn minilm_estimate(
     format: quant::Format,
     batch_tokens: u64,
 ) -> Result<MiniLmEstimate> {
-    let path = dir.join("model.safetensors");
-    let file_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-    let info = mem_budget::estimate_weights(&path)?;
-    let config_path = dir.join("config.json");
-    let config = std::fs::read_to_string(&config_path)
-        .map_err(|e| Error::InvalidConfig(format!("cannot read {}: {e}", config_path.display())))?;
-    let shape = mem_budget::TransformerShape::from_hf_config(&config)?;
-    let quantized = format != quant::Format::F32;
-    // The model pads the hidden width up to a multiple of 256 where the
-    // format gains from it: block formats, except Q8_0 when quant's int8
-    // kernel serves it (see `models::LoadOptions::pad_inputs`).
-    let padded = match format {
-        quant::Format::F32 | quant::Format::F16 => false,
-        quant::Format::Q8_0 => !quant::int8_kernel_available(),
-        _ => true,
-    };
-    let (mut weights, mut largest_linear_f32) = (0u64, 0u64);
-    for t in &info.tensors {
-        let f32_bytes = t.elements() * 4;
-        if is_linear_weight(&t.name, &t.shape) {
-            largest_linear_f32 = largest_linear_f32.max(f32_bytes);
-            let (out, inp) = (t.shape[0] as usize, t.shape[1] as usize);
-            let inp = if padded { inp.div_ceil(256) * 256 } else { inp };
-            weights += quant::resident_weight_bytes(format.fit(inp), out, inp);
-        } else {
-            weights += f32_bytes;
-        }
-    }
-    // The encoder runs a batch packed as one [tokens, width] matrix and
-    // attention one text at a time, so activations grow linearly with the
-    // batch's tokens: the fused QKV (3H), the FFN's intermediate (I) and
-    // about four hidden-width buffers (input, attention output, residual,
-    // layer output; width padded like the weights), plus a quarter for the
-    // allocator's slack.
-    let padded_hidden = if padded {
-        shape.hidden.div_ceil(256) * 256
-    } else {
-        shape.hidden
-    };
-    let per_token = 4 * (3 * shape.hidden + shape.intermediate + 4 * padded_hidden);
-    let activations = batch_tokens.max(1) * per_token * 5 / 4;
-    // Loading maps the file (its pages count as resident while read) and
-    // builds the weights; a quantized linear weight passes through one f32
-    // copy at a time.
-    let load_peak = file_bytes + weights + if quantized { largest_linear_f32 } else { 0 };
-    let total = load_peak.max(weights + activations) + MINILM_OVERHEAD;
+    let memory = models::MiniLm::memory(dir, &models::LoadOptions::uniform(format))?;
+    let activations = memory.batch_bytes(batch_tokens.max(1), 1);
+    let overhead = tokenizer_bytes(dir)?;
+    let total = memory.load_peak.max(memory.weights + activations) + overhead;
     Ok(MiniLmEstimate {
-        weights,
-        load_peak,
+        weights: memory.weights,
+        load_peak: memory.load_peak,
         activations,
-        overhead: MINILM_OVERHEAD,
+        overhead,
         total,
     })
+}
+
+/// What the runtime knows of its MiniLM without loading it: the memory
+/// facts (the largest per-token need of the formats it may load) and, once
+/// first asked, a tokenizer that counts tokens without truncating.
+#[derive(Debug)]
+pub(crate) struct MiniLmFacts {
+    pub(crate) dir: PathBuf,
+    pub(crate) memory: models::MiniLmMemory,
+    tokenizer: std::sync::OnceLock<models::MiniLmTokenizer>,
+}
+
+impl MiniLmFacts {
+    /// Facts for the model in `dir` loaded in any of `formats`: the
+    /// activation terms of the widest stride among them, and the weights of
+    /// the first (the one tried first).
+    pub(crate) fn new(dir: PathBuf, formats: &[quant::Format]) -> Result<Self> {
+        let mut memory: Option<models::MiniLmMemory> = None;
+        for &f in formats {
+            let m = models::MiniLm::memory(&dir, &models::LoadOptions::uniform(f))?;
+            memory = Some(match memory {
+                None => m,
+                Some(first) if m.per_token > first.per_token => models::MiniLmMemory {
+                    per_token: m.per_token,
+                    stride: m.stride,
+                    ..first
+                },
+                Some(first) => first,
+            });
+        }
+        let memory = memory.ok_or_else(|| {
+            Error::InvalidConfig("MiniLM needs at least one format to offer".into())
+        })?;
+        Ok(MiniLmFacts {
+            dir,
+            memory,
+            tokenizer: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Tokens of each text, untruncated.
+    pub(crate) fn count(&self, texts: &[&str]) -> Result<Vec<usize>> {
+        let t = match self.tokenizer.get() {
+            Some(t) => t,
+            None => {
+                let t = models::MiniLmTokenizer::load(&self.dir, None)?;
+                self.tokenizer.get_or_init(|| t)
+            }
+        };
+        Ok(t.count(texts)?)
+    }
 }
 
 impl MiniLmVariants {

@@ -106,34 +106,14 @@ impl fmt::Display for Plan {
     }
 }
 
-/// Longest input (tokens) whose activations fit in `free` bytes, for MiniLM
-/// at batch 1, capped at its 256-token window.
-fn max_input_tokens(free: u64) -> u64 {
-    let shape = minilm_shape();
-    (1..=256u64)
+/// Longest input (tokens) whose batch of one fits in `free` bytes, capped
+/// at the model's window; `0` without a model's memory facts.
+fn max_input_tokens(free: u64, facts: Option<&models::MiniLmMemory>) -> u64 {
+    let Some(m) = facts else { return 0 };
+    (1..=m.max_tokens as u64)
         .rev()
-        .find(|&s| {
-            mem_budget::Activations::estimate(
-                &shape,
-                mem_budget::Workload { batch: 1, seq: s },
-                &mem_budget::ActivationConfig::default(),
-            )
-            .total
-                <= free
-        })
+        .find(|&s| m.batch_bytes(s, 1) <= free)
         .unwrap_or(0)
-}
-
-pub(crate) fn minilm_shape() -> mem_budget::TransformerShape {
-    mem_budget::TransformerShape {
-        architecture: mem_budget::Architecture::Encoder,
-        hidden: 384,
-        layers: 6,
-        heads: 12,
-        kv_heads: 12,
-        intermediate: 1536,
-        vocab: 30522,
-    }
 }
 
 /// The sizes that follow the memory free now; the same rule at start-up
@@ -150,11 +130,14 @@ impl Sizes {
     /// cache gets its budget but never more than a quarter of `free`; batches
     /// get the configured tokens, halved under 1 GiB free and quartered under
     /// 256 MiB (never under 256 tokens); the longest input is what one
-    /// text's activations fit in `free`.
+    /// text's activations fit in `free` less `pending` (the weights of a
+    /// model not loaded yet), by the model's memory facts.
     pub(crate) fn for_memory(
         config: &RuntimeConfig,
         budget: &mem_budget::Budget,
         available: u64,
+        facts: Option<&models::MiniLmMemory>,
+        pending: u64,
     ) -> Sizes {
         let free = available.saturating_sub(budget.safety_margin);
         let cache_bytes = config
@@ -174,7 +157,7 @@ impl Sizes {
             free,
             cache_bytes,
             batch_tokens,
-            max_input_tokens: max_input_tokens(free),
+            max_input_tokens: max_input_tokens(free.saturating_sub(pending), facts),
         }
     }
 }
@@ -184,23 +167,38 @@ pub(crate) fn initial_plan(
     config: &RuntimeConfig,
     budget: mem_budget::Budget,
     ledger: &mem_budget::MemoryLedger,
+    facts: Option<&models::MiniLmMemory>,
 ) -> Plan {
     let mut reasons = Vec::new();
-    let policy = quant::QuantPolicy::for_profile(profile);
-    let format = config.format.unwrap_or(policy.format);
+    // Plan by need: the most precise format first; the registry loads the
+    // first whose estimate fits the memory really available (the machine or
+    // cgroup, the ledger) less the safety margin.
+    let order: Vec<quant::Format> = match config.format {
+        Some(first) => std::iter::once(first)
+            .chain(
+                config
+                    .formats
+                    .iter()
+                    .copied()
+                    .filter(|f| f.bytes_per_weight() < first.bytes_per_weight()),
+            )
+            .collect(),
+        None => config.formats.clone(),
+    };
+    let format = order.first().copied().unwrap_or(quant::Format::Q8_0);
+    let fallback_formats: Vec<quant::Format> = order.iter().skip(1).copied().collect();
+    let tried = order
+        .iter()
+        .map(|f| f.to_string())
+        .collect::<Vec<_>>()
+        .join(", then ");
     reasons.push(match config.format {
-        Some(f) => format!("weights {f}: set in the configuration"),
+        Some(f) => format!("weights {f}: set in the configuration; if it does not fit: {tried}"),
         None => format!(
-            "weights {format}: the quant policy for {:?} with {} MiB available",
-            profile.class,
+            "weights: the most precise format that fits the {} MiB available, tried in order {tried}",
             profile.memory.effective_available >> 20
         ),
     });
-    // If the first choice does not fit, smaller formats are tried in turn.
-    let fallback_formats: Vec<quant::Format> = [quant::Format::Q8_0, quant::Format::Q4_K]
-        .into_iter()
-        .filter(|f| f.bytes_per_weight() < format.bytes_per_weight())
-        .collect();
     let threads = config
         .threads
         .unwrap_or_else(|| affinity::recommended_threads(profile))
@@ -222,7 +220,13 @@ pub(crate) fn initial_plan(
         .map_or(profile.memory.effective_available, |m| {
             m.effective_available
         });
-    let sizes = Sizes::for_memory(config, &budget, available);
+    let sizes = Sizes::for_memory(
+        config,
+        &budget,
+        available,
+        facts,
+        facts.map_or(0, |f| f.weights),
+    );
     Plan {
         class: profile.class,
         cpu: profile.cpu.brand.clone(),

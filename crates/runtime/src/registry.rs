@@ -77,6 +77,9 @@ type Listener = Arc<dyn Fn(&LoadEvent) + Send + Sync>;
 
 pub(crate) struct Registry {
     ledger: mem_budget::MemoryLedger,
+    /// The model cap was set in the configuration: it binds even a lone
+    /// model. Otherwise it only shares memory among models that compete.
+    model_cap_explicit: bool,
     batch: BatchSettings,
     batch_tokens: AtomicU64,
     slots: Mutex<HashMap<String, Slot>>,
@@ -97,9 +100,14 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    pub(crate) fn new(ledger: mem_budget::MemoryLedger, batch: BatchSettings) -> Self {
+    pub(crate) fn new(
+        ledger: mem_budget::MemoryLedger,
+        batch: BatchSettings,
+        model_cap_explicit: bool,
+    ) -> Self {
         Registry {
             ledger,
+            model_cap_explicit,
             batch_tokens: AtomicU64::new(batch.max_batch_tokens),
             batch,
             slots: Mutex::new(HashMap::new()),
@@ -160,6 +168,14 @@ impl Registry {
             .lock()
             .get(name)
             .and_then(|s| s.spec.variants.iter().map(|v| v.estimate).min())
+    }
+
+    /// The variant `name` is loaded in, if it is loaded.
+    pub(crate) fn loaded_variant(&self, name: &str) -> Option<String> {
+        match self.slots.lock().get(name).map(|s| &s.state) {
+            Some(State::Loaded(l)) => Some(l.variant.clone()),
+            _ => None,
+        }
     }
 
     /// Whether `name` is loaded or being loaded: either way its memory is
@@ -323,10 +339,18 @@ impl Registry {
     }
 
     /// Reserves `bytes` for `name`, unloading idle unpinned models (least
-    /// recently used first) while the ledger refuses.
+    /// recently used first) while the ledger refuses. Unless the model cap
+    /// was configured, a model alone in the ledger is held to what the
+    /// machine and the overall cap allow, not to the model cap.
     fn reserve_evicting(&self, name: &str, bytes: u64) -> Result<mem_budget::Reservation> {
         loop {
-            match self.ledger.try_reserve(mem_budget::Category::Model, bytes) {
+            let attempt = if self.model_cap_explicit {
+                self.ledger.try_reserve(mem_budget::Category::Model, bytes)
+            } else {
+                self.ledger
+                    .try_reserve_alone(mem_budget::Category::Model, bytes)
+            };
+            match attempt {
                 Ok(r) => return Ok(r),
                 Err(e) => {
                     let victim = {

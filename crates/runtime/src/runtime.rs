@@ -34,6 +34,7 @@ pub(crate) struct Inner {
     pub(crate) router: EmbedRouter,
     pub(crate) default_model: Option<String>,
     pub(crate) dim: usize,
+    pub(crate) facts: Option<crate::model::MiniLmFacts>,
     pub(crate) last_emergency: Mutex<Option<Instant>>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) background: Mutex<Vec<JoinHandle<()>>>,
@@ -64,7 +65,7 @@ pub(crate) fn rss() -> u64 {
                 .nth(1)
                 .and_then(|v| v.parse::<u64>().ok())
         })
-        .map_or(0, |pages| pages * 4096)
+        .map_or(0, |pages| pages * page_size())
 }
 
 impl Runtime {
@@ -212,5 +213,18 @@ fn lower_thread_priority() {
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
         let _ = libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+    }
+}
+
+fn page_size() -> u64 {
+    #[cfg(unix)]
+    // SAFETY: sysconf only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    #[cfg(not(unix))]
+    let size = 4096;
+    if size > 0 {
+        size as u64
+    } else {
+        4096
     }
 }

@@ -1,0 +1,98 @@
+//! Leaks measured by slope: one process serves many requests (each a new
+//! text, so every one runs the model; the cache is held at its 1 MiB floor,
+//! full after warm-up), samples its resident memory every `--every`
+//! requests, and fits RSS against the request count after `--warmup`
+//! requests by least squares. A leak shows as a positive slope; the goal is
+//! under 16 bytes per request.
+//!
+//! ```text
+//! flock /work/bench.lock cargo run --release --example leak_slope
+//! cargo run --release --example leak_slope -- --requests 5000 --warmup 1000
+//! ```
+
+use clap::Parser;
+use runtime::{Runtime, RuntimeConfig};
+
+/// Fits resident memory against request count.
+#[derive(Debug, Parser)]
+#[command(about)]
+struct Args {
+    /// Requests in all.
+    #[arg(long, default_value_t = 50_000)]
+    requests: usize,
+    /// Requests before the fit starts.
+    #[arg(long, default_value_t = 10_000)]
+    warmup: usize,
+    /// Requests between samples.
+    #[arg(long, default_value_t = 250)]
+    every: usize,
+    /// Weight format.
+    #[arg(long, default_value = "q8_0")]
+    format: String,
+    /// Words per text.
+    #[arg(long, default_value_t = 8)]
+    words: usize,
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let format: quant::Format = args.format.parse()?;
+    let config = RuntimeConfig {
+        format: Some(format),
+        formats: vec![format],
+        cache_bytes: Some(1 << 20),
+        ..RuntimeConfig::default()
+    };
+    let rt = Runtime::builder()
+        .config(config)
+        .minilm(models::model_dir()?)
+        .build()?;
+    rt.load(runtime::MINILM)?;
+    let words = snug::sentences(997, 3, args.words, args.words);
+    let mut samples: Vec<(f64, f64)> = Vec::new();
+    let start = std::time::Instant::now();
+    for i in 0..args.requests {
+        // A text never seen before: the pool's words with the request number.
+        let text = format!("{} {i}", words[i % words.len()]);
+        let out = rt.embed(&[text.as_str()])?;
+        if out.tier != Some(runtime::router::Tier::Small) {
+            return Err(format!("request {i} served by {:?}", out.tier).into());
+        }
+        if (i + 1) % args.every == 0 {
+            let (rss, _) = snug::process_memory().ok_or("no /proc/self/status")?;
+            if i + 1 > args.warmup {
+                samples.push(((i + 1) as f64, rss as f64));
+            }
+        }
+    }
+    let n = samples.len() as f64;
+    if n < 2.0 {
+        return Err("too few samples after warm-up: raise --requests or lower --warmup".into());
+    }
+    let (mx, my) = (
+        samples.iter().map(|s| s.0).sum::<f64>() / n,
+        samples.iter().map(|s| s.1).sum::<f64>() / n,
+    );
+    let sxy: f64 = samples.iter().map(|s| (s.0 - mx) * (s.1 - my)).sum();
+    let sxx: f64 = samples.iter().map(|s| (s.0 - mx) * (s.0 - mx)).sum();
+    let slope = sxy / sxx;
+    let (lo, hi) = samples
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), s| (lo.min(s.1), hi.max(s.1)));
+    println!(
+        "{} requests ({format}, {} words) in {:.0} s; {} samples after {} warm-up requests",
+        args.requests,
+        args.words,
+        start.elapsed().as_secs_f64(),
+        samples.len(),
+        args.warmup
+    );
+    println!(
+        "RSS {:.1} to {:.1} MiB; slope {slope:.2} bytes/request (goal < 16)",
+        lo / 1048576.0,
+        hi / 1048576.0
+    );
+    let cache = rt.cache().stats();
+    println!("cache: {} entries, {} bytes", cache.entries, cache.weight);
+    Ok(())
+}
