@@ -386,3 +386,53 @@ fn sizes_and_embed_trait() {
     assert_eq!(q.config().num_hidden_layers, 6);
     let _ = BTreeMap::<String, Format>::new();
 }
+
+#[test]
+fn q8_0_word_table_keeps_the_plan_under_40_percent_of_f32() {
+    let f = MiniLm::load(dir(), &LoadOptions::default()).unwrap();
+    let (worst, q) = min_cosine(&LoadOptions::uniform(Format::Q8_0));
+    assert!(
+        worst >= 0.99,
+        "Q8_0 with a Q8_0 word table: min cosine {worst}"
+    );
+    // The table: 30522 x 384 values, 34 bytes per 32 instead of 128.
+    assert_eq!(q.word_embedding_bytes(), 30522 * 384 / 32 * 34);
+    assert_eq!(f.word_embedding_bytes(), 30522 * 384 * 4);
+    let (qb, fb) = (q.resident_bytes() as f64, f.resident_bytes() as f64);
+    assert!(
+        qb <= 0.40 * fb,
+        "Q8_0 resident {qb} vs f32 {fb}: {:.1}%",
+        100.0 * qb / fb
+    );
+    // An f32 table can still be asked for: the same answers as before.
+    let mut o = LoadOptions::uniform(Format::Q8_0);
+    o.word_embeddings = Some(Format::F32);
+    let (worst_f32_table, m) = min_cosine(&o);
+    assert!(worst_f32_table >= 0.99, "{worst_f32_table}");
+    assert_eq!(m.word_embedding_bytes(), 30522 * 384 * 4);
+    o.word_embeddings = Some(Format::Q4_K);
+    assert!(matches!(
+        MiniLm::load(dir(), &o),
+        Err(Error::BadConfig { .. })
+    ));
+}
+
+#[test]
+fn memory_facts_match_what_the_loaded_model_holds() {
+    for format in [Format::F32, Format::Q8_0, Format::Q4_K] {
+        let options = LoadOptions::uniform(format);
+        let facts = MiniLm::memory(dir(), &options).unwrap();
+        let m = MiniLm::load(dir(), &options).unwrap();
+        assert_eq!(facts.weights, m.resident_bytes(), "{format}");
+        assert!(facts.load_peak > facts.weights, "{format}");
+        assert_eq!(facts.hidden, 384);
+        assert_eq!(facts.max_tokens, 256);
+        // The GELU point of a layer: attention output (stride wide) and the
+        // FFN's intermediate twice, f32.
+        assert_eq!(
+            facts.per_token,
+            4 * (facts.stride as u64 + 2 * 1536),
+            "{format}"
+        );
+    }
+}

@@ -434,3 +434,72 @@ fn under_a_tight_cap_the_smaller_format_serves_every_concurrent_request() {
         }
     }
 }
+
+/// A container of `limit` bytes on a large machine, `used` of it in use.
+fn container(limit: u64, used: u64) -> (hw_detect::HardwareProfile, Arc<ScriptedProbe>) {
+    let mut profile = hw_detect::HardwareProfile::detect().unwrap();
+    let cg = hw_detect::CgroupMemory {
+        version: hw_detect::CgroupVersion::V1,
+        limit: Some(limit),
+        usage: Some(used),
+    };
+    profile.memory = hw_detect::MemoryInfo::new(24 << 30, 20 << 30, 0, 0, Some(cg));
+    profile.class = hw_detect::HardwareClass::Constrained;
+    let probe = Arc::new(ScriptedProbe(Mutex::new(profile.memory)));
+    (profile, probe)
+}
+
+#[test]
+fn a_small_container_loads_the_model_by_need_not_by_class_ratio() {
+    // 320 MiB: the class ratio would allow the model 80 MiB (no format fits
+    // that); planned by need, the most precise format that fits loads.
+    let (profile, probe) = container(320 << 20, 16 << 20);
+    let rt = Runtime::builder()
+        .config(config())
+        .profile(profile)
+        .memory_probe(probe)
+        .minilm(model_dir())
+        .build()
+        .unwrap();
+    assert_eq!(
+        rt.plan().budget.reserved_os,
+        0,
+        "the OS lives outside the cgroup"
+    );
+    let out = rt
+        .embed(&["a small container still runs the model"])
+        .unwrap();
+    assert_eq!(out.tier, Some(Tier::Small), "{:?}", out.trail);
+    let status = rt.status();
+    let m = status.models.iter().find(|m| m.name == "minilm").unwrap();
+    let variant = m.variant.clone().unwrap();
+    // The first format in the order whose estimate fits 320 MiB less the margin.
+    let free = (320u64 << 20) - (16 << 20) - rt.plan().budget.safety_margin;
+    let dir = model_dir();
+    let expected = [quant::Format::F32, quant::Format::Q8_0, quant::Format::Q4_K]
+        .into_iter()
+        .find(|&f| {
+            runtime::minilm_estimate(&dir, f, rt.plan().batch_tokens)
+                .unwrap()
+                .total
+                <= free
+        })
+        .unwrap();
+    assert_eq!(variant, expected.to_string());
+}
+
+#[test]
+fn the_estimate_needs_no_loaded_model_and_grows_with_the_batch() {
+    let rt = minilm_runtime(config());
+    let one = rt.estimate(&["a short text"]).unwrap();
+    let texts = vec!["a somewhat longer text with more words in it than the first"; 64];
+    let many = rt.estimate(&texts).unwrap();
+    assert_eq!(
+        rt.status().models[0].state,
+        "unloaded",
+        "estimate loads nothing"
+    );
+    assert!(many.estimate.bytes > one.estimate.bytes);
+    assert_eq!(many.texts, 64);
+    assert!(many.longest > one.longest);
+}
