@@ -4,9 +4,9 @@
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use lru::LruCache;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -74,7 +74,9 @@ pub struct DiskStats {
 #[derive(Debug)]
 struct Degraded {
     until: Instant,
-    backoff: Duration,
+    /// The delays before the next retries: backon's exponential backoff from
+    /// `retry_initial`, doubling up to `retry_max`, without end.
+    delays: ExponentialBackoff,
 }
 
 #[derive(Debug)]
@@ -98,7 +100,6 @@ pub struct DiskStore {
     config: DiskConfig,
     schema_hash: u64,
     state: Mutex<State>,
-    temp_seq: AtomicU64,
 }
 
 fn file_name(key: &str) -> String {
@@ -254,7 +255,6 @@ impl DiskStore {
                 degraded: None,
                 stats,
             }),
-            temp_seq: AtomicU64::new(0),
         };
         store.evict_over_budget(&mut store.state.lock());
         Ok(store)
@@ -291,10 +291,16 @@ impl DiskStore {
 
     fn fail(&self, st: &mut State, path: &Path, e: &io::Error) {
         st.stats.errors += 1;
-        let backoff = match &st.degraded {
-            None => self.config.retry_initial,
-            Some(d) => (d.backoff * 2).min(self.config.retry_max),
+        let mut delays = match st.degraded.take() {
+            Some(d) => d.delays,
+            None => ExponentialBuilder::new()
+                .with_min_delay(self.config.retry_initial)
+                .with_max_delay(self.config.retry_max)
+                .with_factor(2.0)
+                .without_max_times()
+                .build(),
         };
+        let backoff = delays.next().unwrap_or(self.config.retry_max);
         tracing::warn!(
             path = %path.display(),
             error = %e,
@@ -303,7 +309,7 @@ impl DiskStore {
         );
         st.degraded = Some(Degraded {
             until: Instant::now() + backoff,
-            backoff,
+            delays,
         });
     }
 
@@ -402,13 +408,8 @@ impl DiskStore {
         buf.extend_from_slice(key.as_bytes());
         buf.extend_from_slice(payload);
 
-        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .config
-            .dir
-            .join(format!("{name}.{}.{seq}.{TEMP_EXT}", std::process::id()));
         let path = self.config.dir.join(&name);
-        match self.write_atomic(&tmp, &path, &buf) {
+        match self.write_atomic(&name, &path, &buf) {
             Ok(()) => {
                 let mut st = self.state.lock();
                 self.recovered(&mut st);
@@ -420,7 +421,6 @@ impl DiskStore {
                 Ok(())
             }
             Err((at, e)) => {
-                let _ = fs::remove_file(&tmp);
                 let mut st = self.state.lock();
                 self.fail(&mut st, &at, &e);
                 Err(Error::io(&at, e))
@@ -428,29 +428,39 @@ impl DiskStore {
         }
     }
 
+    /// Writes `buf` to a temporary file beside `path` (named after the entry,
+    /// with the extension the sweep on open removes), syncs it and renames
+    /// it over `path` with [`tempfile::NamedTempFile::persist`]. On any
+    /// error the temporary file is deleted when it drops.
     fn write_atomic(
         &self,
-        tmp: &Path,
+        name: &str,
         path: &Path,
         buf: &[u8],
     ) -> Result<(), (PathBuf, io::Error)> {
         let dir = &self.config.dir;
-        let mut f = File::create(tmp).or_else(|e| {
-            // The directory may have been removed under us: recreate it once.
-            if e.kind() == io::ErrorKind::NotFound && fs::create_dir_all(dir).is_ok() {
-                File::create(tmp)
-            } else {
-                Err(e)
-            }
-        });
-        let f = f
-            .as_mut()
-            .map_err(|e| (tmp.to_owned(), io::Error::new(e.kind(), e.to_string())))?;
-        f.write_all(buf).map_err(|e| (tmp.to_owned(), e))?;
+        let builder = || {
+            tempfile::Builder::new()
+                .prefix(&format!("{name}."))
+                .suffix(&format!(".{TEMP_EXT}"))
+                .tempfile_in(dir)
+        };
+        let mut f = builder()
+            .or_else(|e| {
+                // The directory may have been removed under us: recreate it once.
+                if e.kind() == io::ErrorKind::NotFound && fs::create_dir_all(dir).is_ok() {
+                    builder()
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(|e| (dir.join(name), e))?;
+        let tmp = f.path().to_owned();
+        f.write_all(buf).map_err(|e| (tmp.clone(), e))?;
         if self.config.fsync {
-            f.sync_all().map_err(|e| (tmp.to_owned(), e))?;
+            f.as_file().sync_all().map_err(|e| (tmp.clone(), e))?;
         }
-        fs::rename(tmp, path).map_err(|e| (path.to_owned(), e))?;
+        f.persist(path).map_err(|e| (path.to_owned(), e.error))?;
         if self.config.fsync {
             if let Ok(d) = File::open(dir) {
                 let _ = d.sync_all();

@@ -84,6 +84,8 @@ pub(crate) struct Shard<K: Hash + Eq, V> {
     climbing: bool,
     /// Probability of admitting a candidate whose estimate ties the victim's.
     tie: f64,
+    /// Probability that a candidate the ghost remembers enters main.
+    ghost_use: f64,
     rng: u64,
     /// The generation of the last [`Tuning`] applied.
     pub(crate) tuning_generation: u64,
@@ -135,6 +137,9 @@ pub(crate) struct Tuning {
     pub(crate) tie: f64,
     /// Sketch aging period in multiples of the expected entry count.
     pub(crate) aging: f64,
+    /// Probability that a rejected candidate requested again while the
+    /// ghost remembers it enters main directly.
+    pub(crate) ghost: f64,
 }
 
 impl Default for Tuning {
@@ -143,6 +148,7 @@ impl Default for Tuning {
             window_share: INITIAL_WINDOW,
             tie: 0.0,
             aging: crate::sketch::DEFAULT_AGING,
+            ghost: 1.0,
         }
     }
 }
@@ -184,6 +190,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
             step: 0.0,
             climbing: climb,
             tie: 0.0,
+            ghost_use: 1.0,
             rng: 0x9e37_79b9_7f4a_7c15,
             tuning_generation: 0,
             ghost: (admission && ghost).then(Ghost::default),
@@ -348,8 +355,11 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
                 }
                 r
             }
-            // A rejected candidate that came back goes straight to main.
-            None if self.ghost.as_mut().is_some_and(|g| g.take(hash)) => Region::Probation,
+            // A rejected candidate that came back goes straight to main (with
+            // the probability the tuning gives the ghost).
+            None if self.ghost.as_mut().is_some_and(|g| g.take(hash)) && self.use_ghost() => {
+                Region::Probation
+            }
             None => Region::Window,
         };
         self.put(key, entry, region);
@@ -530,6 +540,11 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
         }
     }
 
+    /// Whether a candidate the ghost remembered enters main this time.
+    fn use_ghost(&mut self) -> bool {
+        self.ghost_use >= 1.0 || (self.ghost_use > 0.0 && self.random_unit() < self.ghost_use)
+    }
+
     /// A pseudo-random number in [0, 1) (xorshift64).
     fn random_unit(&mut self) -> f64 {
         self.rng ^= self.rng << 13;
@@ -546,14 +561,14 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
     }
 
     /// Fixes the window at `share` of the capacity, the protected segment at
-    /// 80 % of the rest, and the tie rule and sketch aging (a miniature's
-    /// fixed setting).
+    /// 80 % of the rest, and the tie rule, ghost use and sketch aging (a
+    /// miniature's fixed setting).
     pub(crate) fn fix(&mut self, tuning: Tuning) {
         self.apply(tuning, 1.0);
     }
 
-    /// Applies a tuning from the miniature simulations: the tie rule and the
-    /// aging period at once, the window moved towards its target by at most
+    /// Applies a tuning from the miniature simulations: the tie rule, the
+    /// ghost's use and the aging period at once, the window moved towards its target by at most
     /// 5 % of the capacity (each new tuning moves it one step further).
     pub(crate) fn tune(&mut self, tuning: Tuning) {
         self.apply(tuning, TUNING_STEP);
@@ -566,6 +581,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
             return;
         }
         self.tie = tuning.tie;
+        self.ghost_use = tuning.ghost;
         if let Some(s) = &mut self.sketch {
             s.set_aging(tuning.aging);
         }

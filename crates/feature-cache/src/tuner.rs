@@ -2,9 +2,13 @@
 //!
 //! A share of the keys (at most one in sixteen), chosen by hash, is replayed through twelve
 //! small caches of the same policy, one per setting of three knobs: the
-//! window's share of the capacity (1 %, 30 %, 60 %), whether a candidate
-//! whose frequency estimate ties the victim's is admitted (no, yes), and the
-//! sketch's aging period (10 or 20 × the entry count). A miniature holds the
+//! window's share of the capacity (1 %, 30 %, 60 %), the sketch's aging
+//! period (10 or 20 × the entry count), and how lenient admission is:
+//! *strict* (a candidate whose frequency estimate ties the victim's is
+//! rejected, and the ghost of rejected candidates is ignored) or *lenient*
+//! (ties are admitted, and a rejected candidate that returns while the ghost
+//! remembers it enters main directly). Strict admission holds a loop larger
+//! than the cache; lenient admission follows recency. A miniature holds the
 //! same share of the capacity as the share of keys it sees, so it behaves as
 //! the full cache would under its setting (spatial sampling, after
 //! Waldspurger et al., "Cache Modeling and Optimization using Miniature
@@ -16,7 +20,9 @@
 //! temperature of half the scores' noise (the square root of the best
 //! score). A clear winner gets its setting; near ties blend, so the real
 //! cache does not flap between settings whose difference is noise. The
-//! window moves at most 5 % of the capacity per period.
+//! window moves at most 5 % of the capacity per period. The first period
+//! only fills the miniatures (none of them has hits to tell the settings
+//! apart), so its blend, an even mix of every setting, is not published.
 
 use std::time::Duration;
 
@@ -26,8 +32,10 @@ use crate::Clock;
 
 /// Window shares the miniatures replay.
 const WINDOWS: [f64; 3] = [0.01, 0.30, 0.60];
-/// Tie rules: never or always admit a candidate that ties the victim.
-const TIES: [f64; 2] = [0.0, 1.0];
+/// Admission rules as (tie, ghost): strict rejects a candidate that ties
+/// the victim and ignores the ghost; lenient admits ties and lets a
+/// remembered rejected candidate enter main.
+const ADMISSIONS: [(f64, f64); 2] = [(0.0, 0.0), (1.0, 1.0)];
 /// Sketch aging periods, in multiples of the entry count.
 const AGINGS: [f64; 2] = [10.0, 20.0];
 /// Entries a miniature holds at most.
@@ -41,6 +49,8 @@ const MIN_MINI_ENTRIES: u64 = 16;
 const DECAY: f64 = 0.9;
 /// Softmax temperature, in units of the score's noise.
 const TEMPERATURE: f64 = 0.5;
+/// Periods whose blend is not published (the miniatures are filling).
+const WARM_UP_PERIODS: u64 = 1;
 const SAMPLE_SALT: u64 = 0x6a09_e667_f3bc_c909;
 
 /// The miniatures and their scores.
@@ -53,6 +63,8 @@ pub(crate) struct Tuner {
     hits: Vec<u64>,
     seen: u64,
     period: u64,
+    /// Periods ended so far.
+    periods: u64,
     removed: Removed<u64, ()>,
 }
 
@@ -69,12 +81,13 @@ impl Tuner {
         let mini_capacity = ((capacity as f64 * rate) as u64).max(1);
         let mut settings = Vec::new();
         for window_share in WINDOWS {
-            for tie in TIES {
+            for (tie, ghost) in ADMISSIONS {
                 for aging in AGINGS {
                     settings.push(Tuning {
                         window_share,
                         tie,
                         aging,
+                        ghost,
                     });
                 }
             }
@@ -96,6 +109,7 @@ impl Tuner {
             hits: vec![0; n],
             seen: 0,
             period: mini_entries,
+            periods: 0,
             removed: Vec::new(),
         })
     }
@@ -144,7 +158,9 @@ impl Tuner {
             *score = *score * DECAY + *hits as f64;
             *hits = 0;
         }
-        Some(self.blend())
+        self.periods += 1;
+        // The first period fills the miniatures; its blend says nothing.
+        (self.periods > WARM_UP_PERIODS).then(|| self.blend())
     }
 
     /// The settings weighted by a softmax of their scores.
@@ -169,6 +185,7 @@ impl Tuner {
             window_share: mix(|t| t.window_share),
             tie: mix(|t| t.tie),
             aging: mix(|t| t.aging),
+            ghost: mix(|t| t.ghost),
         }
     }
 }
@@ -195,17 +212,63 @@ mod tests {
     fn blend_follows_a_clear_winner_and_mixes_ties() {
         let mut t = Tuner::new(100_000, 100_000).expect("large enough");
         t.scores = vec![100.0; 12];
-        t.scores[11] = 1000.0; // window 60 %, ties admitted, aging 20
+        t.scores[11] = 1000.0; // window 60 %, lenient admission, aging 20
         let clear = t.blend();
         assert!((clear.window_share - 0.6).abs() < 1e-6, "{clear:?}");
         assert!((clear.tie - 1.0).abs() < 1e-6);
+        assert!((clear.ghost - 1.0).abs() < 1e-6);
         assert!((clear.aging - 20.0).abs() < 1e-6);
         t.scores = vec![500.0; 12];
         let even = t.blend();
         let mean_window = WINDOWS.iter().sum::<f64>() / 3.0;
         assert!((even.window_share - mean_window).abs() < 1e-9, "{even:?}");
         assert!((even.tie - 0.5).abs() < 1e-9);
+        assert!((even.ghost - 0.5).abs() < 1e-9);
         assert!((even.aging - 15.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_first_period_is_not_published() {
+        let clock = SystemClock;
+        let mut t = Tuner::new(10_000, 10_000).expect("large enough");
+        let mut published = Vec::new();
+        let mut key = 0u64;
+        while published.len() < 2 {
+            key += 1;
+            let hash = fmix64(key % 3_000);
+            if Tuner::sampled(hash, t.threshold()) {
+                if let Some(tuning) = t.record(hash, 1, &clock) {
+                    published.push(t.periods);
+                    let _ = tuning;
+                }
+            }
+            assert!(key < 1_000_000, "no tuning published");
+        }
+        assert_eq!(published, vec![2, 3]);
+    }
+
+    #[test]
+    fn a_loop_larger_than_the_cache_moves_the_tuning_to_strict_admission() {
+        // A loop over 10 % more keys than fit: admitting ties or returning
+        // rejected candidates replaces keys the loop needs next; strict
+        // admission keeps most of the loop resident.
+        let clock = SystemClock;
+        let mut t = Tuner::new(8_000, 8_000).expect("large enough");
+        let mut last = None;
+        for i in 0..20 * 8_800u64 {
+            let hash = fmix64(i % 8_800);
+            if Tuner::sampled(hash, t.threshold()) {
+                if let Some(tuning) = t.record(hash, 1, &clock) {
+                    last = Some(tuning);
+                }
+            }
+        }
+        let last = last.expect("at least one period ended");
+        assert!(
+            last.tie < 0.05 && last.ghost < 0.05 && last.window_share < 0.05,
+            "the tuning did not follow the loop: {last:?}, scores {:?}",
+            t.scores
+        );
     }
 
     #[test]

@@ -170,7 +170,17 @@ fn unwritable_directory_degrades_to_memory_and_recovers() {
     let s = store.stats();
     assert!(s.degraded, "{s:?}");
     assert!(s.errors >= 1);
-    assert!(store.put("direct", b"x", Duration::ZERO).is_ok() || store.is_degraded());
+    // Once the backoff (at most `retry_max`, 100 ms) has run out, a write is
+    // the retry: the disk is still broken, so it fails, counts an error,
+    // keeps the store degraded and stores nothing.
+    std::thread::sleep(Duration::from_millis(150));
+    let errors = s.errors;
+    let err = store.put("direct", b"x", Duration::ZERO);
+    assert!(err.is_err(), "a write to a broken disk reported success");
+    let s = store.stats();
+    assert!(s.degraded, "{s:?}");
+    assert_eq!(s.errors, errors + 1, "{s:?}");
+    assert!(store.get("direct").is_none());
 
     // The disk comes back: after the backoff a retry succeeds.
     std::fs::remove_file(&dir).unwrap();
