@@ -46,9 +46,12 @@ fn under_cgroup_limits_no_oom_and_the_model_serves_with_room() {
 #[test]
 #[ignore = "the child process of under_cgroup_limits_no_oom_and_the_model_serves_with_room, which runs it"]
 fn child_process() {
-    let texts: usize = std::env::var(CHILD)
-        .expect("run by the cgroup test only")
-        .parse()
-        .unwrap();
+    let Ok(texts) = std::env::var(CHILD) else {
+        // Not started by the cgroup test (e.g. `--include-ignored`): it is the
+        // child's entry point, with nothing to check on its own.
+        println!("{CHILD} is not set: this is the cgroup test's child entry point");
+        return;
+    };
+    let texts: usize = texts.parse().unwrap();
     proof::child(texts).unwrap();
 }

@@ -245,7 +245,14 @@ impl Runtime {
                 model: model.clone(),
                 pool: pool_for_backend,
             };
-            let memory = registry.smallest_estimate(name).unwrap_or(0);
+            // The router gates the tier by the model cap only where one is
+            // configured; otherwise the registry's load decides by need (and
+            // a failed load falls to the next tier with the reason).
+            let memory = if config.budget.max_model.is_some() {
+                registry.smallest_estimate(name).unwrap_or(0)
+            } else {
+                0
+            };
             router.add_tier(
                 tier_router::TierSpec::new(model, tier_router::Tier::Small, Arc::new(backend))
                     .memory_bytes(memory),

@@ -241,7 +241,8 @@ impl Runtime {
             return Ok(());
         };
         let limit = inner.plan.lock().max_input_tokens;
-        if limit >= facts.memory.max_tokens as u64 {
+        // 0: no input fits the model now; the router's next tier answers.
+        if limit == 0 || limit >= facts.memory.max_tokens as u64 {
             return Ok(());
         }
         // A WordPiece token covers at least one byte: only texts with more
