@@ -201,7 +201,7 @@ impl ModelConfig {
             usize_key(md, &k("attention.head_count"))?,
         )?;
         let n_kv_heads = opt_usize(md, &k("attention.head_count_kv"))?.unwrap_or(n_heads);
-        if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+        if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
             return Err(Error::BadMetadata {
                 key: k("attention.head_count_kv"),
                 reason: format!(
@@ -212,7 +212,7 @@ impl ModelConfig {
         let head_dim = match opt_usize(md, &k("attention.key_length"))? {
             Some(d) => d,
             None => {
-                if hidden % n_heads != 0 {
+                if !hidden.is_multiple_of(n_heads) {
                     return Err(Error::BadMetadata {
                         key: k("attention.key_length"),
                         reason: format!(
@@ -232,7 +232,7 @@ impl ModelConfig {
             });
         }
         let rope_dims = opt_usize(md, &k("rope.dimension_count"))?.unwrap_or(head_dim);
-        if rope_dims == 0 || rope_dims > head_dim || rope_dims % 2 != 0 {
+        if rope_dims == 0 || rope_dims > head_dim || !rope_dims.is_multiple_of(2) {
             return Err(Error::BadMetadata {
                 key: k("rope.dimension_count"),
                 reason: format!(
@@ -379,7 +379,7 @@ impl ModelConfig {
 /// The tensor types the decoder's matmuls accept.
 pub(crate) fn check_matmul_dtype(name: &str, dtype: GgmlDType, in_dim: usize) -> Result<()> {
     let bs = dtype.block_size();
-    if in_dim % bs != 0 {
+    if !in_dim.is_multiple_of(bs) {
         return Err(Error::BadTensor {
             name: name.to_string(),
             reason: format!(

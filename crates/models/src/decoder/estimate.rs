@@ -54,7 +54,7 @@ impl DecoderEstimate {
         for (name, info) in &content.tensor_infos {
             let elems = info.shape.elem_count();
             let bs = info.ggml_dtype.block_size();
-            if elems % bs != 0 {
+            if !elems.is_multiple_of(bs) {
                 return Err(Error::BadTensor {
                     name: name.clone(),
                     reason: format!(

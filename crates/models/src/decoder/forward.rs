@@ -106,7 +106,7 @@ pub(crate) fn run(
     }
 
     // RoPE angles for this step's positions, once per distinct base.
-    s.ropes.retain(|_| false);
+    s.ropes.clear();
     for kind in &cfg.layers {
         if !s.ropes.iter().any(|(b, _)| *b == kind.rope_base) {
             let mut t = RopeTable::default();

@@ -255,6 +255,7 @@ impl Sequence {
 
     /// Copies keys (`kv = 0`) or values (`kv = 1`) of `layer`, head `head`,
     /// positions `lo..hi`, as f32 into `out` (`(hi - lo) x head_dim`).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn gather(
         &self,
         layout: &KvLayout,

@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
 use crate::error::{Error, Result};
@@ -48,18 +48,6 @@ impl Matrix {
             rows: dims[0],
             cols: dims[1],
         })
-    }
-
-    pub(crate) fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub(crate) fn cols(&self) -> usize {
-        self.cols
-    }
-
-    pub(crate) fn dtype(&self) -> GgmlDType {
-        self.tensor.dtype()
     }
 
     /// Bytes held by the stored weights.

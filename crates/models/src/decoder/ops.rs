@@ -140,8 +140,8 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let cb = b.chunks_exact(8);
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
+        for ((a, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *a += x * y;
         }
     }
     let mut s: f32 = acc.iter().sum();
