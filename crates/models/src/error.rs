@@ -62,6 +62,111 @@ pub enum Error {
     /// The encoder runs on the CPU only.
     #[error("device {0} is not supported; this encoder's fused kernels run on the CPU, load it with Device::Cpu")]
     UnsupportedDevice(String),
+    /// A GGUF file could not be read or parsed (truncated, corrupt, not GGUF).
+    #[error("reading the GGUF file {path}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What the GGUF reader reported.
+        #[source]
+        source: candle_core::Error,
+    },
+    /// The GGUF names an architecture the decoder does not implement.
+    #[error("GGUF architecture `{arch}` is not supported; the decoder runs {supported}")]
+    UnknownArchitecture {
+        /// `general.architecture` as found in the file.
+        arch: String,
+        /// The architectures that are supported.
+        supported: &'static str,
+    },
+    /// A metadata key the decoder needs is missing or has a bad value.
+    #[error("GGUF metadata `{key}`: {reason}")]
+    BadMetadata {
+        /// The key.
+        key: String,
+        /// What is wrong and what is expected.
+        reason: String,
+    },
+    /// A tensor the decoder needs is missing or has the wrong shape or type.
+    #[error("GGUF tensor `{name}`: {reason}")]
+    BadTensor {
+        /// The tensor name.
+        name: String,
+        /// What is wrong and what is expected.
+        reason: String,
+    },
+    /// A sequence would run past the decoder's context.
+    #[error("sequence {index} would reach {needed} positions, over the context of {limit}; shorten the prompt or max tokens, or raise DecoderConfig::context (the model was trained for {trained})")]
+    ContextOverflow {
+        /// Index of the sequence in the step.
+        index: usize,
+        /// Positions the sequence would hold after the step.
+        needed: usize,
+        /// The configured context.
+        limit: usize,
+        /// The model's trained context.
+        trained: usize,
+    },
+    /// A step holds more tokens than the step token budget.
+    #[error("the step holds {tokens} tokens, over the step budget of {limit}; split the prefill into chunks (Decoder::prefill does)")]
+    StepTooLarge {
+        /// Tokens in the step.
+        tokens: usize,
+        /// DecoderConfig::max_step_tokens.
+        limit: usize,
+    },
+    /// The KV budget cannot hold even one block.
+    #[error("the KV budget of {budget} bytes cannot hold one KV block of {block_bytes} bytes ({block_tokens} tokens); raise DecoderConfig::kv_budget_bytes or lower kv_block_tokens")]
+    KvBudgetTooSmall {
+        /// DecoderConfig::kv_budget_bytes.
+        budget: usize,
+        /// Bytes of the largest block (after the pool's size-class rounding).
+        block_bytes: usize,
+        /// Tokens per block.
+        block_tokens: usize,
+    },
+    /// The KV budget is spent: a step needs blocks that the pool cannot give.
+    #[error("KV cache full: sequence {index} needs a block of {block_bytes} bytes, {in_use} of the {budget}-byte KV budget are held; finish or drop sequences, or raise DecoderConfig::kv_budget_bytes")]
+    KvExhausted {
+        /// Index of the sequence in the step.
+        index: usize,
+        /// Bytes of the block asked for.
+        block_bytes: usize,
+        /// Bytes held by live blocks.
+        in_use: usize,
+        /// DecoderConfig::kv_budget_bytes.
+        budget: usize,
+        /// The pool's answer.
+        #[source]
+        source: buffer_pool::Error,
+    },
+    /// A sequence in a step belongs to another decoder.
+    #[error("sequence {index} was made by another decoder (or for another KV layout); make sequences with Decoder::new_sequence")]
+    ForeignSequence {
+        /// Index of the sequence in the step.
+        index: usize,
+    },
+    /// A sequence of a decoder step has no tokens.
+    #[error(
+        "sequence {index} of the step has no tokens; each sequence of a step brings at least one"
+    )]
+    EmptyTokens {
+        /// Index of the sequence in the step.
+        index: usize,
+    },
+    /// A decoder setting is out of range.
+    #[error("decoder config `{field}` = {value}: {reason}")]
+    BadDecoderConfig {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: String,
+        /// What is accepted.
+        reason: String,
+    },
+    /// An error from the buffer pool that holds the KV cache.
+    #[error("KV buffer pool")]
+    Pool(#[from] buffer_pool::Error),
     /// An error from candle.
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),

@@ -34,6 +34,7 @@
 //! # Ok::<(), models::Error>(())
 //! ```
 
+pub mod decoder;
 mod error;
 mod kernels;
 mod minilm;
@@ -41,6 +42,7 @@ mod rule;
 
 use std::path::{Path, PathBuf};
 
+pub use crate::decoder::{Decoder, DecoderConfig, DecoderEstimate};
 pub use crate::error::{Error, Result};
 pub use crate::minilm::{
     BertConfig, LoadOptions, MiniLm, MiniLmMemory, MiniLmTokenizer, Profile, Tokens,

@@ -1,0 +1,191 @@
+//! Row-wise f32 kernels of the decoder's forward pass.
+
+use rayon::prelude::*;
+
+/// Rows per parallel task.
+const ROWS_PER_TASK: usize = 8;
+
+/// `out[r] = x[r] / rms(x[r]) * w` for each row of width `w.len()`.
+pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    out.par_chunks_mut(d * ROWS_PER_TASK)
+        .zip(x.par_chunks(d * ROWS_PER_TASK))
+        .for_each(|(o, x)| {
+            for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                norm_row(x, w, eps, o);
+            }
+        });
+}
+
+/// In-place RMSNorm of every `w.len()`-wide piece of `x` (per-head norms).
+pub(crate) fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    x.par_chunks_mut(d * ROWS_PER_TASK).for_each(|x| {
+        for row in x.chunks_exact_mut(d) {
+            let ss: f32 = row.iter().map(|v| v * v).sum();
+            let s = 1.0 / (ss / d as f32 + eps).sqrt();
+            for (v, w) in row.iter_mut().zip(w) {
+                *v = *v * s * w;
+            }
+        }
+    });
+}
+
+#[inline]
+fn norm_row(x: &[f32], w: &[f32], eps: f32, o: &mut [f32]) {
+    let ss: f32 = x.iter().map(|v| v * v).sum();
+    let s = 1.0 / (ss / x.len() as f32 + eps).sqrt();
+    for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+        *o = x * s * w;
+    }
+}
+
+/// `x += y`.
+pub(crate) fn add_inplace(x: &mut [f32], y: &[f32]) {
+    x.par_chunks_mut(4096)
+        .zip(y.par_chunks(4096))
+        .for_each(|(x, y)| {
+            for (a, b) in x.iter_mut().zip(y) {
+                *a += b;
+            }
+        });
+}
+
+/// `g = silu(g) * u`.
+pub(crate) fn silu_mul(g: &mut [f32], u: &[f32]) {
+    g.par_chunks_mut(4096)
+        .zip(u.par_chunks(4096))
+        .for_each(|(g, u)| {
+            for (g, u) in g.iter_mut().zip(u) {
+                let x = *g;
+                *g = x / (1.0 + (-x).exp()) * u;
+            }
+        });
+}
+
+/// `g = gelu_tanh(g) * u`.
+pub(crate) fn gelu_mul(g: &mut [f32], u: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    g.par_chunks_mut(4096)
+        .zip(u.par_chunks(4096))
+        .for_each(|(g, u)| {
+            for (g, u) in g.iter_mut().zip(u) {
+                let x = *g;
+                let t = (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh();
+                *g = 0.5 * x * (1.0 + t) * u;
+            }
+        });
+}
+
+/// RoPE angles for a set of positions: `cos`/`sin` tables of
+/// `positions.len() x rope_dims/2`.
+#[derive(Debug, Default)]
+pub(crate) struct RopeTable {
+    pub(crate) cos: Vec<f32>,
+    pub(crate) sin: Vec<f32>,
+    half: usize,
+}
+
+impl RopeTable {
+    /// Fills the table for `positions` with base `base` over `rope_dims`.
+    pub(crate) fn fill(&mut self, positions: &[usize], rope_dims: usize, base: f32) {
+        let half = rope_dims / 2;
+        self.half = half;
+        self.cos.resize(positions.len() * half, 0.0);
+        self.sin.resize(positions.len() * half, 0.0);
+        let inv: Vec<f64> = (0..half)
+            .map(|i| (base as f64).powf(-2.0 * i as f64 / rope_dims as f64))
+            .collect();
+        for (t, &p) in positions.iter().enumerate() {
+            for (i, f) in inv.iter().enumerate() {
+                let (s, c) = (p as f64 * f).sin_cos();
+                self.cos[t * half + i] = c as f32;
+                self.sin[t * half + i] = s as f32;
+            }
+        }
+    }
+
+    /// Rotates every head of every row of `x` (`rows x n_heads*head_dim`).
+    pub(crate) fn apply(&self, x: &mut [f32], head_dim: usize, adjacent: bool) {
+        let half = self.half;
+        let n_rows = self.cos.len() / half.max(1);
+        let width = x.len() / n_rows.max(1);
+        x.par_chunks_mut(width).enumerate().for_each(|(t, row)| {
+            let cos = &self.cos[t * half..(t + 1) * half];
+            let sin = &self.sin[t * half..(t + 1) * half];
+            for head in row.chunks_exact_mut(head_dim) {
+                if adjacent {
+                    for i in 0..half {
+                        let (a, b) = (head[2 * i], head[2 * i + 1]);
+                        head[2 * i] = a * cos[i] - b * sin[i];
+                        head[2 * i + 1] = a * sin[i] + b * cos[i];
+                    }
+                } else {
+                    for i in 0..half {
+                        let (a, b) = (head[i], head[i + half]);
+                        head[i] = a * cos[i] - b * sin[i];
+                        head[i + half] = a * sin[i] + b * cos[i];
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight accumulators so that the loop vectorises without -ffast-math.
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for ((a, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *a += x * y;
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// `y += a * x`.
+#[inline]
+pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_rotates_pairs_and_keeps_norms() {
+        let mut t = RopeTable::default();
+        t.fill(&[0, 3], 4, 10_000.0);
+        let mut x = vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0];
+        t.apply(&mut x, 4, true);
+        // Position 0 is the identity.
+        assert_eq!(&x[..4], &[1.0, 2.0, 3.0, 4.0]);
+        // Position 3, pair 0 rotated by 3 rad.
+        let (s, c) = 3f32.sin_cos();
+        assert!((x[4] - (c - 2.0 * s)).abs() < 1e-5);
+        assert!((x[5] - (s + 2.0 * c)).abs() < 1e-5);
+        let n0: f32 = x[..4].iter().map(|v| v * v).sum();
+        let n1: f32 = x[4..].iter().map(|v| v * v).sum();
+        assert!((n0 - n1).abs() < 1e-4);
+    }
+
+    #[test]
+    fn rms_norm_unit_rms() {
+        let x = [3.0f32, -4.0, 0.0, 5.0];
+        let mut o = [0f32; 4];
+        rms_norm(&x, &[1.0; 4], 0.0, &mut o);
+        let rms = (o.iter().map(|v| v * v).sum::<f32>() / 4.0).sqrt();
+        assert!((rms - 1.0).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,223 @@
+//! Generation speed of the GGUF decoders, in the shape of llama.cpp's
+//! `llama-bench -p 128,512 -n 128` and `llama-batched-bench -npp 128
+//! -ntg 128 -npl 1,4,8,16`: prefill tokens/s for 128- and 512-token prompts,
+//! decode tokens/s with one sequence, aggregate decode tokens/s with 4, 8 and
+//! 16 sequences, and peak RSS of one sequence filled to context 2048 (a fresh
+//! process per model). Greedy decoding; prompts are fixed pseudo-random ids.
+//!
+//! ```text
+//! flock /work/bench.lock cargo run --release --example generate_bench
+//! cargo run --release --example generate_bench -- --model gemma3-270m --reps 3
+//! ```
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use clap::Parser;
+use models::decoder::{Decoder, DecoderConfig, LogitsWanted, SequenceStep};
+
+#[derive(Parser, Debug)]
+#[command(about = "Prefill, decode and batched-decode tokens/s and peak RSS of the GGUF decoders")]
+struct Args {
+    /// Models to run (smollm2-135m, gemma3-270m); both when absent.
+    #[arg(long)]
+    model: Vec<String>,
+    /// Repetitions of each measurement (the best is reported).
+    #[arg(long, default_value_t = 2)]
+    reps: usize,
+    /// Tokens generated per decode measurement.
+    #[arg(long, default_value_t = 128)]
+    gen: usize,
+    /// Batch sizes for aggregate decode.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![4usize, 8, 16])]
+    batches: Vec<usize>,
+    /// Internal: run the peak-RSS child for this model and print VmHWM.
+    #[arg(long, hide = true)]
+    rss_child: Option<String>,
+    /// Context for the peak-RSS measurement.
+    #[arg(long, default_value_t = 2048)]
+    rss_ctx: usize,
+}
+
+fn model_path(name: &str) -> Result<PathBuf, String> {
+    let file = match name {
+        "smollm2-135m" => "models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gemma3-270m" => "models/gemma3-270m/gemma-3-270m-q4_k_m.gguf",
+        other => {
+            return Err(format!(
+                "--model {other}: expected smollm2-135m or gemma3-270m"
+            ))
+        }
+    };
+    let cwd = std::env::current_dir().map_err(|e| e.to_string())?;
+    for dir in cwd.ancestors() {
+        let p = dir.join(file);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(format!(
+        "{file} not found; run scripts/fetch-model.sh {name}"
+    ))
+}
+
+fn prompt(n: usize, vocab: usize, salt: u64) -> Vec<u32> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ salt.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Ordinary tokens: skip the first few hundred (specials).
+            (300 + x % (vocab as u64 - 300)) as u32
+        })
+        .collect()
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn peak_rss_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Prefill tokens/s of an `n`-token prompt in one sequence.
+fn prefill(dec: &Decoder, n: usize, reps: usize) -> Result<f64, models::Error> {
+    let p = prompt(n, dec.config().vocab, n as u64);
+    let mut best = 0f64;
+    for _ in 0..reps {
+        let mut seq = dec.new_sequence();
+        let t = Instant::now();
+        dec.prefill(&mut seq, &p, LogitsWanted::Last)?;
+        best = best.max(n as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// Aggregate decode tokens/s of `b` sequences, each after a 128-token prompt.
+fn decode(dec: &Decoder, b: usize, gen: usize, reps: usize) -> Result<f64, models::Error> {
+    let v = dec.config().vocab;
+    let mut best = 0f64;
+    for _ in 0..reps {
+        let mut seqs: Vec<_> = (0..b).map(|_| dec.new_sequence()).collect();
+        let mut next = Vec::with_capacity(b);
+        for (i, s) in seqs.iter_mut().enumerate() {
+            let l = dec.prefill(s, &prompt(128, v, 1000 + i as u64), LogitsWanted::Last)?;
+            next.push(argmax(&l));
+        }
+        let t = Instant::now();
+        for _ in 0..gen {
+            let toks = next.clone();
+            let mut steps: Vec<SequenceStep<'_>> = seqs
+                .iter_mut()
+                .zip(&toks)
+                .map(|(s, tk)| SequenceStep {
+                    seq: s,
+                    tokens: std::slice::from_ref(tk),
+                    logits: LogitsWanted::Last,
+                })
+                .collect();
+            let logits = dec.step(&mut steps)?;
+            for (i, n) in next.iter_mut().enumerate() {
+                *n = argmax(logits.last(i).expect("asked for the last row"));
+            }
+        }
+        best = best.max((b * gen) as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn rss_child(name: &str, ctx: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let dec = Decoder::load(
+        model_path(name)?,
+        DecoderConfig {
+            context: Some(ctx),
+            ..DecoderConfig::default()
+        },
+    )?;
+    let v = dec.config().vocab;
+    let mut seq = dec.new_sequence();
+    let gen = 32.min(ctx / 2);
+    let l = dec.prefill(&mut seq, &prompt(ctx - gen, v, 7), LogitsWanted::Last)?;
+    let mut t = argmax(&l);
+    for _ in 0..gen {
+        let mut st = [SequenceStep {
+            seq: &mut seq,
+            tokens: std::slice::from_ref(&t),
+            logits: LogitsWanted::Last,
+        }];
+        t = argmax(dec.step(&mut st)?.last(0).expect("last row"));
+    }
+    println!("VmHWM_KiB {}", peak_rss_kib().unwrap_or(0));
+    Ok(())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    if let Some(name) = &args.rss_child {
+        return rss_child(name, args.rss_ctx);
+    }
+    let names = if args.model.is_empty() {
+        vec!["smollm2-135m".to_string(), "gemma3-270m".to_string()]
+    } else {
+        args.model.clone()
+    };
+    let threads = rayon::current_num_threads();
+    let mut head =
+        format!("| model | threads | prefill 128 t/s | prefill 512 t/s | decode 1 seq t/s |");
+    for b in &args.batches {
+        head.push_str(&format!(" decode {b} seq t/s |"));
+    }
+    head.push_str(&format!(" peak RSS ctx {} MiB |", args.rss_ctx));
+    println!("{head}");
+    println!(
+        "{}",
+        head.chars()
+            .map(|c| if c == '|' { '|' } else { '-' })
+            .collect::<String>()
+    );
+    for name in &names {
+        let dec = Decoder::load(
+            model_path(name)?,
+            DecoderConfig {
+                context: Some(2048),
+                kv_budget_bytes: 1 << 30,
+                ..DecoderConfig::default()
+            },
+        )?;
+        // Warm-up: page the weights in.
+        prefill(&dec, 32, 1)?;
+        let p128 = prefill(&dec, 128, args.reps)?;
+        let p512 = prefill(&dec, 512, args.reps)?;
+        let d1 = decode(&dec, 1, args.gen, args.reps)?;
+        let mut row = format!("| {name} | {threads} | {p128:.1} | {p512:.1} | {d1:.1} |");
+        for &b in &args.batches {
+            let d = decode(&dec, b, args.gen, args.reps)?;
+            row.push_str(&format!(" {d:.1} |"));
+        }
+        drop(dec);
+        let out = Command::new(std::env::current_exe()?)
+            .args(["--rss-child", name, "--rss-ctx", &args.rss_ctx.to_string()])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let rss = text
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM_KiB "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|k| format!("{:.1}", k as f64 / 1024.0))
+            .unwrap_or_else(|| format!("failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        row.push_str(&format!(" {rss} |"));
+        println!("{row}");
+    }
+    Ok(())
+}
