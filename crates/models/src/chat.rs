@@ -134,7 +134,13 @@ mod tests {
         let t = ChatTemplate::plain_fallback();
         assert_eq!(t.source(), PLAIN_FALLBACK);
         let s = t
-            .render(&[Message::new("system", "Be brief."), Message::new("user", "Hi")], true)
+            .render(
+                &[
+                    Message::new("system", "Be brief."),
+                    Message::new("user", "Hi"),
+                ],
+                true,
+            )
             .unwrap();
         assert_eq!(s, "Be brief.\n\nHi");
     }
@@ -148,8 +154,13 @@ mod tests {
             "",
         )
         .unwrap();
-        assert_eq!(t.render(&[Message::new("user", "  hi  ")], false).unwrap(), "hi");
-        let e = t.render(&[Message::new("assistant", "x")], false).unwrap_err();
+        assert_eq!(
+            t.render(&[Message::new("user", "  hi  ")], false).unwrap(),
+            "hi"
+        );
+        let e = t
+            .render(&[Message::new("assistant", "x")], false)
+            .unwrap_err();
         assert!(matches!(e, Error::ChatTemplate { .. }));
         let chain = std::error::Error::source(&e).unwrap().to_string();
         assert!(chain.contains("first must be user"), "{chain}");

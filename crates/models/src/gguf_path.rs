@@ -70,7 +70,10 @@ mod tests {
         let e = find_gguf("gemma3-270m", Path::new("/nonexistent"), Path::new("/")).unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("scripts/fetch-model.sh gemma3-270m"), "{msg}");
-        assert!(msg.contains("/nonexistent/gemma3-270m/gemma-3-270m-q4_k_m.gguf"), "{msg}");
+        assert!(
+            msg.contains("/nonexistent/gemma3-270m/gemma-3-270m-q4_k_m.gguf"),
+            "{msg}"
+        );
         let e = find_gguf("llama-9000", Path::new("models"), Path::new("/")).unwrap_err();
         assert!(e.to_string().contains("llama-9000"), "{e}");
     }

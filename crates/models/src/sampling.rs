@@ -104,7 +104,11 @@ impl SamplingConfig {
             })
         };
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad("temperature", self.temperature.to_string(), "a finite value >= 0 (0 is greedy)");
+            return bad(
+                "temperature",
+                self.temperature.to_string(),
+                "a finite value >= 0 (0 is greedy)",
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", self.top_p.to_string(), "(0, 1] (1 keeps all)");
@@ -113,13 +117,25 @@ impl SamplingConfig {
             return bad("min_p", self.min_p.to_string(), "[0, 1] (0 keeps all)");
         }
         if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
-            return bad("repeat_penalty", self.repeat_penalty.to_string(), "a finite value > 0 (1 is off)");
+            return bad(
+                "repeat_penalty",
+                self.repeat_penalty.to_string(),
+                "a finite value > 0 (1 is off)",
+            );
         }
         if !self.presence_penalty.is_finite() {
-            return bad("presence_penalty", self.presence_penalty.to_string(), "a finite value (0 is off)");
+            return bad(
+                "presence_penalty",
+                self.presence_penalty.to_string(),
+                "a finite value (0 is off)",
+            );
         }
         if !self.frequency_penalty.is_finite() {
-            return bad("frequency_penalty", self.frequency_penalty.to_string(), "a finite value (0 is off)");
+            return bad(
+                "frequency_penalty",
+                self.frequency_penalty.to_string(),
+                "a finite value (0 is off)",
+            );
         }
         if let Some(i) = self.stop.iter().position(String::is_empty) {
             return bad("stop", format!("\"\" (entry {i})"), "non-empty strings");
@@ -317,7 +333,10 @@ fn pick(cfg: &SamplingConfig, logits: &[f32], cands: &mut Vec<Cand>, u: f64) -> 
             if l.is_nan() {
                 continue;
             }
-            let c = Cand { logit: l, id: i as u32 };
+            let c = Cand {
+                logit: l,
+                id: i as u32,
+            };
             if heap.len() < top_k {
                 heap.push(Reverse(c));
             } else if heap.peek().is_some_and(|m| c > m.0) {
@@ -332,10 +351,16 @@ fn pick(cfg: &SamplingConfig, logits: &[f32], cands: &mut Vec<Cand>, u: f64) -> 
                 .iter()
                 .enumerate()
                 .filter(|(_, l)| !l.is_nan())
-                .map(|(i, &l)| Cand { logit: l, id: i as u32 }),
+                .map(|(i, &l)| Cand {
+                    logit: l,
+                    id: i as u32,
+                }),
         );
     }
-    let max = cands.iter().map(|c| c.logit).fold(f32::NEG_INFINITY, f32::max);
+    let max = cands
+        .iter()
+        .map(|c| c.logit)
+        .fold(f32::NEG_INFINITY, f32::max);
     if cands.is_empty() || max == f32::NEG_INFINITY {
         // Nothing has probability: fall back to greedy.
         return argmax(logits);
@@ -492,7 +517,9 @@ impl StopMatcher {
             let max = (s.len() - 1).min(self.held.len());
             for k in (hold + 1..=max).rev() {
                 let start = self.held.len() - k;
-                if self.held.is_char_boundary(start) && s.as_bytes().starts_with(&self.held.as_bytes()[start..]) {
+                if self.held.is_char_boundary(start)
+                    && s.as_bytes().starts_with(&self.held.as_bytes()[start..])
+                {
                     hold = k;
                     break;
                 }
@@ -520,13 +547,55 @@ mod tests {
     #[test]
     fn invalid_values_are_named() {
         for (cfg, field) in [
-            (SamplingConfig { temperature: -0.1, ..Default::default() }, "temperature"),
-            (SamplingConfig { top_p: 0.0, ..Default::default() }, "top_p"),
-            (SamplingConfig { top_p: 1.5, ..Default::default() }, "top_p"),
-            (SamplingConfig { min_p: -1.0, ..Default::default() }, "min_p"),
-            (SamplingConfig { repeat_penalty: 0.0, ..Default::default() }, "repeat_penalty"),
-            (SamplingConfig { presence_penalty: f32::NAN, ..Default::default() }, "presence_penalty"),
-            (SamplingConfig { stop: vec![String::new()], ..Default::default() }, "stop"),
+            (
+                SamplingConfig {
+                    temperature: -0.1,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingConfig {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingConfig {
+                    top_p: 1.5,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingConfig {
+                    min_p: -1.0,
+                    ..Default::default()
+                },
+                "min_p",
+            ),
+            (
+                SamplingConfig {
+                    repeat_penalty: 0.0,
+                    ..Default::default()
+                },
+                "repeat_penalty",
+            ),
+            (
+                SamplingConfig {
+                    presence_penalty: f32::NAN,
+                    ..Default::default()
+                },
+                "presence_penalty",
+            ),
+            (
+                SamplingConfig {
+                    stop: vec![String::new()],
+                    ..Default::default()
+                },
+                "stop",
+            ),
         ] {
             let e = Sampler::new(cfg).unwrap_err();
             let msg = e.to_string();

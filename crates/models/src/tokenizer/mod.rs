@@ -301,9 +301,12 @@ impl Tokenizer {
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                v.to_string()
-                    .cloned()
-                    .map_err(|_| bad("tokenizer.ggml.tokens", format!("entry {i} is not a string")))
+                v.to_string().cloned().map_err(|_| {
+                    bad(
+                        "tokenizer.ggml.tokens",
+                        format!("entry {i} is not a string"),
+                    )
+                })
             })
             .collect::<Result<_>>()?;
         let n = tokens.len();
@@ -349,10 +352,7 @@ impl Tokenizer {
                     .enumerate()
                     .map(|(i, v)| {
                         v.to_f32().map_err(|_| {
-                            bad(
-                                "tokenizer.ggml.scores",
-                                format!("entry {i} is not an f32"),
-                            )
+                            bad("tokenizer.ggml.scores", format!("entry {i} is not an f32"))
                         })
                     })
                     .collect::<Result<_>>()?
@@ -445,26 +445,30 @@ impl Tokenizer {
                         supported: "smollm, starcoder, refact, command-r, codeshell, exaone, minerva-7b, gpt2",
                     });
                 };
-                let merges = meta_array(c, "tokenizer.ggml.merges")?
-                    .ok_or_else(|| bad("tokenizer.ggml.merges", "missing (a gpt2 tokenizer needs its merges)"))?;
+                let merges = meta_array(c, "tokenizer.ggml.merges")?.ok_or_else(|| {
+                    bad(
+                        "tokenizer.ggml.merges",
+                        "missing (a gpt2 tokenizer needs its merges)",
+                    )
+                })?;
                 let merges = merges
                     .iter()
                     .enumerate()
                     .map(|(i, v)| {
                         let s = v.to_string().map_err(|_| {
-                            bad("tokenizer.ggml.merges", format!("entry {i} is not a string"))
+                            bad(
+                                "tokenizer.ggml.merges",
+                                format!("entry {i} is not a string"),
+                            )
                         })?;
                         // llama.cpp splits at the first space after the first character.
                         let first = s.chars().next().map_or(0, char::len_utf8);
-                        let pos = s[first..]
-                            .find(' ')
-                            .map(|p| p + first)
-                            .ok_or_else(|| {
-                                bad(
-                                    "tokenizer.ggml.merges",
-                                    format!("entry {i} ({s:?}) is not two pieces separated by a space"),
-                                )
-                            })?;
+                        let pos = s[first..].find(' ').map(|p| p + first).ok_or_else(|| {
+                            bad(
+                                "tokenizer.ggml.merges",
+                                format!("entry {i} ({s:?}) is not two pieces separated by a space"),
+                            )
+                        })?;
                         Ok((s[..pos].to_string(), s[pos + 1..].to_string()))
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -688,7 +692,9 @@ impl Tokenizer {
             if claimed[start..start + len].iter().any(|&c| c) {
                 continue;
             }
-            claimed[start..start + len].iter_mut().for_each(|c| *c = true);
+            claimed[start..start + len]
+                .iter_mut()
+                .for_each(|c| *c = true);
             taken.push((start, len, self.specials.order[rank]));
         }
         taken.sort_unstable();

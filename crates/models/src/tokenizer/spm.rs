@@ -96,7 +96,10 @@ impl Spm {
             });
         }
         let mut heap = BinaryHeap::with_capacity(symbols.len());
-        let try_add = |heap: &mut BinaryHeap<Bigram>, symbols: &[Symbol], left: Option<usize>, right: Option<usize>| {
+        let try_add = |heap: &mut BinaryHeap<Bigram>,
+                       symbols: &[Symbol],
+                       left: Option<usize>,
+                       right: Option<usize>| {
             let (Some(l), Some(r)) = (left, right) else {
                 return;
             };
