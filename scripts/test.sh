@@ -4,7 +4,8 @@
 # on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The models crate tests run all-MiniLM-L6-v2; fetch it (a no-op when present
-# and verified). A failed fetch fails the run: the model tests are never skipped.
-bash scripts/fetch-model.sh
+# The models crate tests run all-MiniLM-L6-v2, SmolLM2-135M and Gemma-3-270M;
+# fetch them (a no-op when present and verified). A failed fetch fails the run:
+# the model tests are never skipped.
+bash scripts/fetch-model.sh all
 cargo test --workspace --locked "$@"

@@ -173,6 +173,87 @@ pub enum Error {
     /// An error from the quant crate.
     #[error("quant: {0}")]
     Quant(#[from] quant::Error),
+    // --- GGUF files, tokenizers, chat templates, sampling ---
+    /// A GGUF model named to [`crate::gguf_path`] is not one this crate knows.
+    #[error("unknown model {name:?}; known: {known}")]
+    UnknownModel {
+        /// The name asked for.
+        name: String,
+        /// The names that exist.
+        known: &'static str,
+    },
+    /// A GGUF model file is missing.
+    #[error("GGUF file {path} of model {name} not found; run scripts/fetch-model.sh {name} (it honours SNUG_MODELS_ROOT)")]
+    GgufMissing {
+        /// The model's name.
+        name: String,
+        /// The file that was looked for.
+        path: PathBuf,
+    },
+    /// A GGUF header could not be read.
+    #[error("reading the GGUF header of {path}")]
+    GgufHeader {
+        /// The file.
+        path: PathBuf,
+        /// What candle's GGUF reader said.
+        #[source]
+        source: candle_core::Error,
+    },
+    /// A `tokenizer.*` metadata value is missing or malformed.
+    #[error("GGUF tokenizer metadata {key}: {reason}")]
+    BadTokenizerMetadata {
+        /// The metadata key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The GGUF names a tokenizer model or pre-tokenizer this crate does not implement.
+    #[error("unsupported {what} {name:?}; supported: {supported}")]
+    UnsupportedTokenizer {
+        /// Which setting.
+        what: &'static str,
+        /// Its value in the file.
+        name: String,
+        /// The values this crate implements.
+        supported: &'static str,
+    },
+    /// The tokenizer's pieces (BPE merges, regexes) could not be built or run.
+    #[error("building or running the BPE tokenizer: {0}")]
+    TokenizerBuild(String),
+    /// A token id is not in the vocabulary.
+    #[error("token id {id} is out of range; the vocabulary has {vocab} tokens")]
+    TokenOutOfRange {
+        /// The id.
+        id: u32,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+    /// The model has no chat template (`tokenizer.chat_template`).
+    #[error("the model has no chat template (tokenizer.chat_template); it is a base model: give it plain text, or use ChatTemplate::plain_fallback")]
+    NoChatTemplate,
+    /// The chat template failed to parse or to render.
+    #[error("chat template")]
+    ChatTemplate {
+        /// minijinja's error.
+        #[source]
+        source: minijinja::Error,
+    },
+    /// A sampling setting is out of its range.
+    #[error("sampling setting {field} = {value} is out of range; expected {range}")]
+    BadSampling {
+        /// The setting.
+        field: &'static str,
+        /// Its value.
+        value: String,
+        /// What it accepts.
+        range: &'static str,
+    },
+    /// Logits of the wrong length were given to a sampler.
+    #[error("{len} logits given; the sampler needs at least 1 (one per vocabulary token)")]
+    EmptyLogits {
+        /// Number of logits.
+        len: usize,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

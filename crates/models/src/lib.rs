@@ -8,6 +8,11 @@
 //! - [`RuleBasedEmbedder`]: feature hashing of words and character n-grams,
 //!   the tier that never fails.
 //! - [`Embed`]: what both offer.
+//! - [`Tokenizer`]: the tokenizer of a GGUF decoder, read from its metadata
+//!   (byte-level BPE and SentencePiece), matching llama.cpp's ids;
+//!   [`ChatTemplate`] renders the model's chat template; [`Sampler`] and
+//!   [`StopMatcher`] choose tokens and stop generation. [`gguf_path`] finds
+//!   the GGUF files `scripts/fetch-model.sh` fetches.
 //!
 //! The model files come from `scripts/fetch-model.sh`; [`model_dir`] finds
 //! them.
@@ -34,11 +39,15 @@
 //! # Ok::<(), models::Error>(())
 //! ```
 
+pub mod chat;
 pub mod decoder;
 mod error;
+mod gguf_path;
 mod kernels;
 mod minilm;
 mod rule;
+pub mod sampling;
+pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 
@@ -48,6 +57,11 @@ pub use crate::minilm::{
     BertConfig, LoadOptions, MiniLm, MiniLmMemory, MiniLmTokenizer, Profile, Tokens,
 };
 pub use crate::rule::{RuleBasedConfig, RuleBasedEmbedder};
+
+pub use crate::chat::{ChatTemplate, Message};
+pub use crate::gguf_path::{gguf_path, DEFAULT_MODELS_ROOT, GGUF_MODELS};
+pub use crate::sampling::{Sampler, SamplingConfig, StopMatcher, StopOutput};
+pub use crate::tokenizer::{StreamDecoder, TokenType, Tokenizer, TokenizerModel};
 
 /// A sentence embedder: texts in, one vector per text out.
 pub trait Embed: Send + Sync {
