@@ -70,6 +70,63 @@ pub enum Error {
     /// Serialising or parsing plan JSON failed.
     #[error("plan JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// A GGUF tensor type that [`QMatrix`](crate::QMatrix) has no kernel for.
+    #[error("tensor type {dtype} has no block kernel; supported: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, F16, F32 (dequantize it to F32 or requantize the file)")]
+    UnsupportedBlockType {
+        /// The type's name, e.g. `Q5_1`.
+        dtype: String,
+    },
+    /// Raw block data did not fit the declared type and shape.
+    #[error("{dtype} matrix of {rows} x {cols}: {reason}")]
+    BlockData {
+        /// The type's name.
+        dtype: String,
+        /// Rows (outputs).
+        rows: usize,
+        /// Columns (inputs).
+        cols: usize,
+        /// What does not fit, with the sizes.
+        reason: String,
+    },
+    /// A buffer passed to a block kernel had the wrong length.
+    #[error("{what} has {got} values but the call needs {want}")]
+    BufferLength {
+        /// Which buffer (`input`, `output`, `row`).
+        what: &'static str,
+        /// Its length.
+        got: usize,
+        /// The length the call needs.
+        want: usize,
+    },
+    /// A row index or range lay outside the matrix.
+    #[error("rows {start}..{end} asked of a matrix with {rows} rows; ask for rows below {rows}")]
+    RowRange {
+        /// First row asked for.
+        start: usize,
+        /// One past the last row asked for.
+        end: usize,
+        /// Rows the matrix has.
+        rows: usize,
+    },
+    /// The kernel asked for cannot run on this CPU.
+    #[error("kernel {kernel} cannot run on this CPU (it needs {needs}); use Kernel::detect()")]
+    KernelUnavailable {
+        /// The kernel's name.
+        kernel: &'static str,
+        /// The CPU features it needs.
+        needs: &'static str,
+    },
+    /// The compute pool could not start its threads.
+    #[error("starting compute pool thread {index} of {threads}")]
+    PoolSpawn {
+        /// Index of the thread that failed.
+        index: usize,
+        /// Threads asked for.
+        threads: usize,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// candle reported an error.
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),

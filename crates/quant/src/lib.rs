@@ -32,8 +32,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! [`blocks`] holds matmul kernels for GGUF block formats (Q4_0, Q4_1,
+//! Q5_0, Q8_0, Q4_K, Q6_K, F16, F32) on raw f32 buffers, with AVX-512 VNNI
+//! paths and a persistent compute pool, for decoders read from GGUF.
+//!
 //! No feature flags.
 
+pub mod blocks;
 mod error;
 mod format;
 mod linear;

@@ -1,0 +1,279 @@
+//! Matmul kernels for GGUF block formats, on raw f32 buffers.
+//!
+//! A decoder read from GGUF keeps its weights in the file's block types;
+//! this module multiplies by them without dequantizing:
+//!
+//! - [`QMatrix`]: a weight matrix `[rows = outputs, cols = inputs]` of type
+//!   Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, F16 or F32, built from a candle
+//!   [`QTensor`](candle_core::quantized::QTensor)
+//!   ([`QMatrix::from_qtensor`]) or raw block bytes ([`QMatrix::from_raw`]),
+//!   repacked for the kernels at (almost) the stored size
+//!   ([`resident_bytes_for`] knows it from the header).
+//! - [`QMatrix::matmul`]: `y[n x rows] = x[n x cols] · Wᵀ` into a caller's
+//!   slice, for `n = 1` (decode) up to hundreds (prefill), on a
+//!   [`ComputePool`]; [`QMatrix::matmul_rows`] computes only some outputs;
+//!   [`QMatrix::dequantize_row`] reads one row (an embedding) as f32.
+//! - [`ComputePool`]: persistent threads that spin briefly, then park, with
+//!   `run(n_tasks, |task| ..)` for any fork/join work (attention heads too).
+//!
+//! ## Arithmetic (llama.cpp's)
+//! Each call quantizes the activations once: per block of 32 to int8 with
+//! an f32 scale `d = max|x| / 127` and the block's `d · Σq` (32-block
+//! types), or per 256 with the sums of each 16 (Q4_K, Q6_K). Each weight
+//! block then takes an integer dot product with the activation block, and
+//! the f32 scales (and offsets or minimums) are applied once per block. The
+//! result differs from "dequantize W, multiply in f32" by the rounding of
+//! the activations to int8 (a relative error of about 1e-3 of the output's
+//! scale) and nothing else.
+//!
+//! ## Kernels ([`Kernel`])
+//! - [`Kernel::Avx512Vnni`] (x86-64 with AVX-512 F/BW/VL and VNNI, detected
+//!   at run time): nibbles are expanded with two instructions and fed to
+//!   `vpdpbusd` (unsigned weights × signed activations: Q8_0 weights are
+//!   stored as `q + 128` and the offset is taken back with the block's
+//!   `Σ q_a`); several activation rows share each weight load.
+//! - [`Kernel::Portable`]: the same integer arithmetic in plain Rust, on
+//!   every CPU. Both are tested against candle's dequantized matmul.
+//!
+//! ```
+//! use candle_core::{quantized::{GgmlDType, QTensor}, Device, Tensor};
+//! use quant::blocks::{ComputePool, QMatrix};
+//!
+//! let w = Tensor::randn(0f32, 1.0, (96, 256), &Device::Cpu)?;
+//! let q = QMatrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4K)?)?;
+//! let x: Vec<f32> = (0..2 * 256).map(|i| (i as f32 * 0.37).sin()).collect();
+//! let mut y = vec![0f32; 2 * 96];
+//! q.matmul(&x, 2, &mut y, &ComputePool::single())?;
+//! // Row 0 of W, dequantized, dotted with the first input: the same value.
+//! let mut row = vec![0f32; 256];
+//! q.dequantize_row(0, &mut row)?;
+//! let want: f32 = row.iter().zip(&x).map(|(a, b)| a * b).sum();
+//! assert!((y[0] - want).abs() < 0.02 * want.abs().max(1.0));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod act;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod matrix;
+mod pool;
+mod portable;
+
+use std::cell::RefCell;
+use std::ops::Range;
+
+pub use self::matrix::{resident_bytes_for, QMatrix};
+pub use self::pool::{default_threads, ComputePool, PoolConfig};
+
+use self::act::{quantize_row_q8_0, quantize_row_q8_k, Acts, Layout};
+use self::matrix::{Ty, YPtr};
+use crate::{Error, Result};
+
+/// Which implementation a [`QMatrix`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Kernel {
+    /// Plain Rust, every CPU.
+    Portable,
+    /// x86-64 AVX-512 F/BW/VL + VNNI.
+    Avx512Vnni,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs.
+    pub fn detect() -> Kernel {
+        if Kernel::Avx512Vnni.is_available() {
+            Kernel::Avx512Vnni
+        } else {
+            Kernel::Portable
+        }
+    }
+
+    /// Whether this CPU can run the kernel.
+    pub fn is_available(self) -> bool {
+        match self {
+            Kernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => avx512::cpu_supports(),
+            #[cfg(not(target_arch = "x86_64"))]
+            Kernel::Avx512Vnni => false,
+        }
+    }
+
+    pub(crate) fn check(self) -> Result<()> {
+        if self.is_available() {
+            Ok(())
+        } else {
+            Err(Error::KernelUnavailable {
+                kernel: "Avx512Vnni",
+                needs: "x86-64 with AVX-512 F, BW, VL and VNNI",
+            })
+        }
+    }
+}
+
+thread_local! {
+    /// The calling thread's quantized activations, reused between calls.
+    static ACTS: RefCell<Acts> = RefCell::new(Acts::default());
+}
+
+/// A pointer to scratch that the pool's tasks fill in disjoint parts.
+#[derive(Clone, Copy)]
+struct ActsPtr(*mut Acts);
+// SAFETY: tasks write disjoint rows of the buffers (see `quantize`).
+unsafe impl Send for ActsPtr {}
+// SAFETY: as above.
+unsafe impl Sync for ActsPtr {}
+impl ActsPtr {
+    /// The pointer (a method, so closures capture the `Sync` wrapper).
+    fn get(self) -> *mut Acts {
+        self.0
+    }
+}
+
+/// Activation rows per quantization task.
+const QUANT_ROWS: usize = 8;
+
+/// Quantizes the `n` rows of `x` for `ty` in `layout` into `acts`.
+#[allow(clippy::too_many_arguments)]
+fn quantize(
+    ty: Ty,
+    x: &[f32],
+    n: usize,
+    k: usize,
+    layout: Layout,
+    simd: bool,
+    acts: &mut Acts,
+    pool: &ComputePool,
+) {
+    let sup = ty.super_blocks();
+    acts.reset(n, k, sup);
+    let per = k / if sup { act::QKK } else { act::QK };
+    let p = ActsPtr(acts);
+    let rows = |i0: usize, i1: usize| {
+        // SAFETY: each task takes rows `i0..i1`, disjoint from the others',
+        // of buffers sized by `reset` above; `acts` outlives the pool run.
+        let a = unsafe { &mut *p.get() };
+        for i in i0..i1 {
+            let xr = &x[i * k..(i + 1) * k];
+            let qs = unsafe { std::slice::from_raw_parts_mut(a.qs.as_mut_ptr().add(i * k), k) };
+            let d = unsafe { std::slice::from_raw_parts_mut(a.d.as_mut_ptr().add(i * per), per) };
+            if sup {
+                let bs = unsafe {
+                    std::slice::from_raw_parts_mut(a.bsums.as_mut_ptr().add(i * per * 16), per * 16)
+                };
+                quantize_k_row(xr, layout, simd, qs, d, bs);
+            } else {
+                let s =
+                    unsafe { std::slice::from_raw_parts_mut(a.s.as_mut_ptr().add(i * per), per) };
+                quantize_0_row(xr, layout, simd, qs, d, s);
+            }
+        }
+    };
+    if n < 2 * QUANT_ROWS {
+        rows(0, n);
+    } else {
+        pool.run(n.div_ceil(QUANT_ROWS), |t| {
+            rows(t * QUANT_ROWS, ((t + 1) * QUANT_ROWS).min(n))
+        });
+    }
+}
+
+fn quantize_0_row(
+    x: &[f32],
+    layout: Layout,
+    simd: bool,
+    qs: &mut [i8],
+    d: &mut [f32],
+    s: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is set only when the CPU runs the AVX-512 kernel.
+        return unsafe { avx512::quantize_row_q8_0(x, layout, qs, d, s) };
+    }
+    let _ = simd;
+    quantize_row_q8_0(x, layout, qs, d, s)
+}
+
+fn quantize_k_row(
+    x: &[f32],
+    layout: Layout,
+    simd: bool,
+    qs: &mut [i8],
+    d: &mut [f32],
+    bs: &mut [i16],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: as in `quantize_0_row`.
+        return unsafe { avx512::quantize_row_q8_k(x, layout, qs, d, bs) };
+    }
+    let _ = simd;
+    quantize_row_q8_k(x, layout, qs, d, bs)
+}
+
+/// Weight rows per task: about four tasks per thread for balance, at least
+/// [`MIN_ROWS_PER_TASK`] so a task amortises its start.
+const MIN_ROWS_PER_TASK: usize = 16;
+
+/// The body of [`QMatrix::matmul_rows`] (arguments checked).
+pub(crate) fn run_matmul(
+    m: &QMatrix,
+    x: &[f32],
+    n: usize,
+    rows: Range<usize>,
+    y: &mut [f32],
+    pool: &ComputePool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    let simd = m.kernel == Kernel::Avx512Vnni && avx512::supports(m.ty);
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = false;
+    let out = YPtr {
+        ptr: y.as_mut_ptr(),
+        stride: rows.len(),
+        col0: rows.start,
+    };
+    let per_task = rows
+        .len()
+        .div_ceil(4 * pool.threads())
+        .max(MIN_ROWS_PER_TASK);
+    let tasks = rows.len().div_ceil(per_task);
+    ACTS.with(|cell| {
+        let mut guard = cell.try_borrow_mut();
+        let mut own;
+        let acts: &mut Acts = match guard.as_deref_mut() {
+            Ok(a) => a,
+            // Re-entered on this thread (cannot happen through the public
+            // API, kept safe anyway): a fresh buffer.
+            Err(_) => {
+                own = Acts::default();
+                &mut own
+            }
+        };
+        if !matches!(m.ty, Ty::F32 | Ty::F16) {
+            let layout = if simd {
+                m.ty.simd_layout()
+            } else {
+                Layout::Natural
+            };
+            quantize(m.ty, x, n, m.cols, layout, simd, acts, pool);
+        }
+        let acts: &Acts = acts;
+        pool.run(tasks, |t| {
+            let js = rows.start + t * per_task..(rows.start + (t + 1) * per_task).min(rows.end);
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `supports` checked the CPU; sizes were checked by
+                // `matmul_rows`; tasks write disjoint columns of `y`.
+                unsafe { avx512::tile(m, x, acts, n, js, out) };
+                return;
+            }
+            m.portable_tile(x, acts, 0, n, js, out);
+        });
+    });
+}
+
+#[cfg(test)]
+mod tests;

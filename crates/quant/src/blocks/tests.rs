@@ -1,0 +1,259 @@
+//! The kernels against candle's dequantization.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+use super::*;
+
+fn random(len: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..len)
+        .map(|i| {
+            // Mixed magnitudes per 32 values, a zero block now and then.
+            let scale = [1.0f32, 0.01, 7.0, 0.0, 0.3][(i / 32) % 5];
+            (rng.random::<f32>() - 0.5) * 2.0 * scale
+        })
+        .collect()
+}
+
+const TYPES: [GgmlDType; 8] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4K,
+    GgmlDType::Q6K,
+    GgmlDType::F16,
+    GgmlDType::F32,
+];
+
+fn quantized(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> (QTensor, Vec<f32>) {
+    let w = Tensor::from_vec(random(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&w, dtype).unwrap();
+    let deq = q
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    (q, deq)
+}
+
+/// `x · Wᵀ` in f64 from candle's dequantized weights.
+fn reference(deq: &[f32], rows: usize, cols: usize, x: &[f32], n: usize) -> Vec<f64> {
+    let mut y = vec![0f64; n * rows];
+    for i in 0..n {
+        for j in 0..rows {
+            y[i * rows + j] = (0..cols)
+                .map(|t| deq[j * cols + t] as f64 * x[i * cols + t] as f64)
+                .sum();
+        }
+    }
+    y
+}
+
+/// (max |got - want| / max |want|, rms(got - want) / rms(want)).
+fn errors(got: &[f32], want: &[f64]) -> (f64, f64) {
+    let scale = want.iter().fold(1e-30f64, |a, v| a.max(v.abs()));
+    let max = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (*g as f64 - w).abs())
+        .fold(0.0, f64::max);
+    let e2: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (*g as f64 - w).powi(2))
+        .sum();
+    let w2: f64 = want.iter().map(|w| w * w).sum::<f64>().max(1e-30);
+    (max / scale, (e2 / w2).sqrt())
+}
+
+fn shapes(dtype: GgmlDType) -> Vec<(usize, usize)> {
+    match dtype {
+        // Whole super-blocks only.
+        GgmlDType::Q4K | GgmlDType::Q6K => vec![(45, 256), (17, 768), (64, 2048), (3, 1024)],
+        // 3 blocks (no whole group of 4), 18 (4 groups + 2: SmolLM2's
+        // 576), 20 (Gemma's 640), 48.
+        _ => vec![(45, 96), (33, 576), (64, 640), (7, 1536), (1, 32)],
+    }
+}
+
+fn pools() -> Vec<ComputePool> {
+    vec![
+        ComputePool::single(),
+        ComputePool::new(&PoolConfig {
+            threads: Some(3),
+            spin_us: 50,
+        })
+        .unwrap(),
+    ]
+}
+
+#[test]
+fn dequantize_row_equals_candle() {
+    for dtype in TYPES {
+        for (rows, cols) in shapes(dtype) {
+            let (q, deq) = quantized(dtype, rows, cols, 11);
+            let m = QMatrix::from_qtensor(&q).unwrap();
+            let mut row = vec![0f32; cols];
+            for r in [0, rows / 2, rows - 1] {
+                m.dequantize_row(r, &mut row).unwrap();
+                for (t, (a, b)) in row.iter().zip(&deq[r * cols..(r + 1) * cols]).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-6 * b.abs(),
+                        "{dtype:?} {rows}x{cols} row {r} value {t}: {a} vs candle {b}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Every kernel this CPU runs, against candle's dequantized matmul, within
+/// the error that rounding the activations to int8 brings.
+fn check_kernel(kernel: Kernel) {
+    let pools = pools();
+    for dtype in TYPES {
+        for (rows, cols) in shapes(dtype) {
+            let (q, deq) = quantized(dtype, rows, cols, 5);
+            let m = QMatrix::from_qtensor(&q)
+                .unwrap()
+                .with_kernel(kernel)
+                .unwrap();
+            for n in [1usize, 3, 8, 37] {
+                let x = random(n * cols, 7 + n as u64);
+                let want = reference(&deq, rows, cols, &x, n);
+                let mut y = vec![f32::NAN; n * rows];
+                m.matmul(&x, n, &mut y, &pools[n % 2]).unwrap();
+                let (max, rms) = errors(&y, &want);
+                let (tol_max, tol_rms) = match dtype {
+                    GgmlDType::F32 | GgmlDType::F16 => (1e-5, 1e-5),
+                    _ => (2e-2, 1e-2),
+                };
+                assert!(
+                    max < tol_max && rms < tol_rms,
+                    "{kernel:?} {dtype:?} {rows}x{cols} n={n}: max error {max:.2e}, rms {rms:.2e} (of the output's scale)"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn portable_kernel_matches_candle() {
+    check_kernel(Kernel::Portable);
+}
+
+#[test]
+fn avx512_kernel_matches_candle() {
+    if !Kernel::Avx512Vnni.is_available() {
+        eprintln!("SKIPPED avx512_kernel_matches_candle: this CPU lacks AVX-512 F/BW/VL/VNNI");
+        return;
+    }
+    check_kernel(Kernel::Avx512Vnni);
+}
+
+/// Both kernels do the same integer arithmetic: equal to f32 rounding.
+#[test]
+fn avx512_kernel_equals_portable() {
+    if !Kernel::Avx512Vnni.is_available() {
+        eprintln!("SKIPPED avx512_kernel_equals_portable: this CPU lacks AVX-512 F/BW/VL/VNNI");
+        return;
+    }
+    let pool = ComputePool::new(&PoolConfig {
+        threads: Some(2),
+        spin_us: 50,
+    })
+    .unwrap();
+    for dtype in TYPES {
+        for (rows, cols) in shapes(dtype) {
+            let (q, _) = quantized(dtype, rows, cols, 9);
+            let fast = QMatrix::from_qtensor(&q)
+                .unwrap()
+                .with_kernel(Kernel::Avx512Vnni)
+                .unwrap();
+            let slow = QMatrix::from_qtensor(&q)
+                .unwrap()
+                .with_kernel(Kernel::Portable)
+                .unwrap();
+            for n in [1usize, 2, 5, 13] {
+                let x = random(n * cols, 3 + n as u64);
+                let (mut a, mut b) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+                fast.matmul(&x, n, &mut a, &pool).unwrap();
+                slow.matmul(&x, n, &mut b, &pool).unwrap();
+                let want: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+                let (max, _) = errors(&a, &want);
+                assert!(max < 1e-5, "{dtype:?} {rows}x{cols} n={n}: {max:.2e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn some_rows_equal_the_full_product() {
+    let pool = ComputePool::single();
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q6K, GgmlDType::Q4_1] {
+        let (rows, cols) = (70, 512);
+        let (q, _) = quantized(dtype, rows, cols, 2);
+        let m = QMatrix::from_qtensor(&q).unwrap();
+        let n = 3;
+        let x = random(n * cols, 4);
+        let mut full = vec![0f32; n * rows];
+        m.matmul(&x, n, &mut full, &pool).unwrap();
+        let mut part = vec![0f32; n * 9];
+        m.matmul_rows(&x, n, 20..29, &mut part, &pool).unwrap();
+        for i in 0..n {
+            assert_eq!(
+                &part[i * 9..(i + 1) * 9],
+                &full[i * rows + 20..i * rows + 29]
+            );
+        }
+    }
+}
+
+#[test]
+fn resident_bytes_known_from_the_header() {
+    for dtype in TYPES {
+        for (rows, cols) in shapes(dtype) {
+            let (q, _) = quantized(dtype, rows, cols, 1);
+            let m = QMatrix::from_qtensor(&q).unwrap();
+            assert_eq!(
+                m.resident_bytes(),
+                resident_bytes_for(dtype, rows, cols).unwrap()
+            );
+            let stored = (rows * cols / dtype.block_size() * dtype.type_size()) as u64;
+            let extra = if dtype == GgmlDType::Q4K {
+                rows * cols / 256 * 4
+            } else {
+                0
+            } as u64;
+            assert_eq!(m.resident_bytes(), stored + extra, "{dtype:?}");
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_an_error_naming_the_values() {
+    let err = resident_bytes_for(GgmlDType::Q5_1, 4, 64).unwrap_err();
+    assert!(err.to_string().contains("Q5_1"), "{err}");
+    let err = QMatrix::from_raw(GgmlDType::Q8_0, 2, 64, &[0; 100]).unwrap_err();
+    assert!(
+        err.to_string().contains("100 bytes") && err.to_string().contains("136"),
+        "{err}"
+    );
+    assert!(QMatrix::from_raw(GgmlDType::Q4K, 2, 128, &[0; 144]).is_err());
+    let m = QMatrix::from_raw(GgmlDType::Q8_0, 2, 64, &[0; 136]).unwrap();
+    let pool = ComputePool::single();
+    let err = m.matmul(&[0.0; 63], 1, &mut [0.0; 2], &pool).unwrap_err();
+    assert!(err.to_string().contains("63"), "{err}");
+    let err = m.matmul(&[0.0; 64], 1, &mut [0.0; 3], &pool).unwrap_err();
+    assert!(err.to_string().contains("needs 2"), "{err}");
+    assert!(m
+        .matmul_rows(&[0.0; 64], 1, 1..3, &mut [0.0; 2], &pool)
+        .is_err());
+    assert!(m.dequantize_row(2, &mut [0.0; 64]).is_err());
+    assert!(m.dequantize_row(1, &mut [0.0; 65]).is_err());
+}
