@@ -36,7 +36,7 @@ impl Message {
 
 /// The fallback template for models without one (see the module docs).
 const PLAIN_FALLBACK: &str =
-    "{% for m in messages %}{% if not loop.first %}\n\n{% endif %}{{ m.content }}{% endfor %}";
+    "{% for m in messages %}{% if not loop.first %}{{ '\n\n' }}{% endif %}{{ m.content }}{% endfor %}";
 
 /// A compiled chat template.
 ///

@@ -51,6 +51,7 @@ impl DecoderEstimate {
         let layout = KvLayout::new(&cfg, opts.kv_type, opts.kv_block_tokens)?;
         let mut weights = 0u64;
         let mut largest = 0u64;
+        let mut repacked = 0u64;
         for (name, info) in &content.tensor_infos {
             let elems = info.shape.elem_count();
             let bs = info.ggml_dtype.block_size();
@@ -66,6 +67,13 @@ impl DecoderEstimate {
             let bytes = (elems / bs * info.ggml_dtype.type_size()) as u64;
             weights += bytes;
             largest = largest.max(bytes);
+            // Matrices are repacked for the kernels (`quant::blocks`); the
+            // repacked copy replaces the stored one, and its extra bytes
+            // (Q4_K's unpacked scales) come from the kernel's own formula.
+            if let [rows, cols] = info.shape.dims() {
+                let resident = quant::blocks::resident_bytes_for(info.ggml_dtype, *rows, *cols)?;
+                repacked += resident.saturating_sub(bytes);
+            }
         }
         let step = opts.max_step_tokens.max(1);
         let per_seq = layout.sequence_bytes(context, step.min(context.max(1))) as u64;
@@ -86,7 +94,7 @@ impl DecoderEstimate {
         let logits = (logit_rows * cfg.vocab * 4) as u64 * 2;
         Ok(DecoderEstimate {
             weights_bytes: weights,
-            repacked_bytes: 0,
+            repacked_bytes: repacked,
             load_transient_bytes: largest,
             kv_bytes_per_token: full,
             kv_bytes_per_sequence: per_seq,

@@ -299,14 +299,6 @@ impl Sequence {
             }
         }
     }
-
-    /// The oldest position still held in `layer`'s group (0 for full
-    /// attention).
-    #[cfg(test)]
-    pub(crate) fn oldest_held(&self, layout: &KvLayout, layer: usize) -> usize {
-        let (gi, _) = layout.slots[layer];
-        self.tables[gi].first * layout.groups[gi].block_tokens
-    }
 }
 
 fn as_f16(lease: &Lease) -> &[f16] {

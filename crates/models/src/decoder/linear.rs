@@ -1,20 +1,32 @@
 //! The decoder's weight matrices in their stored GGUF types, behind one small
 //! interface (`matmul` over raw f32 rows, `dequantize_row`), so that the
 //! kernel behind it can change in this file alone.
+//!
+//! The kernels are `quant::blocks`: integer dot products on the stored
+//! blocks (AVX-512 VNNI where the CPU has it, portable Rust elsewhere), run
+//! on one process-wide [`ComputePool`] whose threads spin briefly between the
+//! matmuls of a step and park when idle.
 
-use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::OnceLock;
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::quantized::{GgmlDType, QTensor};
+use quant::blocks::{ComputePool, PoolConfig, QMatrix};
 
 use crate::error::{Error, Result};
+
+/// The pool every decoder matmul runs on (the physical cores by default).
+fn pool() -> &'static ComputePool {
+    static POOL: OnceLock<ComputePool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        ComputePool::new(&PoolConfig::default()).unwrap_or_else(|_| ComputePool::single())
+    })
+}
 
 /// A `rows x cols` weight (`y = x W^T`), stored as in the GGUF file.
 pub(crate) struct Matrix {
     name: String,
-    tensor: Arc<QTensor>,
-    mm: QMatMul,
+    dtype: GgmlDType,
+    q: QMatrix,
     rows: usize,
     cols: usize,
 }
@@ -23,9 +35,10 @@ impl std::fmt::Debug for Matrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Matrix")
             .field("name", &self.name)
-            .field("dtype", &self.tensor.dtype())
+            .field("dtype", &self.dtype)
             .field("rows", &self.rows)
             .field("cols", &self.cols)
+            .field("kernel", &self.q.kernel())
             .finish()
     }
 }
@@ -39,50 +52,32 @@ impl Matrix {
                 reason: format!("expected a matrix, found shape {dims:?}"),
             });
         }
-        let tensor = Arc::new(tensor);
-        let mm = QMatMul::from_arc(tensor.clone())?;
+        let q = QMatrix::from_qtensor(&tensor)?;
         Ok(Matrix {
             name: name.into(),
-            tensor,
-            mm,
+            dtype: tensor.dtype(),
+            q,
             rows: dims[0],
             cols: dims[1],
         })
     }
 
-    /// Bytes held by the stored weights.
+    /// Bytes held by the weights as the kernels keep them.
     pub(crate) fn bytes(&self) -> usize {
-        self.tensor.storage_size_in_bytes()
+        self.q.resident_bytes() as usize
     }
 
     /// `y[n x rows] = x[n x cols] W^T`.
     pub(crate) fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
         debug_assert_eq!(x.len(), n * self.cols);
         debug_assert_eq!(y.len(), n * self.rows);
-        let xt = Tensor::from_slice(x, (n, self.cols), &Device::Cpu)?;
-        let out = self.mm.forward(&xt)?;
-        let out = out.flatten_all()?;
-        let v: Vec<f32> = out.to_vec1()?;
-        y.copy_from_slice(&v);
+        self.q.matmul(x, n, y, pool())?;
         Ok(())
     }
 
     /// Row `row` as f32 into `out` (`cols` values).
     pub(crate) fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<()> {
-        let dtype = self.tensor.dtype();
-        let row_bytes = self.cols / dtype.block_size() * dtype.type_size();
-        let data = self.tensor.data()?;
-        let bytes = &data[row * row_bytes..(row + 1) * row_bytes];
-        let q = dtype.from_data(Cow::Borrowed(bytes));
-        match q.dequantize(self.cols)? {
-            candle_core::CpuStorage::F32(v) => out.copy_from_slice(&v),
-            _ => {
-                return Err(Error::BadTensor {
-                    name: self.name.clone(),
-                    reason: "dequantized row is not f32".into(),
-                })
-            }
-        }
+        self.q.dequantize_row(row, out)?;
         Ok(())
     }
 }
