@@ -174,7 +174,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let threads = rayon::current_num_threads();
     let mut head =
-        format!("| model | threads | prefill 128 t/s | prefill 512 t/s | decode 1 seq t/s |");
+        "| model | threads | prefill 128 t/s | prefill 512 t/s | decode 1 seq t/s |".to_string();
     for b in &args.batches {
         head.push_str(&format!(" decode {b} seq t/s |"));
     }

@@ -25,10 +25,13 @@ fn tokenizer(name: &str) -> &'static Tokenizer {
     })
 }
 
+/// One id list per text.
+type IdsPerText = Vec<Vec<u32>>;
+
 struct Golden {
     texts: Vec<String>,
-    /// model -> (default ids, --no-bos ids), one list per text.
-    models: HashMap<String, (Vec<Vec<u32>>, Vec<Vec<u32>>)>,
+    /// model -> (default ids, --no-bos ids).
+    models: HashMap<String, (IdsPerText, IdsPerText)>,
 }
 
 fn golden() -> &'static Golden {

@@ -177,7 +177,7 @@ pub struct Tokenizer {
 
 #[derive(Debug)]
 enum Engine {
-    Bpe(bpe::Bpe),
+    Bpe(Box<bpe::Bpe>),
     Spm(spm::Spm),
 }
 
@@ -472,7 +472,7 @@ impl Tokenizer {
                         Ok((s[..pos].to_string(), s[pos + 1..].to_string()))
                     })
                     .collect::<Result<Vec<_>>>()?;
-                Engine::Bpe(bpe::Bpe::new(&token_to_id, merges, digits)?)
+                Engine::Bpe(Box::new(bpe::Bpe::new(&token_to_id, merges, digits)?))
             }
             TokenizerModel::SentencePiece => Engine::Spm(spm::Spm::new(&token_to_id, scores)),
         };
