@@ -70,7 +70,7 @@ pub enum Error {
     /// Serialising or parsing plan JSON failed.
     #[error("plan JSON: {0}")]
     Json(#[from] serde_json::Error),
-    /// A GGUF tensor type that [`QMatrix`](crate::QMatrix) has no kernel for.
+    /// A GGUF tensor type that [`QMatrix`](crate::blocks::QMatrix) has no kernel for.
     #[error("tensor type {dtype} has no block kernel; supported: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, F16, F32 (dequantize it to F32 or requantize the file)")]
     UnsupportedBlockType {
         /// The type's name, e.g. `Q5_1`.

@@ -174,7 +174,7 @@ impl Shared {
     }
 }
 
-/// A persistent pool of compute threads (see the [module docs](self)).
+/// A persistent pool of compute threads (see the [module docs](crate::blocks)).
 pub struct ComputePool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
