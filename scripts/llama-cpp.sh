@@ -5,7 +5,7 @@
 #
 # Everything comes from PyPI: the sdist itself, and cmake, ninja and
 # scikit-build-core (installed into a private venv). The build is cached in
-# ${SNUG_CACHE_DIR:-$HOME/.cache/snug}/llama.cpp-0.3.36; a second run with the
+# ${SNUG_CACHE_DIR:-$HOME/.cache/snug}/llama.cpp-0.3.36-noamx; a second run with the
 # binaries present does nothing. Prints the bin directory on stdout.
 #
 #   bash scripts/llama-cpp.sh            # build (about 10 minutes on 2 cores) or reuse
@@ -13,7 +13,11 @@
 set -euo pipefail
 
 VERSION="0.3.36"
-CACHE="${SNUG_CACHE_DIR:-$HOME/.cache/snug}/llama.cpp-$VERSION"
+# AMX is off: some VMs report AMX in cpuid but fault on its tile instructions
+# (ggml then dies with SIGILL when it repacks weights), and the reference
+# figures were measured on CPUs without it. The suffix keeps such a build
+# apart from a cached one that had it.
+CACHE="${SNUG_CACHE_DIR:-$HOME/.cache/snug}/llama.cpp-$VERSION-noamx"
 BIN="$CACHE/build/bin"
 TARGETS=(llama-bench llama-batched-bench llama-perplexity llama-tokenize llama-server llama-cli llama-simple)
 
@@ -68,7 +72,8 @@ fi
 export PATH="$VENV/bin:$PATH"
 say "configuring (GGML_NATIVE=ON, Release)"
 cmake -S "$SRC/vendor/llama.cpp" -B "$CACHE/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF >"$CACHE/configure.log" 2>&1 ||
+    -DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF >"$CACHE/configure.log" 2>&1 ||
     die "cmake configure failed; see $CACHE/configure.log"
 say "building ${TARGETS[*]} (about 10 minutes on 2 cores)"
 cmake --build "$CACHE/build" -j"$(nproc)" --target "${TARGETS[@]}" >"$CACHE/build.log" 2>&1 ||
