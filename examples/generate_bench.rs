@@ -40,26 +40,10 @@ struct Args {
     rss_ctx: usize,
 }
 
+/// The GGUF file of a model `scripts/fetch-model.sh` fetches, found as
+/// [`models::gguf_path`] finds it.
 fn model_path(name: &str) -> Result<PathBuf, String> {
-    let file = match name {
-        "smollm2-135m" => "models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf",
-        "gemma3-270m" => "models/gemma3-270m/gemma-3-270m-q4_k_m.gguf",
-        other => {
-            return Err(format!(
-                "--model {other}: expected smollm2-135m or gemma3-270m"
-            ))
-        }
-    };
-    let cwd = std::env::current_dir().map_err(|e| e.to_string())?;
-    for dir in cwd.ancestors() {
-        let p = dir.join(file);
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    Err(format!(
-        "{file} not found; run scripts/fetch-model.sh {name}"
-    ))
+    models::gguf_path(name).map_err(|e| e.to_string())
 }
 
 fn prompt(n: usize, vocab: usize, salt: u64) -> Vec<u32> {

@@ -9,12 +9,12 @@
 //!     --file /usr/share/common-licenses/GPL-3 --ctx 512
 //! ```
 //!
-//! Token ids come from llama.cpp's `llama-tokenize` (built by
-//! `scripts/llama-cpp.sh`), or from `--ids FILE` (a list such as
-//! `llama-tokenize --ids` writes).
+//! Token ids come from the model's own tokenizer read from the GGUF file
+//! (`models::Tokenizer`, which gives llama.cpp's `llama-tokenize` ids on the
+//! golden strings of `crates/models/tests/data`), or from `--ids FILE` (a list
+//! such as `llama-tokenize --ids` writes).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
@@ -41,32 +41,15 @@ struct Args {
     /// Score at most this many chunks (all when absent).
     #[arg(long)]
     chunks: Option<usize>,
-    /// Token ids of the text (a `[1, 2, ...]` list) instead of running llama-tokenize.
+    /// Token ids of the text (a `[1, 2, ...]` list) instead of tokenizing it here.
     #[arg(long)]
     ids: Option<PathBuf>,
 }
 
-/// `models/<name>/<file>` for the models `scripts/fetch-model.sh` fetches.
+/// The GGUF file of a model `scripts/fetch-model.sh` fetches, found as
+/// [`models::gguf_path`] finds it.
 fn model_path(name: &str) -> Result<PathBuf, String> {
-    let file = match name {
-        "smollm2-135m" => "models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf",
-        "gemma3-270m" => "models/gemma3-270m/gemma-3-270m-q4_k_m.gguf",
-        other => {
-            return Err(format!(
-                "--model {other}: expected smollm2-135m or gemma3-270m (or pass --gguf PATH)"
-            ))
-        }
-    };
-    let cwd = std::env::current_dir().map_err(|e| e.to_string())?;
-    for dir in cwd.ancestors() {
-        let p = dir.join(file);
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    Err(format!(
-        "{file} not found; run scripts/fetch-model.sh {name}"
-    ))
+    models::gguf_path(name).map_err(|e| e.to_string())
 }
 
 fn parse_ids(text: &str) -> Result<Vec<u32>, String> {
@@ -78,40 +61,6 @@ fn parse_ids(text: &str) -> Result<Vec<u32>, String> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<u32>().map_err(|e| format!("token id {s:?}: {e}")))
         .collect()
-}
-
-fn llama_tokenize(gguf: &Path, file: &Path) -> Result<Vec<u32>, String> {
-    let bin = match std::env::var_os("LLAMA_CPP_BIN") {
-        Some(b) => PathBuf::from(b),
-        None => {
-            let out = Command::new("bash")
-                .args(["scripts/llama-cpp.sh", "--print"])
-                .output()
-                .map_err(|e| format!("running scripts/llama-cpp.sh --print: {e}"))?;
-            if !out.status.success() {
-                return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-            }
-            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-        }
-    };
-    let out = Command::new(bin.join("llama-tokenize"))
-        .arg("-m")
-        .arg(gguf)
-        .arg("-f")
-        .arg(file)
-        .args(["--ids", "--log-disable"])
-        .output()
-        .map_err(|e| format!("running llama-tokenize: {e}"))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('['))
-        .ok_or("llama-tokenize printed no id list")?;
-    parse_ids(line)
 }
 
 fn log_softmax_at(row: &[f32], target: usize) -> f64 {
@@ -146,7 +95,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let tokens = match &args.ids {
         Some(p) => parse_ids(&std::fs::read_to_string(p)?)?,
-        None => llama_tokenize(&gguf, &args.file)?,
+        None => {
+            let text = std::fs::read_to_string(&args.file)
+                .map_err(|e| format!("reading {}: {e}", args.file.display()))?;
+            models::Tokenizer::from_gguf_file(&gguf)
+                .and_then(|t| t.encode(&text, true, true))
+                .map_err(|e| e.to_string())?
+        }
     };
     let n_ctx = args.ctx;
     let mut n_chunk = tokens.len() / n_ctx;
