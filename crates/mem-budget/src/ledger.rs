@@ -457,25 +457,7 @@ impl Inner {
 
     /// Admits and books `bytes` for `category`, or says why not.
     fn admit(&self, st: &mut MutexGuard<'_, State>, category: Category, bytes: u64) -> Result<()> {
-        if bytes > 0 {
-            self.refresh(st)?;
-            let (cat, overall, machine) = self.free(st, category);
-            let limit = if bytes > cat {
-                Some(Limit::Category)
-            } else if bytes > overall {
-                Some(Limit::Overall)
-            } else if bytes > machine {
-                Some(Limit::Machine)
-            } else {
-                None
-            };
-            if let Some(limit) = limit {
-                return Err(self.refusal(category, bytes, (cat, overall, machine), limit));
-            }
-        }
-        self.book(st, category, bytes);
-        st.live += 1;
-        Ok(())
+        self.admit_within(st, category, bytes, true)
     }
 
     /// [`Inner::admit`] without the category's cap.
@@ -485,10 +467,24 @@ impl Inner {
         category: Category,
         bytes: u64,
     ) -> Result<()> {
+        self.admit_within(st, category, bytes, false)
+    }
+
+    /// Admits and books `bytes` for `category` within the overall and
+    /// machine room, and within the category's cap when `capped`.
+    fn admit_within(
+        &self,
+        st: &mut MutexGuard<'_, State>,
+        category: Category,
+        bytes: u64,
+        capped: bool,
+    ) -> Result<()> {
         if bytes > 0 {
             self.refresh(st)?;
             let (cat, overall, machine) = self.free(st, category);
-            let limit = if bytes > overall {
+            let limit = if capped && bytes > cat {
+                Some(Limit::Category)
+            } else if bytes > overall {
                 Some(Limit::Overall)
             } else if bytes > machine {
                 Some(Limit::Machine)
