@@ -110,6 +110,21 @@ thread_local! {
 }
 
 impl Shared {
+    /// Idle state: no job, no threads asleep, not stopping.
+    fn new(spin: Duration) -> Shared {
+        Shared {
+            state: AtomicU64::new(0),
+            job: AtomicPtr::new(std::ptr::null_mut()),
+            done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            cv: Condvar::new(),
+            spin,
+        }
+    }
+
     /// Claims and runs tasks of the job of `epoch` until none is left.
     fn work(&self, epoch: u64) {
         let mut v = self.state.load(Ordering::Acquire);
@@ -195,17 +210,7 @@ impl ComputePool {
     /// Starts `threads - 1` worker threads (the caller is the last one).
     pub fn new(config: &PoolConfig) -> Result<ComputePool> {
         let threads = config.threads.unwrap_or_else(default_threads).max(1);
-        let shared = Arc::new(Shared {
-            state: AtomicU64::new(0),
-            job: AtomicPtr::new(std::ptr::null_mut()),
-            done: AtomicUsize::new(0),
-            panicked: AtomicBool::new(false),
-            sleepers: AtomicUsize::new(0),
-            stop: AtomicBool::new(false),
-            lock: Mutex::new(()),
-            cv: Condvar::new(),
-            spin: Duration::from_micros(config.spin_us),
-        });
+        let shared = Arc::new(Shared::new(Duration::from_micros(config.spin_us)));
         let mut pool = ComputePool {
             shared,
             workers: Vec::with_capacity(threads - 1),
@@ -230,17 +235,7 @@ impl ComputePool {
     /// A pool of one thread: `run` calls the tasks in order on the caller.
     pub fn single() -> ComputePool {
         ComputePool {
-            shared: Arc::new(Shared {
-                state: AtomicU64::new(0),
-                job: AtomicPtr::new(std::ptr::null_mut()),
-                done: AtomicUsize::new(0),
-                panicked: AtomicBool::new(false),
-                sleepers: AtomicUsize::new(0),
-                stop: AtomicBool::new(false),
-                lock: Mutex::new(()),
-                cv: Condvar::new(),
-                spin: Duration::ZERO,
-            }),
+            shared: Arc::new(Shared::new(Duration::ZERO)),
             workers: Vec::new(),
             submit: Mutex::new(()),
             threads: 1,
