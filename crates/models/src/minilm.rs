@@ -278,6 +278,18 @@ fn file(dir: &Path, name: &str) -> Result<PathBuf> {
     }
 }
 
+/// `config.json` parsed as a [`BertConfig`].
+fn read_config(path: &Path) -> Result<BertConfig> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
 fn to_vec(t: Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
@@ -386,14 +398,7 @@ impl MiniLm {
         let dir = dir.as_ref();
         let config_path = file(dir, "config.json")?;
         let weights_path = file(dir, "model.safetensors")?;
-        let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
-            path: config_path.clone(),
-            source,
-        })?;
-        let c: BertConfig = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
-            path: config_path.clone(),
-            reason: e.to_string(),
-        })?;
+        let c = read_config(&config_path)?;
         let file_bytes = std::fs::metadata(&weights_path)
             .map_err(|source| Error::Io {
                 path: weights_path.clone(),
@@ -476,14 +481,7 @@ impl MiniLm {
         let config_path = file(dir, "config.json")?;
         let weights_path = file(dir, "model.safetensors")?;
         let tokenizer_path = file(dir, "tokenizer.json")?;
-        let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
-            path: config_path.clone(),
-            source,
-        })?;
-        let config: BertConfig = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
-            path: config_path.clone(),
-            reason: e.to_string(),
-        })?;
+        let config = read_config(&config_path)?;
         let bad = |reason: String| Error::BadConfig {
             path: config_path.clone(),
             reason,
