@@ -22,8 +22,7 @@ pub(crate) fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
     let d = w.len();
     x.par_chunks_mut(d * ROWS_PER_TASK).for_each(|x| {
         for row in x.chunks_exact_mut(d) {
-            let ss: f32 = row.iter().map(|v| v * v).sum();
-            let s = 1.0 / (ss / d as f32 + eps).sqrt();
+            let s = inv_rms(row, eps);
             for (v, w) in row.iter_mut().zip(w) {
                 *v = *v * s * w;
             }
@@ -31,10 +30,18 @@ pub(crate) fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
     });
 }
 
+/// `1 / sqrt(mean(x²) + eps)`, the squares summed in f64 (as llama.cpp's
+/// CPU backend does, so both round the same way).
+#[inline]
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ss: f64 = x.iter().map(|v| f64::from(v * v)).sum();
+    let mean = (ss / x.len() as f64) as f32;
+    1.0 / (mean + eps).sqrt()
+}
+
 #[inline]
 fn norm_row(x: &[f32], w: &[f32], eps: f32, o: &mut [f32]) {
-    let ss: f32 = x.iter().map(|v| v * v).sum();
-    let s = 1.0 / (ss / x.len() as f32 + eps).sqrt();
+    let s = inv_rms(x, eps);
     for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
         *o = x * s * w;
     }

@@ -1,9 +1,14 @@
 //! Activations quantized once per matmul: int8 blocks with f32 scales.
 //!
 //! Every 32-block weight type (Q4_0, Q4_1, Q5_0, Q8_0) takes activations as
-//! Q8_0-like blocks of 32: `d = max|x| / 127`, `q = round(x / d)` (ties to
-//! even), and also `s = d · Σ q` so that a weight's offset or minimum costs
-//! one multiply per block. The K-quants (Q4_K, Q6_K) take Q8_K-like blocks of
+//! GGML's Q8_0 / Q8_1 blocks of 32: `q = round(x · 127 / max|x|)` (ties to
+//! even) and the scale `d = max|x| / 127` rounded to f16, as those blocks
+//! store it, and also `s = d · Σ q` so that a weight's offset or minimum
+//! costs one multiply per block. For Q4_1 (whose activations are Q8_1
+//! blocks) `s` is computed from the unrounded scale and rounded to f16 as
+//! Q8_1 stores it; for the others it is exact. Rounding as the format does
+//! makes each matmul agree with llama.cpp's to float summation order
+//! (about 1e-7 relative) instead of about 3e-4. The K-quants (Q4_K, Q6_K) take Q8_K-like blocks of
 //! 256 with one scale and the sums of each 16 values (`bsums`).
 //!
 //! The int8 values of a row may be stored in a permuted order ([`Layout`]) so
@@ -118,14 +123,29 @@ pub(crate) fn inv_scale(amax: f32) -> f32 {
     }
 }
 
+/// The scale and the sum term of one block whose largest magnitude is
+/// `amax` and whose int8 values sum to `sum` (see the module docs).
+#[inline]
+pub(crate) fn block_scales(amax: f32, sum: i32, q8_1: bool) -> (f32, f32) {
+    let d = amax / 127.0;
+    let d16 = half::f16::from_f32(d).to_f32();
+    let s = if q8_1 {
+        half::f16::from_f32(d * sum as f32).to_f32()
+    } else {
+        d16 * sum as f32
+    };
+    (d16, s)
+}
+
 /// Quantizes one row to blocks of 32 (portable). `qs.len() == x.len()`,
-/// `d.len() == s.len() == x.len() / 32`.
+/// `d.len() == s.len() == x.len() / 32`; `q8_1` selects Q8_1's sum term.
 pub(crate) fn quantize_row_q8_0(
     x: &[f32],
     layout: Layout,
     qs: &mut [i8],
     d: &mut [f32],
     s: &mut [f32],
+    q8_1: bool,
 ) {
     let nb = x.len() / QK;
     for b in 0..nb {
@@ -139,8 +159,7 @@ pub(crate) fn quantize_row_q8_0(
             sum += q as i32;
             qs[if t < 16 { lo + t } else { hi + t - 16 }] = q;
         }
-        d[b] = amax / 127.0;
-        s[b] = d[b] * sum as f32;
+        (d[b], s[b]) = block_scales(amax, sum, q8_1);
     }
 }
 

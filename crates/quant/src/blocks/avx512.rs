@@ -47,6 +47,7 @@ pub(crate) unsafe fn quantize_row_q8_0(
     qs: &mut [i8],
     d: &mut [f32],
     s: &mut [f32],
+    q8_1: bool,
 ) {
     let nb = x.len() / QK;
     assert!(qs.len() == x.len() && d.len() >= nb && s.len() >= nb);
@@ -69,8 +70,7 @@ pub(crate) unsafe fn quantize_row_q8_0(
                 _mm512_cvtsepi32_epi8(q1),
             );
             let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-            d[b] = amax / 127.0;
-            s[b] = d[b] * sum as f32;
+            (d[b], s[b]) = super::act::block_scales(amax, sum, q8_1);
         }
     }
 }

@@ -166,7 +166,7 @@ fn quantize(
             } else {
                 let s =
                     unsafe { std::slice::from_raw_parts_mut(a.s.as_mut_ptr().add(i * per), per) };
-                quantize_0_row(xr, layout, simd, qs, d, s);
+                quantize_0_row(xr, layout, simd, qs, d, s, ty == Ty::Q4_1);
             }
         }
     };
@@ -186,14 +186,15 @@ fn quantize_0_row(
     qs: &mut [i8],
     d: &mut [f32],
     s: &mut [f32],
+    q8_1: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is set only when the CPU runs the AVX-512 kernel.
-        return unsafe { avx512::quantize_row_q8_0(x, layout, qs, d, s) };
+        return unsafe { avx512::quantize_row_q8_0(x, layout, qs, d, s, q8_1) };
     }
     let _ = simd;
-    quantize_row_q8_0(x, layout, qs, d, s)
+    quantize_row_q8_0(x, layout, qs, d, s, q8_1)
 }
 
 fn quantize_k_row(
