@@ -5,6 +5,12 @@
 //! 16 sequences, and peak RSS of one sequence filled to context 2048 (a fresh
 //! process per model). Greedy decoding; prompts are fixed pseudo-random ids.
 //!
+//! Beside each model's row it runs the peer in the same run,
+//! `scripts/llama-bench.sh MODEL --json` (llama.cpp's `llama-bench`,
+//! `llama-batched-bench` and a peak-RSS run of `llama-perplexity -c 2048`,
+//! same threads), and prints llama.cpp's row and the ratio ours / theirs
+//! (`--no-peer` skips it; a failing peer fails the bench).
+//!
 //! ```text
 //! flock /work/bench.lock cargo run --release --example generate_bench
 //! cargo run --release --example generate_bench -- --model gemma3-270m --reps 3
@@ -38,6 +44,29 @@ struct Args {
     /// Context for the peak-RSS measurement.
     #[arg(long, default_value_t = 2048)]
     rss_ctx: usize,
+    /// Do not run llama.cpp beside (by default `scripts/llama-bench.sh`
+    /// runs after each model, from the repository root).
+    #[arg(long)]
+    no_peer: bool,
+}
+
+/// llama.cpp's figures for one model, from `scripts/llama-bench.sh --json`.
+fn peer(name: &str) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash")
+        .arg(root.join("scripts/llama-bench.sh"))
+        .args([name, "--json"])
+        .env("THREADS", rayon::current_num_threads().to_string())
+        .current_dir(root)
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "the peer run (scripts/llama-bench.sh {name} --json) failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into());
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 /// The GGUF file of a model `scripts/fetch-model.sh` fetches, found as
@@ -185,9 +214,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let p512 = prefill(&dec, 512, args.reps)?;
         let d1 = decode(&dec, 1, args.gen, args.reps)?;
         let mut row = format!("| {name} | {threads} | {p128:.1} | {p512:.1} | {d1:.1} |");
+        let mut ours = vec![p128, p512, d1];
         for &b in &args.batches {
             let d = decode(&dec, b, args.gen, args.reps)?;
             row.push_str(&format!(" {d:.1} |"));
+            ours.push(d);
         }
         drop(dec);
         let out = Command::new(std::env::current_exe()?)
@@ -202,6 +233,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .unwrap_or_else(|| format!("failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
         row.push_str(&format!(" {rss} |"));
         println!("{row}");
+        if args.no_peer {
+            continue;
+        }
+        let p = peer(name)?;
+        let num = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+        let mut theirs = vec![
+            num(&p["prefill_128"]),
+            num(&p["prefill_512"]),
+            num(&p["decode_1"]),
+        ];
+        for b in &args.batches {
+            theirs.push(num(&p["batched"][b.to_string()]["decode"]));
+        }
+        let peer_rss = num(&p["peak_rss_ctx2048_mib"]);
+        let mut prow = format!("| llama.cpp {name} | {} |", p["threads"]);
+        let mut rrow = format!("| ratio snug / llama.cpp | {threads} |");
+        for (o, t) in ours.iter().zip(&theirs) {
+            prow.push_str(&format!(" {t:.1} |"));
+            rrow.push_str(&format!(" {:.2}x |", o / t));
+        }
+        prow.push_str(&format!(" {peer_rss:.1} (ctx 2048) |"));
+        let ours_rss: f64 = rss.parse().unwrap_or(f64::NAN);
+        rrow.push_str(&format!(" {:.2}x |", ours_rss / peer_rss));
+        println!("{prow}");
+        println!("{rrow}");
     }
     Ok(())
 }

@@ -8,9 +8,10 @@
 #   llama-bench -t 2 -p 128,512 -n 128                 (prefill 128 / 512, decode 1 sequence)
 #   llama-batched-bench -t 2 -c 8192 -b 2048 -ub 512 -npp 128 -ntg 128 -npl 1,4,8,16
 #                                                      (aggregate decode at 1 / 4 / 8 / 16 sequences)
+#   llama-perplexity -t 2 -c 2048 --chunks 1           (peak RSS at context 2048, under GNU time)
 # and prints a compact table of tokens/s, or with --json one JSON object:
 #   {"model", "file", "threads", "prefill_128", "prefill_512", "decode_1",
-#    "batched": {"1": {"prefill", "decode"}, "4": ..., "8": ..., "16": ...}}
+#    "peak_rss_ctx2048_mib", "batched": {"1": {"prefill", "decode"}, "4": ..., "8": ..., "16": ...}}
 # (decode in "batched" is the aggregate over all sequences). Timing runs should
 # hold a lock so that only one runs at a time, e.g. `flock LOCKFILE bash scripts/llama-bench.sh ...`.
 # THREADS (default 2) changes -t. LLAMA_REPACK=0 turns off llama.cpp's weight
@@ -62,11 +63,22 @@ printf 'llama-bench: %s: llama-batched-bench -t %s -c 8192 -b 2048 -ub 512 -npp 
     -npl 1,4,8,16 "${COMMON_REPACK[@]+"${COMMON_REPACK[@]}"}" --output-format jsonl >"$TMP/batched.out" 2>&1 || rc=$?
 [[ $rc == 0 ]] || die "llama-batched-bench failed: $(why "$rc" "$TMP/batched.out")"
 
-python3 - "$TMP/bench.json" "$TMP/batched.out" "$MODEL" "$PATH_GGUF" "$THREADS" "$JSON" "$REPACK" <<'PY'
+# Peak RSS with one sequence at context 2048 (f16 KV): llama-perplexity over
+# one 2048-token chunk of a text every Debian system has, under GNU time.
+TEXT="${LLAMA_RSS_TEXT:-/usr/share/common-licenses/GPL-3}"
+printf 'llama-bench: %s: llama-perplexity -t %s -c 2048 --chunks 1 (peak RSS)\n' "$MODEL" "$THREADS" >&2
+/usr/bin/time -f 'MAXRSS_KIB %M' -o "$TMP/rss.txt" "$BIN/llama-perplexity" -m "$PATH_GGUF" -t "$THREADS" -c 2048 \
+    --chunks 1 -f "$TEXT" "${COMMON_REPACK[@]+"${COMMON_REPACK[@]}"}" >"$TMP/ppl.out" 2>&1 || rc=$?
+[[ $rc == 0 ]] || die "llama-perplexity failed: $(why "$rc" "$TMP/ppl.out")"
+
+python3 - "$TMP/bench.json" "$TMP/batched.out" "$MODEL" "$PATH_GGUF" "$THREADS" "$JSON" "$REPACK" "$TMP/rss.txt" <<'PY'
 import json, sys
 
-bench_path, batched_path, model, path, threads, as_json, repack = sys.argv[1:8]
+bench_path, batched_path, model, path, threads, as_json, repack, rss_path = sys.argv[1:9]
 res = {"model": model, "file": path, "threads": int(threads), "repack": repack != "0"}
+for line in open(rss_path):
+    if line.startswith("MAXRSS_KIB "):
+        res["peak_rss_ctx2048_mib"] = round(int(line.split()[1]) / 1024, 1)
 for t in json.load(open(bench_path)):
     if t.get("n_gen", 0) == 0:
         res[f"prefill_{t['n_prompt']}"] = round(t["avg_ts"], 1)
@@ -79,7 +91,7 @@ for line in open(batched_path, errors="replace"):
         r = json.loads(line)
         batched[str(r["pl"])] = {"prefill": round(r["speed_pp"], 1), "decode": round(r["speed_tg"], 1)}
 res["batched"] = batched
-missing = [k for k in ("prefill_128", "prefill_512", "decode_1") if k not in res]
+missing = [k for k in ("prefill_128", "prefill_512", "decode_1", "peak_rss_ctx2048_mib") if k not in res]
 missing += [f"batched {n}" for n in ("1", "4", "8", "16") if n not in batched]
 if missing:
     sys.exit(f"llama-bench: error: no figure for {', '.join(missing)} in llama.cpp's output")
@@ -92,4 +104,5 @@ else:
     print(f"  prefill 512    {res['prefill_512']:8.1f}")
     print(f"  decode, 1 seq  {res['decode_1']:8.1f}   (batched-bench: {b['1']['decode']:.1f})")
     print(f"  aggregate decode  4 seqs {b['4']['decode']:8.1f}   8 seqs {b['8']['decode']:8.1f}   16 seqs {b['16']['decode']:8.1f}")
+    print(f"  peak RSS, context 2048, one sequence: {res['peak_rss_ctx2048_mib']:.1f} MiB")
 PY

@@ -8,4 +8,7 @@ cd "$(dirname "$0")/.."
 # fetch them (a no-op when present and verified). A failed fetch fails the run:
 # the model tests are never skipped.
 bash scripts/fetch-model.sh all
-cargo test --workspace --locked "$@"
+# Release mode: the model tests run whole forward passes, and the release
+# build is the one `cargo run --release --example ...` and the benches use,
+# so the README's two commands and CI's bench step share one build.
+cargo test --workspace --locked --release "$@"
