@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CRITERION_BENCHES=(mem_budget buffer_pool batcher cache quant gguf_kernels)
+CRITERION_BENCHES=(mem_budget buffer_pool batcher cache quant gguf_kernels generate)
 if (($# > 0)); then
     selected=("$@")
 else
