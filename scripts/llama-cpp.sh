@@ -5,7 +5,7 @@
 #
 # Everything comes from PyPI: the sdist itself, and cmake, ninja and
 # scikit-build-core (installed into a private venv). The build is cached in
-# ${SNUG_CACHE_DIR:-$HOME/.cache/snug}/llama.cpp-0.3.36-noamx; a second run with the
+# ${SNUG_CACHE_DIR:-$HOME/.cache/snug}/llama.cpp-0.3.36-noamx2; a second run with the
 # binaries present does nothing. Prints the bin directory on stdout.
 #
 #   bash scripts/llama-cpp.sh            # build (about 10 minutes on 2 cores) or reuse
@@ -14,12 +14,15 @@ set -euo pipefail
 
 VERSION="0.3.36"
 # AMX is off: some VMs report AMX in cpuid but fault on its tile instructions
-# (ggml then dies with SIGILL when it repacks weights), and the reference
-# figures were measured on CPUs without it. The suffix keeps such a build
-# apart from a cached one that had it.
-CACHE="${SNUG_CACHE_DIR:-$HOME/.cache/snug}/llama.cpp-$VERSION-noamx"
+# (ggml then dies with SIGILL in its AMX matmul kernels). GGML_AMX_*=OFF is
+# not enough with GGML_NATIVE=ON, whose -march=native turns the AMX kernels
+# back on wherever cpuid lists AMX, so the compiler is also told -mno-amx-*
+# (GCC keeps explicit ISA flags over -march). The suffix keeps this build
+# apart from cached ones without these flags.
+CACHE="${SNUG_CACHE_DIR:-$HOME/.cache/snug}/llama.cpp-$VERSION-noamx2"
 BIN="$CACHE/build/bin"
-TARGETS=(llama-bench llama-batched-bench llama-perplexity llama-tokenize llama-server llama-cli llama-simple)
+TARGETS=(llama-bench llama-batched-bench llama-perplexity llama-tokenize llama-server llama-cli llama-simple
+    llama-eval-callback)
 
 die() { printf 'llama-cpp: error: %s\n' "$*" >&2; exit 1; }
 say() { printf 'llama-cpp: %s\n' "$*" >&2; }
@@ -73,6 +76,8 @@ export PATH="$VENV/bin:$PATH"
 say "configuring (GGML_NATIVE=ON, Release)"
 cmake -S "$SRC/vendor/llama.cpp" -B "$CACHE/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+    -DCMAKE_C_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
+    -DCMAKE_CXX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF >"$CACHE/configure.log" 2>&1 ||
     die "cmake configure failed; see $CACHE/configure.log"
 say "building ${TARGETS[*]} (about 10 minutes on 2 cores)"
