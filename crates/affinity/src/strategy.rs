@@ -202,7 +202,11 @@ impl Placement {
         let cpus = match &strategy {
             PinStrategy::Explicit(list) => {
                 if list.is_empty() {
-                    return Err(Error::EmptyCpuList);
+                    return Err(Error::invalid(
+                        "PinStrategy::Explicit",
+                        "[]",
+                        "at least one CPU, or PinStrategy::Auto",
+                    ));
                 }
                 if let Some(&bad) = list.iter().find(|&&c| !allowed.contains(c)) {
                     return Err(Error::CpuNotAllowed {
@@ -226,7 +230,13 @@ impl Placement {
         };
         let order = spread_order(&cpus, &cpu.smt_groups);
         let threads = match config.threads {
-            Some(0) => return Err(Error::ZeroThreads),
+            Some(0) => {
+                return Err(Error::invalid(
+                    "threads",
+                    0,
+                    "at least 1, or unset for the recommended count",
+                ))
+            }
             Some(n) => n,
             None => {
                 let cores = physical_cores_holding(&cpus, &cpu.smt_groups);

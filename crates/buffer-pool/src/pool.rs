@@ -114,18 +114,22 @@ impl BufferPool {
     /// non-zero total, unique non-empty pool names, each pool's budget
     /// non-zero and at most the total. No memory is allocated up front.
     pub fn new(config: BufferPoolConfig) -> Result<Self> {
-        let invalid = |reason: String| Err(Error::InvalidConfig { reason });
+        let invalid = |field: String, value: String, expected: &str| {
+            Err(Error::invalid(field, value, expected))
+        };
         if config.total_budget_bytes == 0 {
             return invalid(
-                "total_budget_bytes = 0; give the pool at least one buffer's worth".into(),
+                "total_budget_bytes".into(),
+                "0".into(),
+                "at least one buffer's worth of bytes",
             );
         }
         if config.total_budget_bytes > isize::MAX as usize {
-            return invalid(format!(
-                "total_budget_bytes = {} exceeds the address space ({})",
-                config.total_budget_bytes,
-                isize::MAX
-            ));
+            return invalid(
+                "total_budget_bytes".into(),
+                config.total_budget_bytes.to_string(),
+                &format!("at most the address space ({})", isize::MAX),
+            );
         }
         let pools = if config.pools.is_empty() {
             vec![NamedPoolConfig::default()]
@@ -135,24 +139,33 @@ impl BufferPool {
         let mut meta: Vec<PoolMeta> = Vec::with_capacity(pools.len());
         for p in &pools {
             if p.name.is_empty() {
-                return invalid("a pool has an empty name; name every pool".into());
+                return invalid(
+                    "pools[].name".into(),
+                    "\"\"".into(),
+                    "a non-empty name for every pool",
+                );
             }
             if meta.iter().any(|m| *m.name == *p.name) {
-                return invalid(format!(
-                    "pool name {:?} appears twice; names must be unique",
-                    p.name
-                ));
+                return invalid(
+                    "pools[].name".into(),
+                    format!("{:?} (twice)", p.name),
+                    "unique pool names",
+                );
             }
             let budget = p.budget_bytes.unwrap_or(config.total_budget_bytes);
+            let field = || format!("pools[{:?}].budget_bytes", p.name);
             if budget == 0 {
-                return invalid(format!("pool {:?} has budget_bytes = 0", p.name));
+                return invalid(field(), "0".into(), "at least one byte");
             }
             if budget > config.total_budget_bytes {
-                return invalid(format!(
-                    "pool {:?} has budget_bytes = {budget}, above total_budget_bytes = {}; \
-                     a pool's budget lies within the total",
-                    p.name, config.total_budget_bytes
-                ));
+                return invalid(
+                    field(),
+                    budget.to_string(),
+                    &format!(
+                        "at most total_budget_bytes = {}: a pool's budget lies within the total",
+                        config.total_budget_bytes
+                    ),
+                );
             }
             meta.push(PoolMeta {
                 name: Arc::from(p.name.as_str()),

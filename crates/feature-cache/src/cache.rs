@@ -289,11 +289,11 @@ where
         } else if c.shards.is_power_of_two() && c.shards <= 1 << 16 {
             c.shards
         } else {
-            return Err(Error::InvalidConfig {
-                field: "shards",
-                value: c.shards.to_string(),
-                hint: "use a power of two up to 65536, or 0 for automatic",
-            });
+            return Err(Error::invalid(
+                "shards",
+                c.shards,
+                "a power of two up to 65536, or 0 for automatic",
+            ));
         };
         let admission = c.policy != Policy::Lru;
         // With a fixed entry weight the miniatures start now; a cache too

@@ -68,6 +68,6 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use codec::{Codec, JsonCodec};
 pub use config::{CacheConfig, DiskConfig, Policy};
 pub use disk::{DiskStats, DiskStore, EntryHeader, FORMAT_VERSION};
-pub use error::Error;
+pub use error::{Error, Result};
 pub use stats::{CacheStats, EvictionCause};
 pub use warm::{WarmHandle, WarmReport, WarmStop};

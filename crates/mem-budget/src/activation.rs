@@ -42,19 +42,22 @@ impl TransformerShape {
     /// optional `num_key_value_heads`, `vocab_size`). Models whose
     /// `architectures` or `model_type` name a causal LM are decoders.
     pub fn from_hf_config(json: &str) -> Result<TransformerShape> {
-        let v: serde_json::Value = serde_json::from_str(json).map_err(|e| Error::Invalid {
-            what: "config.json",
-            value: e.to_string(),
-            expected: "a Hugging Face model configuration (JSON object)",
+        let v: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+            Error::invalid(
+                "config.json",
+                e,
+                "a Hugging Face model configuration (JSON object)",
+            )
         })?;
         let num = |key: &'static str| -> Result<u64> {
             v.get(key)
                 .and_then(serde_json::Value::as_u64)
-                .ok_or(Error::Invalid {
-                    what: "config.json",
-                    value: format!("no unsigned integer {key:?}"),
-                    expected:
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "config.json",
+                        format!("no unsigned integer {key:?}"),
                         "hidden_size, num_hidden_layers, num_attention_heads and intermediate_size",
+                    )
                 })
         };
         let heads = num("num_attention_heads")?;
@@ -131,11 +134,11 @@ impl TransformerShape {
             || !self.hidden.is_multiple_of(self.heads)
             || self.layers == 0
         {
-            return Err(Error::Invalid {
-                what: "transformer shape",
-                value: format!("{self:?}"),
-                expected: "non-zero layers and heads, hidden size a multiple of the head count",
-            });
+            return Err(Error::invalid(
+                "transformer shape",
+                format!("{self:?}"),
+                "non-zero layers and heads, hidden size a multiple of the head count",
+            ));
         }
         Ok(())
     }

@@ -631,10 +631,9 @@ impl Reservation {
     /// the ledger's totals do not change.
     pub fn split(&mut self, bytes: u64) -> Result<Reservation> {
         if bytes > self.bytes {
-            return Err(Error::Invalid {
-                what: "split size",
-                value: format!("{bytes} bytes from a reservation of {}", self.bytes),
-                expected: "at most the bytes the reservation holds",
+            return Err(Error::SplitTooLarge {
+                requested: bytes,
+                held: self.bytes,
             });
         }
         self.ledger.state.lock().live += 1;

@@ -147,10 +147,12 @@ impl CpuLoadReader {
             path: self.path.clone(),
             source,
         })?;
-        let bad = |found: &str| Error::Invalid {
-            what: "/proc/stat",
-            value: format!("{}: {found:?}", self.path.display()),
-            expected: "a first line `cpu  user nice system idle [iowait irq softirq steal …]`",
+        let bad = |found: &str| {
+            Error::invalid(
+                "/proc/stat",
+                format!("{}: {found:?}", self.path.display()),
+                "a first line `cpu  user nice system idle [iowait irq softirq steal …]`",
+            )
         };
         let line = text.lines().next().unwrap_or("");
         let mut fields = line.split_whitespace();
