@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use affinity::{
     current_affinity, pin_current_thread, recommended_threads, AffinityConfig, CpuLimits, CpuSet,
-    PinMode, PinOutcome, Placement,
+    PinMode, PinOutcome, ThreadPlacement,
 };
 use rayon::prelude::*;
 
@@ -150,8 +150,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("threads    {} recommended", recommended_threads(&profile));
 
-    let whole = Placement::plan(&profile, &AffinityConfig::default())?;
-    let per_cpu = Placement::plan(
+    let whole = ThreadPlacement::plan(&profile, &AffinityConfig::default())?;
+    let per_cpu = ThreadPlacement::plan(
         &profile,
         &AffinityConfig {
             mode: PinMode::OneCpuPerThread,

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::events::{FreeReason, Listener, PoolEvent, TrimReason};
 use crate::lease::{Holder, Lease};
 use crate::raw::RawBuf;
-use crate::stats::{PoolStats, Stats, TrimReport};
+use crate::stats::{BufferPoolStats, PoolStats, TrimReport};
 
 /// Fixed facts about one named pool.
 struct PoolMeta {
@@ -281,7 +281,7 @@ impl BufferPool {
     }
 
     /// A snapshot of the accounting, the total and every pool.
-    pub fn stats(&self) -> Stats {
+    pub fn stats(&self) -> BufferPoolStats {
         self.shared.stats()
     }
 
@@ -993,12 +993,12 @@ impl Shared {
         }
     }
 
-    fn stats(&self) -> Stats {
+    fn stats(&self) -> BufferPoolStats {
         let st = self.state.lock();
         let pools: Vec<PoolStats> = (0..self.meta.len())
             .map(|i| self.pool_stats(&st, i))
             .collect();
-        Stats {
+        BufferPoolStats {
             total_budget_bytes: self.total_budget,
             in_use_bytes: st.in_use,
             cached_bytes: st.cached,

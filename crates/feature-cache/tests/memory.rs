@@ -247,13 +247,13 @@ fn set_capacity_evicts_at_once_and_too_heavy_is_an_error() {
         "{err}"
     );
     assert!(matches!(
-        FeatureCache::<u32, u32>::new(
-            CacheConfig {
+        FeatureCache::<u32, u32>::builder()
+            .config(CacheConfig {
                 shards: 3,
                 ..Default::default()
-            },
-            UnitWeigher
-        ),
+            })
+            .weigher(UnitWeigher)
+            .build(),
         Err(Error::InvalidConfig { field, .. }) if field == "shards"
     ));
 }

@@ -10,7 +10,7 @@ use crate::weights::{WeightType, WeightsInfo};
 /// (GPT/Llama-like: keeps a KV cache, produces logits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Architecture {
+pub enum TransformerKind {
     /// Bidirectional encoder.
     Encoder,
     /// Causal decoder with a KV cache.
@@ -21,7 +21,7 @@ pub enum Architecture {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransformerShape {
     /// Encoder or decoder.
-    pub architecture: Architecture,
+    pub architecture: TransformerKind,
     /// Hidden size (`d_model`).
     pub hidden: u64,
     /// Number of layers.
@@ -73,9 +73,9 @@ impl TransformerShape {
                 .any(|m| text("model_type").contains(m));
         let shape = TransformerShape {
             architecture: if decoder {
-                Architecture::Decoder
+                TransformerKind::Decoder
             } else {
-                Architecture::Encoder
+                TransformerKind::Encoder
             },
             hidden: num("hidden_size")?,
             layers: num("num_hidden_layers")?,
@@ -114,9 +114,9 @@ impl TransformerShape {
         let encoder = matches!(arch, "bert" | "nomic-bert" | "jina-bert-v2" | "t5encoder");
         let shape = TransformerShape {
             architecture: if encoder {
-                Architecture::Encoder
+                TransformerKind::Encoder
             } else {
-                Architecture::Decoder
+                TransformerKind::Decoder
             },
             hidden: get("embedding_length")?,
             layers: get("block_count")?,
@@ -285,7 +285,7 @@ impl Activations {
         let e = config.element_bytes as u128;
         let scores = m(&[2, b, shape.heads as u128, s, s]);
         let attention_rest = m(&[b, s, h.saturating_add(2 * kv_dim)]).saturating_add(m(&[b, s, h]));
-        let gated = if shape.architecture == Architecture::Decoder {
+        let gated = if shape.architecture == TransformerKind::Decoder {
             3
         } else {
             2
@@ -298,14 +298,14 @@ impl Activations {
             (0, residual.saturating_add(mlp))
         };
         let (kv, logits) = match shape.architecture {
-            Architecture::Decoder => {
+            TransformerKind::Decoder => {
                 let per_layer = m(&[2, b, s, kv_dim, config.kv_element_bytes as u128]);
                 (
                     m(&[per_layer, shape.layers as u128 + 1]),
                     m(&[b, shape.vocab as u128, e]),
                 )
             }
-            Architecture::Encoder => (0, 0),
+            TransformerKind::Encoder => (0, 0),
         };
         let clamp = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
         let scores_b = clamp(m(&[attn_phase, e]));
@@ -339,14 +339,14 @@ mod tests {
     #[test]
     fn hf_config_encoder_and_decoder() {
         let m = minilm();
-        assert_eq!(m.architecture, Architecture::Encoder);
+        assert_eq!(m.architecture, TransformerKind::Encoder);
         assert_eq!((m.hidden, m.layers, m.heads, m.kv_heads), (384, 6, 12, 12));
         let llama = TransformerShape::from_hf_config(
             r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 2048, "num_hidden_layers": 22,
                 "num_attention_heads": 32, "num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 32000}"#,
         )
         .unwrap();
-        assert_eq!(llama.architecture, Architecture::Decoder);
+        assert_eq!(llama.architecture, TransformerKind::Decoder);
         assert_eq!(llama.kv_heads, 4);
         assert!(TransformerShape::from_hf_config("{}").is_err());
         assert!(TransformerShape::from_hf_config(
@@ -381,7 +381,7 @@ mod tests {
     #[test]
     fn decoder_kv_cache_counts_kv_heads() {
         let shape = TransformerShape {
-            architecture: Architecture::Decoder,
+            architecture: TransformerKind::Decoder,
             hidden: 2048,
             layers: 22,
             heads: 32,

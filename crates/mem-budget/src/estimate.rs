@@ -249,7 +249,7 @@ impl LinearModel {
 ///     metadata: Default::default(),
 ///     header_bytes: 100,
 /// };
-/// let shape = TransformerShape { architecture: Architecture::Encoder, hidden: 1024,
+/// let shape = TransformerShape { architecture: TransformerKind::Encoder, hidden: 1024,
 ///     layers: 1, heads: 16, kv_heads: 16, intermediate: 4096, vocab: 0 };
 /// let room = Room { model: GIB, activations: GIB, total: GIB };
 /// let e = estimate_model(&info, Some(WeightType::Q8_0), &shape,

@@ -60,7 +60,7 @@ mod units;
 mod weights;
 
 pub use crate::activation::{
-    ActivationConfig, Activations, Architecture, RepackFactors, TransformerShape, Workload,
+    ActivationConfig, Activations, RepackFactors, TransformerKind, TransformerShape, Workload,
 };
 pub use crate::budget::{Budget, BudgetConfig, BudgetOverrides, ScaleRatios};
 pub use crate::error::{Error, Result};
