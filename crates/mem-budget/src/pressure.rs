@@ -126,19 +126,31 @@ pub struct CpuTimes {
 
 /// Reads CPU load from `<root>/proc/stat` as the busy share of the ticks
 /// between two samples.
+///
+/// The counters are read once when the reader is made, so the first
+/// [`sample`](CpuLoadReader::sample) already has a delta to measure.
 #[derive(Debug)]
 pub struct CpuLoadReader {
     path: PathBuf,
-    last: Mutex<Option<CpuTimes>>,
+    last: Mutex<LastSample>,
+}
+
+/// The counters and the fraction of the previous sample.
+#[derive(Debug, Default)]
+struct LastSample {
+    times: Option<CpuTimes>,
+    fraction: Option<f64>,
 }
 
 impl CpuLoadReader {
-    /// A reader of `<root>/proc/stat`.
+    /// A reader of `<root>/proc/stat`, sampled once now.
     pub fn with_root(root: impl AsRef<Path>) -> CpuLoadReader {
-        CpuLoadReader {
+        let reader = CpuLoadReader {
             path: root.as_ref().join("proc/stat"),
-            last: Mutex::new(None),
-        }
+            last: Mutex::new(LastSample::default()),
+        };
+        reader.last.lock().times = reader.read_times().ok();
+        reader
     }
 
     /// The counters now.
@@ -175,9 +187,11 @@ impl CpuLoadReader {
         })
     }
 
-    /// The busy fraction (0–1) since the previous sample; `None` on the
-    /// first sample, when no ticks passed, or when the file cannot be read
-    /// (logged).
+    /// The busy fraction (0–1) since the previous sample (or since the
+    /// reader was made). When no ticks passed since then, or the reader
+    /// had no earlier counters, the previous fraction, or else the share
+    /// since boot. `None` only when the file cannot be read (logged) or
+    /// counts no ticks at all.
     pub fn sample(&self) -> Option<f64> {
         let now = match self.read_times() {
             Ok(t) => t,
@@ -186,10 +200,24 @@ impl CpuLoadReader {
                 return None;
             }
         };
-        let prev = self.last.lock().replace(now)?;
-        let total = now.total.checked_sub(prev.total)?;
-        let busy = now.busy.saturating_sub(prev.busy);
-        (total > 0).then(|| (busy as f64 / total as f64).clamp(0.0, 1.0))
+        let share = |busy: u64, total: u64| {
+            (total > 0).then(|| (busy as f64 / total as f64).clamp(0.0, 1.0))
+        };
+        let mut last = self.last.lock();
+        let delta = last.times.and_then(|prev| {
+            share(
+                now.busy.saturating_sub(prev.busy),
+                now.total.checked_sub(prev.total)?,
+            )
+        });
+        let fraction = delta
+            .or(last.fraction)
+            .or_else(|| share(now.busy, now.total));
+        *last = LastSample {
+            times: Some(now),
+            fraction,
+        };
+        fraction
     }
 }
 
