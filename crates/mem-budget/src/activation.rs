@@ -4,7 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::weights::{WeightType, WeightsInfo};
+use crate::repack::RepackRules;
+use crate::weights::WeightsInfo;
 
 /// Encoder (BERT-like: whole input at once, no cache) or decoder
 /// (GPT/Llama-like: keeps a KV cache, produces logits).
@@ -148,65 +149,6 @@ impl TransformerShape {
     }
 }
 
-/// Extra bytes the runtime keeps per byte of quantized weights after the
-/// first forward pass, per type.
-///
-/// Measured with candle 0.11 on an AVX-512 Xeon (see `docs/mem-budget.md`):
-/// a Q8_0 weight's first matmul adds a repacked copy about the size of its
-/// storage (+100%); Q4_K adds up to +340% with AMX
-/// (`MISTRALRS_FORCE_AVXVNNI=1` avoids that copy); Q4_0 is not repacked.
-/// Other quantizations were not measured and are assumed to make one full
-/// copy.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct RepackFactors {
-    /// Q8_0: default 1.0 (+100%).
-    pub q8_0: f64,
-    /// Q4_K: default 3.4 (+340%, the AMX worst case).
-    pub q4_k: f64,
-    /// Q4_0: default 0.0 (not repacked).
-    pub q4_0: f64,
-    /// Every other block quantization: default 1.0.
-    pub other_quantized: f64,
-}
-
-impl Default for RepackFactors {
-    fn default() -> Self {
-        RepackFactors {
-            q8_0: 1.0,
-            q4_k: 3.4,
-            q4_0: 0.0,
-            other_quantized: 1.0,
-        }
-    }
-}
-
-impl RepackFactors {
-    /// The factor for `t`; 0 for plain (unquantized) types.
-    pub fn factor(&self, t: WeightType) -> f64 {
-        match t {
-            WeightType::Q8_0 => self.q8_0,
-            WeightType::Q4_K => self.q4_k,
-            WeightType::Q4_0 => self.q4_0,
-            t if t.is_quantized() => self.other_quantized,
-            _ => 0.0,
-        }
-    }
-
-    /// Extra bytes for `weights` stored as `target` (`None`: as stored).
-    pub fn extra_bytes(&self, weights: &WeightsInfo, target: Option<WeightType>) -> u64 {
-        weights
-            .tensors
-            .iter()
-            .map(|t| {
-                let ty = target.map_or(t.dtype, |q| t.type_as(q));
-                let bytes = target.map_or(t.bytes, |q| t.bytes_as(q));
-                (bytes as f64 * self.factor(ty)) as u64
-            })
-            .sum()
-    }
-}
-
 /// How activations are sized.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -220,8 +162,9 @@ pub struct ActivationConfig {
     /// copies, broadcast masks) and allocator slack. Default 1.5 for candle
     /// on CPU; checked against measured peak RSS by the runtime.
     pub runtime_overhead: f64,
-    /// Extra copies of quantized weights after the first forward.
-    pub repack: RepackFactors,
+    /// Which repacked copies of quantized weights candle keeps after the
+    /// first forward. Default: this CPU's ([`RepackRules::this_cpu`]).
+    pub repack: RepackRules,
 }
 
 impl Default for ActivationConfig {
@@ -230,7 +173,7 @@ impl Default for ActivationConfig {
             element_bytes: 4,
             kv_element_bytes: 4,
             runtime_overhead: 1.5,
-            repack: RepackFactors::default(),
+            repack: RepackRules::this_cpu(),
         }
     }
 }

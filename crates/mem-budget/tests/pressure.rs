@@ -6,10 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hw_detect::{MemoryInfo, MemoryProbe};
-use mem_budget::{
-    CpuLoadReader, PressureConfig, PressureLevel, PressureMonitor, ThermalReader, GIB,
-};
+use hw_detect::{CpuLoadReader, MemoryInfo, MemoryProbe, ThermalReader};
+use mem_budget::{PressureConfig, PressureLevel, PressureMonitor, GIB};
 use parking_lot::Mutex;
 
 /// Reports `used` per mille of a 10 GiB machine as in use.
