@@ -1,5 +1,6 @@
 //! The crate's one error type.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Everything that can go wrong when configuring a pool or leasing from it.
@@ -38,8 +39,9 @@ pub enum Error {
          raise the budget or wait longer"
     )]
     Exhausted {
-        /// Name of the pool asked.
-        pool: String,
+        /// Name of the pool asked (shared with the pool: a refusal
+        /// allocates nothing).
+        pool: Arc<str>,
         /// Bytes asked for (the sum, for `acquire_all`).
         requested: usize,
         /// Bytes that would be taken from the budget after size-class rounding.
@@ -60,7 +62,7 @@ pub enum Error {
     )]
     TooLarge {
         /// Name of the pool asked.
-        pool: String,
+        pool: Arc<str>,
         /// Bytes asked for (the sum, for `acquire_all`).
         requested: usize,
         /// Bytes after size-class rounding.

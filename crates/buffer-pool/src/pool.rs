@@ -441,7 +441,7 @@ impl Shared {
         let rounded = size_class(bytes).unwrap_or(usize::MAX);
         if bytes > limit {
             return Err(Error::TooLarge {
-                pool: self.meta[idx].name.to_string(),
+                pool: Arc::clone(&self.meta[idx].name),
                 requested: bytes,
                 rounded,
                 budget: limit,
@@ -480,7 +480,7 @@ impl Shared {
             "buffer pool exhausted"
         );
         Error::Exhausted {
-            pool: self.meta[idx].name.to_string(),
+            pool: Arc::clone(&self.meta[idx].name),
             requested,
             rounded,
             free: pool_free.min(total_free),
@@ -718,7 +718,7 @@ impl Shared {
         }
         if rounded > self.limit(idx) {
             return Err(Error::TooLarge {
-                pool: self.meta[idx].name.to_string(),
+                pool: Arc::clone(&self.meta[idx].name),
                 requested,
                 rounded,
                 budget: self.limit(idx),
