@@ -81,7 +81,7 @@ pub struct BufferPoolConfig {
     /// `BufferPool::try_acquire` and friends use.
     pub pools: Vec<NamedPoolConfig>,
     /// Cached buffers idle for longer than this are released to the operating
-    /// system. Default 30 s. Serialized as milliseconds (a number).
+    /// system. Default 30 s. Serialized as whole milliseconds (a number).
     #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub idle_ttl: Duration,
     /// Run the idle trim opportunistically when a lease is released, at most

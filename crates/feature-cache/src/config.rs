@@ -46,7 +46,7 @@ pub struct CacheConfig {
     /// Eviction policy. Default: [`Policy::TinyLfu`].
     pub policy: Policy,
     /// Time-to-live of entries inserted without their own. Default: none.
-    /// Serialized as milliseconds (a number).
+    /// Serialized as whole milliseconds (a number).
     #[serde(with = "serde_with::As::<Option<serde_with::DurationMilliSeconds<f64>>>")]
     pub default_ttl: Option<Duration>,
 }
@@ -80,7 +80,7 @@ pub struct DiskConfig {
     /// power cut cannot leave a renamed but empty file. Default: true.
     pub fsync: bool,
     /// Wait before the first retry after a disk error. Default: 1 s.
-    /// Serialized as milliseconds (a number), as is `retry_max`.
+    /// Serialized as whole milliseconds (a number), as is `retry_max`.
     #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub retry_initial: Duration,
     /// Longest wait between retries (the wait doubles up to it). Default: 60 s.
@@ -111,11 +111,11 @@ mod tests {
         assert_eq!(disk["retry_initial"], serde_json::json!(1000.0));
         assert_eq!(disk["retry_max"], serde_json::json!(60000.0));
         let cache = CacheConfig {
-            default_ttl: Some(Duration::from_micros(1500)),
+            default_ttl: Some(Duration::from_millis(1500)),
             ..CacheConfig::default()
         };
         let json = serde_json::to_value(&cache).unwrap();
-        assert_eq!(json["default_ttl"], serde_json::json!(1.5));
+        assert_eq!(json["default_ttl"], serde_json::json!(1500.0));
         assert_eq!(serde_json::from_value::<CacheConfig>(json).unwrap(), cache);
         let stats = crate::CacheStats {
             time_saved: Duration::from_millis(250),

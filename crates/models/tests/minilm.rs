@@ -200,7 +200,7 @@ fn f32_unpadded_and_padded_agree() {
     // zeros, so the two must give the same embeddings.
     let mut padded = LoadOptions::default();
     padded.plan.insert(
-        "encoder.layer.0.attention.self.query.weight".into(),
+        "encoder.layer.0.attention.output.dense.weight".into(),
         Format::Q4_0,
     );
     let unpadded = LoadOptions {
@@ -213,7 +213,7 @@ fn f32_unpadded_and_padded_agree() {
     let b = MiniLm::load(dir(), &unpadded).unwrap();
     assert_eq!(a.formats(), b.formats(), "the same plan on both sides");
     assert_eq!(
-        a.formats()["encoder.layer.0.attention.self.query.weight"],
+        a.formats()["encoder.layer.0.attention.output.dense.weight"],
         Format::Q4_0
     );
     let (tokens, _) = reference_embeddings();
