@@ -252,7 +252,10 @@ fn int4_plan_within_bound() {
     };
     let (worst, m) = min_cosine(&o);
     eprintln!("INT4 plan min cosine {worst}");
-    assert!(worst >= 0.95, "INT4 plan min cosine {worst}");
+    // Measured 0.981 on these 50 sentences (AMD EPYC, AVX-512 VNNI; the
+    // Q8_0 layers on quant's int8 kernel). The bound leaves 0.01 for CPUs
+    // whose kernels quantize activations differently (candle's Q8_K path).
+    assert!(worst >= 0.97, "INT4 plan min cosine {worst}");
     assert_eq!(
         m.formats()["encoder.layer.0.output.dense.weight"],
         Format::Q4_K
@@ -267,7 +270,8 @@ fn int4_plan_within_bound() {
 fn padding_lets_q4_k_take_every_matrix() {
     // With the 384 → 512 zero pad every matrix takes Q4_K. All-Q4_K is
     // smaller but lossier than the INT4 plan above (measured min cosine
-    // 0.916 on these sentences); it is offered, not the default INT4 plan.
+    // 0.912 on these sentences, AMD EPYC with AVX-512 VNNI, hence the 0.9
+    // bound); it is offered, not the default INT4 plan.
     let (worst, m) = min_cosine(&LoadOptions::uniform(Format::Q4_K));
     eprintln!("all-Q4_K min cosine {worst}");
     assert!(m.formats().values().all(|f| *f == Format::Q4_K));
