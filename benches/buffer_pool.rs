@@ -93,7 +93,7 @@ fn median_ns(iters: u32, mut f: impl FnMut()) -> f64 {
     for _ in 0..iters / 4 + 1 {
         f();
     }
-    let mut rounds: Vec<f64> = (0..7)
+    let rounds: Vec<f64> = (0..7)
         .map(|_| {
             let t = Instant::now();
             for _ in 0..iters {
@@ -102,8 +102,7 @@ fn median_ns(iters: u32, mut f: impl FnMut()) -> f64 {
             t.elapsed().as_nanos() as f64 / f64::from(iters)
         })
         .collect();
-    rounds.sort_by(f64::total_cmp);
-    rounds[3]
+    snug::percentile(&rounds, 50.0).unwrap_or(f64::NAN)
 }
 
 fn summary(plain: &BufferPool, zeroed: &BufferPool) {

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run --release --example affinity             # 896×896, 30 runs each
-//! cargo run --release --example affinity -- 768 50   # matrix size, runs
+//! cargo run --release --example affinity -- --size 768 --runs 50
 //! ```
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,8 +14,9 @@ use std::time::Instant;
 
 use affinity::{
     current_affinity, pin_current_thread, recommended_threads, AffinityConfig, CpuLimits, CpuSet,
-    PinMode, PinOutcome, Placement,
+    PinMode, PinOutcome, ThreadPlacement,
 };
+use clap::Parser;
 use rayon::prelude::*;
 
 /// Rows of C per parallel task.
@@ -108,10 +109,22 @@ fn measure(configs: &[Config], a: &[f32], b: &[f32], n: usize, runs: usize) -> V
     times
 }
 
+/// Topology, thread placement, and a matmul timed on pinned and unpinned
+/// pools, quiet and with a competing busy thread.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Side of the square f32 matrices (a positive multiple of the row block).
+    #[arg(long, default_value_t = 896)]
+    size: usize,
+    /// Timed runs per pool.
+    #[arg(long, default_value_t = 30)]
+    runs: usize,
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let n: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(896);
-    let runs: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(30);
+    let args = Args::parse();
+    let (n, runs) = (args.size, args.runs);
     if n == 0 || !n.is_multiple_of(ROW_BLOCK) || runs == 0 {
         return Err(format!(
             "matrix size must be a positive multiple of {ROW_BLOCK}, runs positive"
@@ -150,8 +163,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("threads    {} recommended", recommended_threads(&profile));
 
-    let whole = Placement::plan(&profile, &AffinityConfig::default())?;
-    let per_cpu = Placement::plan(
+    let whole = ThreadPlacement::plan(&profile, &AffinityConfig::default())?;
+    let per_cpu = ThreadPlacement::plan(
         &profile,
         &AffinityConfig {
             mode: PinMode::OneCpuPerThread,

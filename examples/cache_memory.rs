@@ -5,10 +5,12 @@
 //! cache's freed memory does not hide the other's.
 //!
 //! ```text
-//! cargo run --release --example cache_memory [CAPACITY ...]
+//! cargo run --release --example cache_memory [-- CAPACITY ...]
 //! ```
 
 use std::process::Command;
+
+use clap::{Parser, ValueEnum};
 
 use feature_cache::{FeatureCache, Policy, UnitWeigher};
 
@@ -33,27 +35,40 @@ fn measure(policy: Policy, capacity: u64) -> Result<u64, Box<dyn std::error::Err
     Ok(after.saturating_sub(before))
 }
 
+/// The tuning a child process measures.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Tuning {
+    /// `Policy::TinyLfu`, tuned by miniature simulations.
+    Tuned,
+    /// `Policy::TinyLfuHillClimber`, no miniatures.
+    Climber,
+}
+
+/// RSS growth of a cache tuned by miniatures against one tuned by the hill
+/// climber, each filled past its capacity in a process of its own.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Capacities in entries.
+    #[arg(default_values_t = [10_000u64, 100_000, 400_000])]
+    capacities: Vec<u64>,
+    /// Internal: measure one tuning at the first capacity and print the
+    /// growth in bytes (the parent runs itself with this).
+    #[arg(long, value_enum, hide = true)]
+    child: Option<Tuning>,
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if let [flag, policy, capacity] = args.as_slice() {
-        if flag == "--child" {
-            let policy = if policy == "climber" {
-                Policy::TinyLfuHillClimber
-            } else {
-                Policy::TinyLfu
-            };
-            println!("{}", measure(policy, capacity.parse()?)?);
-            return Ok(());
-        }
+    let args = Args::parse();
+    if let Some(tuning) = args.child {
+        let policy = match tuning {
+            Tuning::Tuned => Policy::TinyLfu,
+            Tuning::Climber => Policy::TinyLfuHillClimber,
+        };
+        println!("{}", measure(policy, args.capacities[0])?);
+        return Ok(());
     }
-    let capacities: Vec<u64> = if args.is_empty() {
-        vec![10_000, 100_000, 400_000]
-    } else {
-        args.iter()
-            .map(|a| a.parse())
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("capacities must be entry counts: {e}"))?
-    };
+    let capacities = args.capacities;
     let exe = std::env::current_exe()?;
     let child = |policy: &str, capacity: u64| -> Result<f64, Box<dyn std::error::Error>> {
         let out = Command::new(&exe)

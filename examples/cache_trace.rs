@@ -36,7 +36,7 @@ use feature_cache::{FeatureCache, Policy, UnitWeigher};
 struct Args {
     /// Directory holding arc-OLTP.lis.zst, arc-P3.lis.zst and arc-P2.lis.zst
     /// (the fixed table).
-    #[arg(long, default_value = "../shared/traces")]
+    #[arg(long, default_value = "traces")]
     traces: PathBuf,
     /// Replay this trace file (lines `start_block n_blocks ignored
     /// request_no`, zstd-compressed or not) instead of the fixed table.

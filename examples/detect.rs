@@ -4,7 +4,16 @@
 //! cargo run --release --example detect
 //! ```
 
+use clap::Parser;
+
+/// Prints this machine's hardware profile as pretty JSON (and its class,
+/// preferred device and how long the profile took on stderr).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    Args::parse();
     let started = std::time::Instant::now();
     let profile = hw_detect::HardwareProfile::detect()?;
     let took = started.elapsed();

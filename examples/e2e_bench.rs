@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use clap::Parser;
 use runtime::{Runtime, RuntimeConfig};
 use serde::Serialize;
 
@@ -60,12 +61,29 @@ struct Report {
     leak: Option<(u64, u64, usize)>,
 }
 
-fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+/// The end-to-end proof on all-MiniLM-L6-v2: throughput, latency, memory
+/// against the estimate, a pressure run and a leak check.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// 400 sentences and 4,000 for the leak check (unless given).
+    #[arg(long)]
+    quick: bool,
+    /// Sentences per run (default 2000; 400 with --quick).
+    #[arg(long)]
+    sentences: Option<usize>,
+    /// Requests of the leak check, 0 skips it (default 20000; 4000 with --quick).
+    #[arg(long)]
+    leak: Option<usize>,
+    /// Where the SVG charts go.
+    #[arg(long, default_value = "target/e2e")]
+    charts: PathBuf,
+    /// All figures as JSON (default: e2e_bench.json in the charts directory).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Internal: measure memory for one format in a child process.
+    #[arg(long, hide = true)]
+    memory_child: Option<String>,
 }
 
 fn model_dir() -> Result<PathBuf, AnyError> {
@@ -173,16 +191,15 @@ fn memory_child(format: &str, n: usize) -> Result<(), AnyError> {
 }
 
 fn main() -> Result<(), AnyError> {
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--memory-child") {
-        let format = args.get(i + 1).ok_or("--memory-child needs a format")?;
-        return memory_child(format, arg(&args, "--sentences", 2000));
+    let args = Args::parse();
+    if let Some(format) = &args.memory_child {
+        return memory_child(format, args.sentences.unwrap_or(2000));
     }
-    let quick = args.iter().any(|a| a == "--quick");
-    let n: usize = arg(&args, "--sentences", if quick { 400 } else { 2000 });
-    let leak_n: usize = arg(&args, "--leak", if quick { 4000 } else { 20_000 });
-    let charts: PathBuf = arg(&args, "--charts", PathBuf::from("target/e2e"));
-    let json_path: PathBuf = arg(&args, "--json", charts.join("e2e_bench.json"));
+    let quick = args.quick;
+    let n: usize = args.sentences.unwrap_or(if quick { 400 } else { 2000 });
+    let leak_n: usize = args.leak.unwrap_or(if quick { 4000 } else { 20_000 });
+    let charts: PathBuf = args.charts;
+    let json_path: PathBuf = args.json.unwrap_or_else(|| charts.join("e2e_bench.json"));
     std::fs::create_dir_all(&charts)?;
 
     let dir = model_dir()?;

@@ -13,6 +13,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use clap::Parser;
 use hw_detect::{Detector, HardwareProfile};
 use mem_budget::{
     estimate_model, estimate_weights, ActivationConfig, Activations, Budget, Bytes, Estimate,
@@ -44,35 +45,30 @@ struct Report {
     rows: Vec<Row>,
 }
 
-fn usage() -> ! {
-    eprintln!("usage: estimate <model.safetensors|model.gguf> [--batch N] [--seq N] [--json]");
-    std::process::exit(2)
+/// Pre-flight memory estimate of a model file, from its header only.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The model: a .safetensors or .gguf file.
+    file: PathBuf,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 1)]
+    batch: u64,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    seq: u64,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let (mut file, mut batch, mut seq, mut json) = (None, 1u64, 128u64, false);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--batch" => {
-                batch = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or_else(|| usage())
-            }
-            "--seq" => {
-                seq = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or_else(|| usage())
-            }
-            "--json" => json = true,
-            "-h" | "--help" => usage(),
-            _ if file.is_none() => file = Some(PathBuf::from(a)),
-            _ => usage(),
-        }
-    }
-    let file = file.unwrap_or_else(|| usage());
+    let Args {
+        file,
+        batch,
+        seq,
+        json,
+    } = Args::parse();
 
     let started = Instant::now();
     let info = estimate_weights(&file)?;

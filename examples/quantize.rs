@@ -11,8 +11,10 @@
 //! artifact, and prints the plan, the sizes and the errors.
 
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::time::Instant;
 
+use clap::{ArgGroup, Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use quant::{
     load_safetensors, measure, quantize_tensors, select, sha256_file, uniform_bytes, Calibration,
@@ -34,6 +36,34 @@ fn bar(len: usize, what: &str) -> ProgressBar {
     }
 }
 
+/// The byte target's source when no explicit target is given.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PolicyChoice {
+    /// The size the machine's policy format would give.
+    Auto,
+}
+
+/// Quantizes a safetensors model for this machine and saves it as GGUF.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+#[command(group(ArgGroup::new("size").required(true).args(["target_bytes", "policy"])))]
+struct Args {
+    /// The safetensors model to quantize.
+    input: PathBuf,
+    /// Plan formats to fit this many bytes of weights.
+    #[arg(long)]
+    target_bytes: Option<u64>,
+    /// Plan to the size the machine's quantization policy gives.
+    #[arg(long, value_enum)]
+    policy: Option<PolicyChoice>,
+    /// Where to write the GGUF (default: the input with .gguf).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Calibration rows per weight (default: the policy's).
+    #[arg(long)]
+    samples: Option<usize>,
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("error: {e}");
@@ -42,30 +72,18 @@ fn main() {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut input = None;
-    let mut target: Option<u64> = None;
-    let mut auto = false;
-    let mut out = None;
-    let mut samples = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--target-bytes" => target = Some(it.next().ok_or("--target-bytes needs N")?.parse()?),
-            "--policy" => auto = it.next().map(String::as_str) == Some("auto"),
-            "-o" | "--output" => out = Some(it.next().ok_or("-o needs a path")?.clone()),
-            "--samples" => samples = Some(it.next().ok_or("--samples needs N")?.parse()?),
-            s if !s.starts_with('-') => input = Some(s.to_string()),
-            s => return Err(format!("unknown argument {s}").into()),
-        }
-    }
-    let input = input.ok_or(
-        "usage: quantize <model.safetensors> (--target-bytes N | --policy auto) [-o out.gguf] [--samples N]",
-    )?;
-    if target.is_none() && !auto {
-        return Err("give --target-bytes N or --policy auto".into());
-    }
-    let out = out.unwrap_or_else(|| format!("{}.gguf", input.trim_end_matches(".safetensors")));
+    let Args {
+        input,
+        target_bytes: target,
+        policy: _,
+        output: out,
+        samples,
+    } = Args::parse();
+    let input = input.display().to_string();
+    let out = out.map_or_else(
+        || format!("{}.gguf", input.trim_end_matches(".safetensors")),
+        |p| p.display().to_string(),
+    );
 
     let profile = hw_detect::HardwareProfile::detect()?;
     let policy = QuantPolicy::for_profile(&profile);

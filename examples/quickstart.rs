@@ -10,6 +10,15 @@
 
 use std::process::Command;
 
+use clap::Parser;
+
+/// Detects the machine, plans for it, embeds a few sentences with
+/// all-MiniLM-L6-v2 (fetched on first use) and prints their similarities
+/// and the runtime's status.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {}
+
 fn fetch_model() -> Result<(), Box<dyn std::error::Error>> {
     if models::model_dir().is_ok() {
         return Ok(());
@@ -27,6 +36,7 @@ fn fetch_model() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    Args::parse();
     fetch_model()?;
     let rt = runtime::Runtime::builder().build()?;
     let profile = rt.profile();

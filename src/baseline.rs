@@ -1,6 +1,6 @@
 //! The baseline a user would write without snug: candle-transformers'
 //! `BertModel` on all-MiniLM-L6-v2 in f32, with mean pooling and L2
-//! normalisation, as in MEASURED.md and sentence-transformers.
+//! normalisation, as sentence-transformers does.
 
 use std::path::Path;
 

@@ -201,17 +201,11 @@ pub fn percentile(values: &[f64], p: f64) -> Option<f64> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
-/// Resident set size of this process in bytes (`VmRSS`), and its peak
-/// (`VmHWM`), read from `/proc/self/status`. `None` where that file does not
-/// exist (non-Linux systems).
+/// Resident set size of this process in bytes, and its peak: the reading
+/// of [`hw_detect::ProcessMemory`]. `None` where the system does not report
+/// it (`/proc/self/status` exists on Linux only).
 pub fn process_memory() -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let field = |name: &str| -> Option<u64> {
-        let line = status.lines().find(|l| l.starts_with(name))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
+    hw_detect::ProcessMemory::read().map(|m| (m.rss, m.peak))
 }
 
 #[cfg(test)]

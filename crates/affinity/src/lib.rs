@@ -1,7 +1,7 @@
 //! Which cores inference threads should run on, and pinning them where the
 //! OS allows.
 //!
-//! `affinity` turns a [`hw_detect::HardwareProfile`] into a [`Placement`]:
+//! `affinity` turns a [`hw_detect::HardwareProfile`] into a [`ThreadPlacement`]:
 //! a [`PinStrategy`] resolved to a set of CPUs (performance cores only on
 //! hybrid CPUs, one CPU per physical core on SMT machines, …), the number of
 //! compute threads ([`recommended_threads`]: physical performance cores,
@@ -10,10 +10,10 @@
 //! every thread of a rayon pool, the pool candle computes on.
 //!
 //! ```
-//! use affinity::{AffinityConfig, Placement, PinOutcome};
+//! use affinity::{AffinityConfig, ThreadPlacement, PinOutcome};
 //!
 //! let profile = hw_detect::HardwareProfile::detect()?;
-//! let placement = Placement::plan(&profile, &AffinityConfig::default())?;
+//! let placement = ThreadPlacement::plan(&profile, &AffinityConfig::default())?;
 //! let pinned = placement.build_pool()?;
 //! assert_eq!(pinned.outcomes().len(), placement.threads);
 //! // Pinned, or (macOS, a locked-down container) running unpinned: never an error.
@@ -55,4 +55,4 @@ pub use crate::error::{Error, Result};
 pub use crate::limits::{recommended_threads, recommended_threads_within, CpuLimits};
 pub use crate::pin::{current_affinity, pin_current_thread, process_affinity, PinOutcome};
 pub use crate::pool::PinnedPool;
-pub use crate::strategy::{AffinityConfig, PinMode, PinStrategy, Placement};
+pub use crate::strategy::{AffinityConfig, PinMode, PinStrategy, ThreadPlacement};

@@ -8,14 +8,14 @@ use report::Slots;
 
 use crate::error::{Error, Result};
 use crate::pin::PinOutcome;
-use crate::strategy::Placement;
+use crate::strategy::ThreadPlacement;
 
-/// A rayon pool built under a [`Placement`], with what each thread's pinning
+/// A rayon pool built under a [`ThreadPlacement`], with what each thread's pinning
 /// did.
 ///
 /// Run work on it with [`ThreadPool::install`] (candle's CPU kernels and
 /// `par_iter` then use its threads) or build the global pool instead with
-/// [`Placement::build_global`].
+/// [`ThreadPlacement::build_global`].
 #[derive(Debug)]
 pub struct PinnedPool {
     pool: ThreadPool,
@@ -45,8 +45,8 @@ impl PinnedPool {
     }
 }
 
-impl Placement {
-    /// Builds a pool of [`threads`](Placement::threads) threads named
+impl ThreadPlacement {
+    /// Builds a pool of [`threads`](ThreadPlacement::threads) threads named
     /// `affinity-<i>`, each pinned as the plan says, and waits (up to
     /// `start_timeout_ms`) for every thread to report.
     ///
@@ -56,7 +56,7 @@ impl Placement {
         self.pin_pool(ThreadPoolBuilder::new().thread_name(|i| format!("affinity-{i}")))
     }
 
-    /// Like [`build_pool`](Placement::build_pool) from the caller's builder
+    /// Like [`build_pool`](ThreadPlacement::build_pool) from the caller's builder
     /// (thread names, stack size, …). The plan sets `num_threads` and
     /// `start_handler`, replacing any the builder had.
     pub fn pin_pool(&self, builder: ThreadPoolBuilder) -> Result<PinnedPool> {

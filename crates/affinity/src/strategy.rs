@@ -1,4 +1,4 @@
-//! Strategies, the configuration, and the [`Placement`] they resolve to.
+//! Strategies, the configuration, and the [`ThreadPlacement`] they resolve to.
 
 use std::fmt;
 
@@ -148,17 +148,17 @@ impl Default for AffinityConfig {
 /// A resolved plan: which CPUs, how many threads, and which thread goes where.
 ///
 /// ```
-/// use affinity::{AffinityConfig, CpuLimits, Placement, PinStrategy};
+/// use affinity::{AffinityConfig, CpuLimits, ThreadPlacement, PinStrategy};
 ///
 /// let profile = hw_detect::HardwareProfile::detect()?;
-/// let placement = Placement::plan(&profile, &AffinityConfig::default())?;
+/// let placement = ThreadPlacement::plan(&profile, &AffinityConfig::default())?;
 /// assert_ne!(placement.strategy, PinStrategy::Auto, "Auto is resolved");
 /// assert!(placement.threads >= 1);
 /// assert!(!placement.cpus.is_empty());
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Placement {
+pub struct ThreadPlacement {
     /// The strategy asked for.
     pub requested: PinStrategy,
     /// The strategy used ([`PinStrategy::Auto`] resolved).
@@ -178,10 +178,10 @@ pub struct Placement {
     pub start_timeout_ms: u64,
 }
 
-impl Placement {
+impl ThreadPlacement {
     /// Plans placement for this process (its affinity mask and cgroup are read now).
-    pub fn plan(profile: &HardwareProfile, config: &AffinityConfig) -> Result<Placement> {
-        Placement::plan_within(profile, config, &CpuLimits::detect())
+    pub fn plan(profile: &HardwareProfile, config: &AffinityConfig) -> Result<ThreadPlacement> {
+        ThreadPlacement::plan_within(profile, config, &CpuLimits::detect())
     }
 
     /// Plans placement under given limits.
@@ -194,7 +194,7 @@ impl Placement {
         profile: &HardwareProfile,
         config: &AffinityConfig,
         limits: &CpuLimits,
-    ) -> Result<Placement> {
+    ) -> Result<ThreadPlacement> {
         let cpu = &profile.cpu;
         let allowed = limits.allowed(&online_cpus(cpu));
         let (strategy, mut reason) = config.strategy.resolve(cpu);
@@ -202,7 +202,11 @@ impl Placement {
         let cpus = match &strategy {
             PinStrategy::Explicit(list) => {
                 if list.is_empty() {
-                    return Err(Error::EmptyCpuList);
+                    return Err(Error::invalid(
+                        "PinStrategy::Explicit",
+                        "[]",
+                        "at least one CPU, or PinStrategy::Auto",
+                    ));
                 }
                 if let Some(&bad) = list.iter().find(|&&c| !allowed.contains(c)) {
                     return Err(Error::CpuNotAllowed {
@@ -226,7 +230,13 @@ impl Placement {
         };
         let order = spread_order(&cpus, &cpu.smt_groups);
         let threads = match config.threads {
-            Some(0) => return Err(Error::ZeroThreads),
+            Some(0) => {
+                return Err(Error::invalid(
+                    "threads",
+                    0,
+                    "at least 1, or unset for the recommended count",
+                ))
+            }
             Some(n) => n,
             None => {
                 let cores = physical_cores_holding(&cpus, &cpu.smt_groups);
@@ -235,7 +245,7 @@ impl Placement {
                     .max(1)
             }
         };
-        Ok(Placement {
+        Ok(ThreadPlacement {
             requested: config.strategy.clone(),
             strategy,
             reason,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use affinity::{
     current_affinity, pin_current_thread, AffinityConfig, CpuSet, PinMode, PinOutcome, PinStrategy,
-    Placement,
+    ThreadPlacement,
 };
 
 /// Runs `f` on its own thread and fails if it takes longer than 30 s.
@@ -66,7 +66,7 @@ fn every_pool_thread_runs_where_the_plan_says() {
                 threads: Some(allowed.len().min(4)),
                 ..AffinityConfig::default()
             };
-            let placement = Placement::plan(&profile(), &config).unwrap();
+            let placement = ThreadPlacement::plan(&profile(), &config).unwrap();
             let pinned = placement.build_pool().unwrap();
             let outcomes = pinned.outcomes();
             assert_eq!(outcomes.len(), placement.threads);
@@ -104,7 +104,7 @@ fn refusal_is_an_outcome_and_the_pool_still_works() {
     within_timeout(|| {
         // CPU 4000 exists on no test machine: every pool thread is refused
         // (EINVAL on Linux; unsupported elsewhere), and the pool computes anyway.
-        let placement = Placement {
+        let placement = ThreadPlacement {
             requested: PinStrategy::Explicit(vec![4000]),
             strategy: PinStrategy::Explicit(vec![4000]),
             reason: "test".into(),

@@ -65,7 +65,7 @@ impl NamedPoolConfig {
 ///
 /// ```
 /// let cfg: buffer_pool::BufferPoolConfig =
-///     serde_json::from_str(r#"{"total_budget_bytes": 1048576, "idle_ttl_secs": 5.0}"#).unwrap();
+///     serde_json::from_str(r#"{"total_budget_bytes": 1048576, "idle_ttl": 5000}"#).unwrap();
 /// assert_eq!(cfg.total_budget_bytes, 1 << 20);
 /// assert_eq!(cfg.idle_ttl, std::time::Duration::from_secs(5));
 /// assert!(cfg.trim_on_release);
@@ -81,8 +81,8 @@ pub struct BufferPoolConfig {
     /// `BufferPool::try_acquire` and friends use.
     pub pools: Vec<NamedPoolConfig>,
     /// Cached buffers idle for longer than this are released to the operating
-    /// system. Default 30 s. Serialised as `idle_ttl_secs` (a float).
-    #[serde(rename = "idle_ttl_secs", with = "secs_f64")]
+    /// system. Default 30 s. Serialized as whole milliseconds (a number).
+    #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub idle_ttl: Duration,
     /// Run the idle trim opportunistically when a lease is released, at most
     /// once every `idle_ttl / 4`. Default `true`. A program that may go quiet
@@ -115,24 +115,5 @@ impl BufferPoolConfig {
     pub fn pool(mut self, pool: NamedPoolConfig) -> Self {
         self.pools.push(pool);
         self
-    }
-}
-
-mod secs_f64 {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let secs = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(secs).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "idle_ttl_secs = {secs} is not a valid duration ({e}); use a non-negative number of seconds"
-            ))
-        })
     }
 }

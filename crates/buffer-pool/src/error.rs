@@ -1,5 +1,6 @@
 //! The crate's one error type.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Everything that can go wrong when configuring a pool or leasing from it.
@@ -11,10 +12,14 @@ use std::time::Duration;
 pub enum Error {
     /// The configuration is inconsistent (a pool budget above the total, two
     /// pools with the same name, a zero budget, ...).
-    #[error("invalid buffer-pool configuration: {reason}; fix the configuration and create the pool again")]
+    #[error("invalid configuration: {field} = {value}: expected {expected}")]
     InvalidConfig {
-        /// What is wrong, naming the field and its value.
-        reason: String,
+        /// Which field.
+        field: String,
+        /// Its value, as text.
+        value: String,
+        /// What is accepted.
+        expected: String,
     },
 
     /// No pool of that name was configured.
@@ -34,8 +39,9 @@ pub enum Error {
          raise the budget or wait longer"
     )]
     Exhausted {
-        /// Name of the pool asked.
-        pool: String,
+        /// Name of the pool asked (shared with the pool: a refusal
+        /// allocates nothing).
+        pool: Arc<str>,
         /// Bytes asked for (the sum, for `acquire_all`).
         requested: usize,
         /// Bytes that would be taken from the budget after size-class rounding.
@@ -56,7 +62,7 @@ pub enum Error {
     )]
     TooLarge {
         /// Name of the pool asked.
-        pool: String,
+        pool: Arc<str>,
         /// Bytes asked for (the sum, for `acquire_all`).
         requested: usize,
         /// Bytes after size-class rounding.
@@ -118,7 +124,7 @@ pub enum Error {
     },
 
     /// The background trimming thread could not be started.
-    #[error("could not start the buffer-pool trimming thread: {source}; call trim_idle() yourself instead")]
+    #[error("could not start the buffer-pool trimming thread; call trim_idle() yourself instead")]
     Spawn {
         /// The operating system's error.
         #[from]
@@ -126,5 +132,46 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// An [`Error::InvalidConfig`] for `field` holding `value`.
+    pub fn invalid(
+        field: impl Into<String>,
+        value: impl std::fmt::Display,
+        expected: impl Into<String>,
+    ) -> Error {
+        Error::InvalidConfig {
+            field: field.into(),
+            value: value.to_string(),
+            expected: expected.into(),
+        }
+    }
+}
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    /// Every cause's message appears once in the report an error-chain
+    /// printer makes (each layer, then `: `, then its cause): no layer pastes
+    /// its cause into its own message.
+    fn assert_each_cause_once(e: &(dyn std::error::Error + 'static), depth: usize) {
+        let layers: Vec<String> = std::iter::successors(Some(e), |e| e.source())
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(layers.len(), depth, "{layers:?}");
+        let report = layers.join(": ");
+        let once = |cause: &String| report.matches(cause.as_str()).count() == 1;
+        assert!(layers[1..].iter().all(once), "{report}");
+    }
+
+    #[test]
+    fn error_chain_prints_each_cause_once() {
+        let e = Error::Spawn {
+            source: std::io::Error::other("no threads today"),
+        };
+        assert_each_cause_once(&e, 2);
+    }
+}

@@ -14,7 +14,7 @@
 //!   cached bytes: `in_use + cached <= budget` at all times.
 //! * **Size classes.** Requests are rounded up to 64 B, then powers of two up
 //!   to 1 MiB, then 1.25× steps (see [`size_class`]); the bytes lost to
-//!   rounding are reported in [`Stats`].
+//!   rounding are reported in [`BufferPoolStats`].
 //! * **Hits, misses, eviction.** A request takes a cached buffer of its class
 //!   when there is one (hit); otherwise it allocates a fresh zeroed buffer
 //!   (miss), first evicting cached buffers of other classes, oldest first,
@@ -80,4 +80,4 @@ pub use error::{Error, Result};
 pub use events::{FreeReason, PoolEvent, TrimReason};
 pub use lease::Lease;
 pub use pool::{BufferPool, NamedPool, Trimmer};
-pub use stats::{PoolStats, Stats, TrimReport};
+pub use stats::{BufferPoolStats, PoolStats, TrimReport};

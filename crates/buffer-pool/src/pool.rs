@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::events::{FreeReason, Listener, PoolEvent, TrimReason};
 use crate::lease::{Holder, Lease};
 use crate::raw::RawBuf;
-use crate::stats::{PoolStats, Stats, TrimReport};
+use crate::stats::{BufferPoolStats, PoolStats, TrimReport};
 
 /// Fixed facts about one named pool.
 struct PoolMeta {
@@ -114,18 +114,22 @@ impl BufferPool {
     /// non-zero total, unique non-empty pool names, each pool's budget
     /// non-zero and at most the total. No memory is allocated up front.
     pub fn new(config: BufferPoolConfig) -> Result<Self> {
-        let invalid = |reason: String| Err(Error::InvalidConfig { reason });
+        let invalid = |field: String, value: String, expected: &str| {
+            Err(Error::invalid(field, value, expected))
+        };
         if config.total_budget_bytes == 0 {
             return invalid(
-                "total_budget_bytes = 0; give the pool at least one buffer's worth".into(),
+                "total_budget_bytes".into(),
+                "0".into(),
+                "at least one buffer's worth of bytes",
             );
         }
         if config.total_budget_bytes > isize::MAX as usize {
-            return invalid(format!(
-                "total_budget_bytes = {} exceeds the address space ({})",
-                config.total_budget_bytes,
-                isize::MAX
-            ));
+            return invalid(
+                "total_budget_bytes".into(),
+                config.total_budget_bytes.to_string(),
+                &format!("at most the address space ({})", isize::MAX),
+            );
         }
         let pools = if config.pools.is_empty() {
             vec![NamedPoolConfig::default()]
@@ -135,24 +139,33 @@ impl BufferPool {
         let mut meta: Vec<PoolMeta> = Vec::with_capacity(pools.len());
         for p in &pools {
             if p.name.is_empty() {
-                return invalid("a pool has an empty name; name every pool".into());
+                return invalid(
+                    "pools[].name".into(),
+                    "\"\"".into(),
+                    "a non-empty name for every pool",
+                );
             }
             if meta.iter().any(|m| *m.name == *p.name) {
-                return invalid(format!(
-                    "pool name {:?} appears twice; names must be unique",
-                    p.name
-                ));
+                return invalid(
+                    "pools[].name".into(),
+                    format!("{:?} (twice)", p.name),
+                    "unique pool names",
+                );
             }
             let budget = p.budget_bytes.unwrap_or(config.total_budget_bytes);
+            let field = || format!("pools[{:?}].budget_bytes", p.name);
             if budget == 0 {
-                return invalid(format!("pool {:?} has budget_bytes = 0", p.name));
+                return invalid(field(), "0".into(), "at least one byte");
             }
             if budget > config.total_budget_bytes {
-                return invalid(format!(
-                    "pool {:?} has budget_bytes = {budget}, above total_budget_bytes = {}; \
-                     a pool's budget lies within the total",
-                    p.name, config.total_budget_bytes
-                ));
+                return invalid(
+                    field(),
+                    budget.to_string(),
+                    &format!(
+                        "at most total_budget_bytes = {}: a pool's budget lies within the total",
+                        config.total_budget_bytes
+                    ),
+                );
             }
             meta.push(PoolMeta {
                 name: Arc::from(p.name.as_str()),
@@ -268,7 +281,7 @@ impl BufferPool {
     }
 
     /// A snapshot of the accounting, the total and every pool.
-    pub fn stats(&self) -> Stats {
+    pub fn stats(&self) -> BufferPoolStats {
         self.shared.stats()
     }
 
@@ -428,7 +441,7 @@ impl Shared {
         let rounded = size_class(bytes).unwrap_or(usize::MAX);
         if bytes > limit {
             return Err(Error::TooLarge {
-                pool: self.meta[idx].name.to_string(),
+                pool: Arc::clone(&self.meta[idx].name),
                 requested: bytes,
                 rounded,
                 budget: limit,
@@ -467,7 +480,7 @@ impl Shared {
             "buffer pool exhausted"
         );
         Error::Exhausted {
-            pool: self.meta[idx].name.to_string(),
+            pool: Arc::clone(&self.meta[idx].name),
             requested,
             rounded,
             free: pool_free.min(total_free),
@@ -705,7 +718,7 @@ impl Shared {
         }
         if rounded > self.limit(idx) {
             return Err(Error::TooLarge {
-                pool: self.meta[idx].name.to_string(),
+                pool: Arc::clone(&self.meta[idx].name),
                 requested,
                 rounded,
                 budget: self.limit(idx),
@@ -980,12 +993,12 @@ impl Shared {
         }
     }
 
-    fn stats(&self) -> Stats {
+    fn stats(&self) -> BufferPoolStats {
         let st = self.state.lock();
         let pools: Vec<PoolStats> = (0..self.meta.len())
             .map(|i| self.pool_stats(&st, i))
             .collect();
-        Stats {
+        BufferPoolStats {
             total_budget_bytes: self.total_budget,
             in_use_bytes: st.in_use,
             cached_bytes: st.cached,

@@ -51,7 +51,7 @@ impl PoolStats {
 
 /// A snapshot of the whole pool: the total budget and every named pool.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Stats {
+pub struct BufferPoolStats {
     /// Hard limit on bytes held by all pools together.
     pub total_budget_bytes: usize,
     /// Bytes leased, all pools.

@@ -5,7 +5,9 @@
 
 use std::collections::HashMap;
 
-use buffer_pool::{size_class, BufferPool, BufferPoolConfig, Lease, NamedPoolConfig, Stats};
+use buffer_pool::{
+    size_class, BufferPool, BufferPoolConfig, BufferPoolStats, Lease, NamedPoolConfig,
+};
 use proptest::prelude::*;
 
 const KIB: usize = 1024;
@@ -55,7 +57,7 @@ fn class(pool: usize, bytes: usize) -> Option<usize> {
     (bytes <= BUDGETS[pool]).then(|| size_class(bytes).unwrap().min(BUDGETS[pool]))
 }
 
-fn check(stats: &Stats, held: &[Held]) -> Result<(), TestCaseError> {
+fn check(stats: &BufferPoolStats, held: &[Held]) -> Result<(), TestCaseError> {
     prop_assert!(stats.in_use_bytes + stats.cached_bytes <= TOTAL);
     prop_assert!(stats.high_water_bytes <= TOTAL);
     let mut per_buffer: HashMap<usize, (usize, usize)> = HashMap::new();

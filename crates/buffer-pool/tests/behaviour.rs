@@ -464,7 +464,10 @@ fn configuration_is_checked() {
         (d.total_budget_bytes, d.idle_ttl),
         (256 * MIB, Duration::from_secs(30))
     );
-    assert!(serde_json::from_str::<BufferPoolConfig>(r#"{"idle_ttl_secs": -1}"#).is_err());
+    assert!(serde_json::from_str::<BufferPoolConfig>(r#"{"idle_ttl": -1}"#).is_err());
+    // Durations are milliseconds, as numbers.
+    let v: serde_json::Value = serde_json::to_value(&d).unwrap();
+    assert_eq!(v["idle_ttl"], serde_json::json!(30000.0));
 }
 
 #[test]

@@ -18,7 +18,7 @@ use crate::tuner::Tuner;
 use crate::{CacheConfig, Clock, Error, Policy, SystemClock};
 
 /// Gives each entry its weight (bytes, usually) for the capacity bound.
-pub trait Weigher<K, V>: Send + Sync {
+pub trait EntryWeigher<K, V>: Send + Sync {
     /// The weight of `value` stored under `key`.
     fn weigh(&self, key: &K, value: &V) -> u64;
 
@@ -31,7 +31,7 @@ pub trait Weigher<K, V>: Send + Sync {
     }
 }
 
-impl<K, V, F> Weigher<K, V> for F
+impl<K, V, F> EntryWeigher<K, V> for F
 where
     F: Fn(&K, &V) -> u64 + Send + Sync,
 {
@@ -44,7 +44,7 @@ where
 #[derive(Debug, Clone, Copy, Default)]
 pub struct UnitWeigher;
 
-impl<K, V> Weigher<K, V> for UnitWeigher {
+impl<K, V> EntryWeigher<K, V> for UnitWeigher {
     fn weigh(&self, _: &K, _: &V) -> u64 {
         1
     }
@@ -159,7 +159,7 @@ pub(crate) struct Inner<K: Hash + Eq, V> {
     shards: Box<[Mutex<Shard<K, V>>]>,
     flights: Box<[Mutex<Flights<K, V>>]>,
     shard_bits: u32,
-    weigher: Box<dyn Weigher<K, V>>,
+    weigher: Box<dyn EntryWeigher<K, V>>,
     clock: Arc<dyn Clock>,
     default_ttl: Option<Duration>,
     capacity: AtomicU64,
@@ -209,7 +209,7 @@ impl<K: Hash + Eq, V> fmt::Debug for FeatureCache<K, V> {
 /// Builds a [`FeatureCache`].
 pub struct FeatureCacheBuilder<K: Hash + Eq, V> {
     config: CacheConfig,
-    weigher: Box<dyn Weigher<K, V>>,
+    weigher: Box<dyn EntryWeigher<K, V>>,
     clock: Arc<dyn Clock>,
     second: Option<Box<dyn SecondTier<K, V>>>,
 }
@@ -259,7 +259,7 @@ where
     }
 
     /// Weighs entries (default: [`UnitWeigher`], capacity counts entries).
-    pub fn weigher(mut self, weigher: impl Weigher<K, V> + 'static) -> Self {
+    pub fn weigher(mut self, weigher: impl EntryWeigher<K, V> + 'static) -> Self {
         self.weigher = Box::new(weigher);
         self
     }
@@ -289,11 +289,11 @@ where
         } else if c.shards.is_power_of_two() && c.shards <= 1 << 16 {
             c.shards
         } else {
-            return Err(Error::InvalidConfig {
-                field: "shards",
-                value: c.shards.to_string(),
-                hint: "use a power of two up to 65536, or 0 for automatic",
-            });
+            return Err(Error::invalid(
+                "shards",
+                c.shards,
+                "a power of two up to 65536, or 0 for automatic",
+            ));
         };
         let admission = c.policy != Policy::Lru;
         // With a fixed entry weight the miniatures start now; a cache too
@@ -388,11 +388,6 @@ where
             clock: Arc::new(SystemClock),
             second: None,
         }
-    }
-
-    /// A cache from `config` weighed by `weigher`.
-    pub fn new(config: CacheConfig, weigher: impl Weigher<K, V> + 'static) -> Result<Self, Error> {
-        Self::builder().config(config).weigher(weigher).build()
     }
 
     #[inline]

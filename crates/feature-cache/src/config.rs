@@ -46,6 +46,8 @@ pub struct CacheConfig {
     /// Eviction policy. Default: [`Policy::TinyLfu`].
     pub policy: Policy,
     /// Time-to-live of entries inserted without their own. Default: none.
+    /// Serialized as whole milliseconds (a number).
+    #[serde(with = "serde_with::As::<Option<serde_with::DurationMilliSeconds<f64>>>")]
     pub default_ttl: Option<Duration>,
 }
 
@@ -78,8 +80,11 @@ pub struct DiskConfig {
     /// power cut cannot leave a renamed but empty file. Default: true.
     pub fsync: bool,
     /// Wait before the first retry after a disk error. Default: 1 s.
+    /// Serialized as whole milliseconds (a number), as is `retry_max`.
+    #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub retry_initial: Duration,
     /// Longest wait between retries (the wait doubles up to it). Default: 60 s.
+    #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub retry_max: Duration,
 }
 
@@ -93,5 +98,32 @@ impl Default for DiskConfig {
             retry_initial: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_serialize_as_milliseconds() {
+        let disk = serde_json::to_value(DiskConfig::default()).unwrap();
+        assert_eq!(disk["retry_initial"], serde_json::json!(1000.0));
+        assert_eq!(disk["retry_max"], serde_json::json!(60000.0));
+        let cache = CacheConfig {
+            default_ttl: Some(Duration::from_millis(1500)),
+            ..CacheConfig::default()
+        };
+        let json = serde_json::to_value(&cache).unwrap();
+        assert_eq!(json["default_ttl"], serde_json::json!(1500.0));
+        assert_eq!(serde_json::from_value::<CacheConfig>(json).unwrap(), cache);
+        let stats = crate::CacheStats {
+            time_saved: Duration::from_millis(250),
+            ..crate::CacheStats::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&stats).unwrap()["time_saved"],
+            serde_json::json!(250.0)
+        );
     }
 }

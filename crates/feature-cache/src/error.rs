@@ -7,14 +7,14 @@ use std::sync::Arc;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The configuration is inconsistent.
-    #[error("invalid cache configuration: {field} = {value}; {hint}")]
+    #[error("invalid configuration: {field} = {value}: expected {expected}")]
     InvalidConfig {
         /// The field at fault.
-        field: &'static str,
+        field: String,
         /// Its value, as text.
         value: String,
         /// What would be accepted instead.
-        hint: &'static str,
+        expected: String,
     },
     /// A single entry weighs more than one shard may hold.
     #[error(
@@ -28,7 +28,7 @@ pub enum Error {
         limit: u64,
     },
     /// The loader passed to `get_or_insert_with` failed; the failure is not cached.
-    #[error("loader failed: {0}; the error is not cached, the next call runs the loader again")]
+    #[error("loader failed; the error is not cached, the next call runs the loader again")]
     Loader(#[source] Arc<dyn std::error::Error + Send + Sync>),
     /// The loader panicked; waiters get this error instead of hanging.
     #[error("loader panicked; nothing was cached, the next call runs the loader again")]
@@ -42,9 +42,7 @@ pub enum Error {
         message: String,
     },
     /// An I/O error in the disk tier.
-    #[error(
-        "disk tier I/O on {path}: {source}; the cache serves from memory until the disk recovers"
-    )]
+    #[error("disk tier I/O on {path}; the cache serves from memory until the disk recovers")]
     Io {
         /// The path involved.
         path: String,
@@ -55,10 +53,55 @@ pub enum Error {
 }
 
 impl Error {
+    /// An [`Error::InvalidConfig`] for `field` holding `value`.
+    pub fn invalid(
+        field: impl Into<String>,
+        value: impl std::fmt::Display,
+        expected: impl Into<String>,
+    ) -> Error {
+        Error::InvalidConfig {
+            field: field.into(),
+            value: value.to_string(),
+            expected: expected.into(),
+        }
+    }
+
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
         Error::Io {
             path: path.display().to_string(),
             source: Arc::new(source),
         }
+    }
+}
+
+/// A `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    /// Every cause's message appears once in the report an error-chain
+    /// printer makes (each layer, then `: `, then its cause): no layer pastes
+    /// its cause into its own message.
+    fn assert_each_cause_once(e: &(dyn std::error::Error + 'static), depth: usize) {
+        let layers: Vec<String> = std::iter::successors(Some(e), |e| e.source())
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(layers.len(), depth, "{layers:?}");
+        let report = layers.join(": ");
+        let once = |cause: &String| report.matches(cause.as_str()).count() == 1;
+        assert!(layers[1..].iter().all(once), "{report}");
+    }
+
+    #[test]
+    fn error_chain_prints_each_cause_once() {
+        let io = Error::io(
+            std::path::Path::new("/cache/ab.bin"),
+            std::io::Error::other("disk on fire"),
+        );
+        assert_each_cause_once(&io, 2);
+        let loader = Error::Loader(Arc::new(std::io::Error::other("upstream down")));
+        assert_each_cause_once(&loader, 2);
     }
 }

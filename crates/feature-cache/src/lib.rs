@@ -4,7 +4,7 @@
 //! [`FeatureCache`] keeps feature vectors, embeddings, tokenised inputs or
 //! compiled artifacts so that repeated work is not done twice:
 //!
-//! - **Bounded by weight**: a [`Weigher`] gives each entry its bytes; the
+//! - **Bounded by weight**: a [`EntryWeigher`] gives each entry its bytes; the
 //!   capacity can be changed at run time and is enforced at once.
 //! - **Sharded**: keys hash to one of a power-of-two number of shards, each a
 //!   set of `lru::LruCache`s behind a `parking_lot::Mutex`.
@@ -25,10 +25,10 @@
 //! ```
 //! use feature_cache::{CacheConfig, EntryOptions, FeatureCache};
 //!
-//! let cache: FeatureCache<String, Vec<f32>> = FeatureCache::new(
-//!     CacheConfig { capacity: 1 << 20, ..CacheConfig::default() },
-//!     |_k: &String, v: &Vec<f32>| (v.len() * 4) as u64,
-//! )?;
+//! let cache: FeatureCache<String, Vec<f32>> = FeatureCache::builder()
+//!     .config(CacheConfig { capacity: 1 << 20, ..CacheConfig::default() })
+//!     .weigher(|_k: &String, v: &Vec<f32>| (v.len() * 4) as u64)
+//!     .build()?;
 //! let mut runs = 0;
 //! let v = cache.get_or_insert_with("hello".to_string(), || {
 //!     runs += 1;
@@ -63,11 +63,13 @@ mod stats;
 mod tuner;
 mod warm;
 
-pub use cache::{DiskTier, EntryOptions, FeatureCache, FeatureCacheBuilder, UnitWeigher, Weigher};
+pub use cache::{
+    DiskTier, EntryOptions, EntryWeigher, FeatureCache, FeatureCacheBuilder, UnitWeigher,
+};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use codec::{Codec, JsonCodec};
 pub use config::{CacheConfig, DiskConfig, Policy};
 pub use disk::{DiskStats, DiskStore, EntryHeader, FORMAT_VERSION};
-pub use error::Error;
+pub use error::{Error, Result};
 pub use stats::{CacheStats, EvictionCause};
 pub use warm::{WarmHandle, WarmReport, WarmStop};

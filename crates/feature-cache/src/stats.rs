@@ -48,6 +48,8 @@ pub struct CacheStats {
     /// Values served from the disk tier instead of running the loader.
     pub disk_hits: u64,
     /// Sum of the recorded load times of every hit: work not done twice.
+    /// Serialized as whole milliseconds (a number).
+    #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub time_saved: Duration,
 }
 

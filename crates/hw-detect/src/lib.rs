@@ -23,6 +23,11 @@
 //! itself. Elsewhere `sysinfo` answers, and on macOS the `hw.perflevel*`
 //! sysctls tell the core kinds apart.
 //!
+//! The same root serves the readers of what changes from moment to moment:
+//! [`CpuLoadReader`] (busy share of the CPUs), [`ThermalReader`] (zones
+//! near their trip points), [`Detector::cgroup_cpu`] (cpuset and CPU quota)
+//! and [`ProcessMemory`] (this process's resident set).
+//!
 //! Taking a profile reads a few dozen small files (well under a millisecond);
 //! [`HardwareProfile::refresh_memory`] rereads only the memory fields, for
 //! monitors that poll.
@@ -36,8 +41,11 @@
 //! still reported, as an accelerator that this build cannot use.
 
 mod accel;
+mod cgroup_cpu;
 mod error;
+mod load;
 mod other;
+mod process;
 mod profile;
 mod sysfs;
 
@@ -45,13 +53,15 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::cgroup_cpu::CgroupCpu;
 pub use crate::error::{Error, Result};
-pub use crate::other::{parse_macos_perflevels, MacPerfLevels};
+pub use crate::load::{CpuLoadReader, CpuTimes, ThermalReader, ThermalZone};
+pub use crate::process::ProcessMemory;
 pub use crate::profile::{
     Accelerator, AcceleratorKind, CgroupMemory, CgroupVersion, ClassThresholds, CoreKindSource,
     CpuInfo, CpuVendor, DeviceKind, HardwareClass, MemoryInfo, EFFICIENCY_RATIO, GIB,
 };
-pub use crate::sysfs::{cgroup_dirs, parse_cpu_list, CgroupMembership};
+pub use crate::sysfs::parse_cpu_list;
 
 /// Where facts come from: the real machine or a fixture tree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +159,15 @@ impl Detector {
         match &self.source {
             Source::Root { path } => sysfs::Sysfs::new(path).memory(),
             Source::Native => other::memory(),
+        }
+    }
+
+    /// The limits this process's cgroup puts on CPU (cpuset, bandwidth
+    /// quota); none where the source is not a Linux tree.
+    pub fn cgroup_cpu(&self) -> CgroupCpu {
+        match &self.source {
+            Source::Root { path } => CgroupCpu::read(path),
+            Source::Native => CgroupCpu::default(),
         }
     }
 

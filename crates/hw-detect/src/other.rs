@@ -7,22 +7,24 @@ use crate::profile::{CoreKindSource, CpuInfo, CpuVendor, MemoryInfo};
 /// Performance levels as macOS reports them: `hw.perflevel0.*` are the
 /// performance cores, `hw.perflevel1.*` the efficiency cores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct MacPerfLevels {
+#[cfg_attr(not(target_os = "macos"), allow(dead_code))]
+pub(crate) struct MacPerfLevels {
     /// `hw.perflevel0.physicalcpu`.
-    pub p_physical: usize,
+    pub(crate) p_physical: usize,
     /// `hw.perflevel0.logicalcpu`.
-    pub p_logical: usize,
+    pub(crate) p_logical: usize,
     /// `hw.perflevel1.physicalcpu` (0 when the key is absent).
-    pub e_physical: usize,
+    pub(crate) e_physical: usize,
     /// `hw.perflevel1.logicalcpu` (0 when the key is absent).
-    pub e_logical: usize,
+    pub(crate) e_logical: usize,
 }
 
 /// Parses the output of
 /// `sysctl hw.perflevel0.physicalcpu hw.perflevel0.logicalcpu hw.perflevel1.physicalcpu hw.perflevel1.logicalcpu`
 /// (`name: value` lines). Returns `None` when the performance level is
 /// missing (Intel Macs have no `hw.perflevel*` keys).
-pub fn parse_macos_perflevels(text: &str) -> Option<MacPerfLevels> {
+#[cfg_attr(not(target_os = "macos"), allow(dead_code))]
+pub(crate) fn parse_macos_perflevels(text: &str) -> Option<MacPerfLevels> {
     let mut levels = MacPerfLevels::default();
     let mut seen_p = false;
     for line in text.lines() {
@@ -58,7 +60,8 @@ pub fn parse_macos_perflevels(text: &str) -> Option<MacPerfLevels> {
 impl MacPerfLevels {
     /// The CPU description these levels give. macOS numbers no CPUs for
     /// affinity, so the ids are a convention: performance first.
-    pub fn apply(&self, cpu: &mut CpuInfo) {
+    #[cfg_attr(not(target_os = "macos"), allow(dead_code))]
+    pub(crate) fn apply(&self, cpu: &mut CpuInfo) {
         let p = self.p_logical;
         let e = self.e_logical;
         cpu.logical = p + e;

@@ -50,13 +50,7 @@ pub fn parse_cpu_list(text: &str) -> Option<Vec<usize>> {
 /// namespace the listed path may not exist below the mount, so the walk
 /// reaches the mount's own files.
 ///
-/// ```
-/// assert_eq!(
-///     hw_detect::cgroup_dirs("sys/fs/cgroup", "/a/b"),
-///     ["sys/fs/cgroup/a/b", "sys/fs/cgroup/a", "sys/fs/cgroup"]
-/// );
-/// ```
-pub fn cgroup_dirs(base: &str, cg_path: &str) -> Vec<String> {
+pub(crate) fn cgroup_dirs(base: &str, cg_path: &str) -> Vec<String> {
     let mut dirs = Vec::new();
     let mut p = cg_path.trim_end_matches('/').to_string();
     loop {
@@ -74,25 +68,17 @@ pub fn cgroup_dirs(base: &str, cg_path: &str) -> Vec<String> {
 /// The cgroups a process belongs to, parsed from `/proc/<pid>/cgroup`
 /// (`id:controllers:path` lines): the unified (v2) path, and the path of
 /// each v1 controller.
-///
-/// ```
-/// let m = hw_detect::CgroupMembership::parse("4:memory:/app\n3:cpu,cpuacct:/app\n0::/\n");
-/// assert_eq!(m.v2.as_deref(), Some("/"));
-/// assert_eq!(m.v1_path("memory"), Some("/app"));
-/// assert_eq!(m.v1_path("cpuacct"), Some("/app"));
-/// assert_eq!(m.v1_path("cpuset"), None);
-/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CgroupMembership {
+pub(crate) struct CgroupMembership {
     /// The unified hierarchy's path (`0::<path>`), if listed.
-    pub v2: Option<String>,
+    pub(crate) v2: Option<String>,
     /// `(controller, path)` of each v1 controller listed.
-    pub v1: Vec<(String, String)>,
+    pub(crate) v1: Vec<(String, String)>,
 }
 
 impl CgroupMembership {
     /// Parses the lines; malformed ones are skipped.
-    pub fn parse(text: &str) -> Self {
+    pub(crate) fn parse(text: &str) -> Self {
         let mut m = CgroupMembership::default();
         for line in text.lines() {
             let mut parts = line.splitn(3, ':');
@@ -113,7 +99,7 @@ impl CgroupMembership {
     }
 
     /// The path of v1 controller `name`, if listed.
-    pub fn v1_path(&self, name: &str) -> Option<&str> {
+    pub(crate) fn v1_path(&self, name: &str) -> Option<&str> {
         self.v1
             .iter()
             .find(|(c, _)| c == name)
@@ -479,6 +465,15 @@ mod tests {
         assert_eq!(parse_cpu_list("3-1"), None);
         assert_eq!(parse_cpu_list("a-b"), None);
         assert_eq!(parse_cpu_list("0-99999999999"), None);
+    }
+
+    #[test]
+    fn cgroup_membership_lists_v1_and_v2_paths() {
+        let m = CgroupMembership::parse("4:memory:/app\n3:cpu,cpuacct:/app\n0::/\n");
+        assert_eq!(m.v2.as_deref(), Some("/"));
+        assert_eq!(m.v1_path("memory"), Some("/app"));
+        assert_eq!(m.v1_path("cpuacct"), Some("/app"));
+        assert_eq!(m.v1_path("cpuset"), None);
     }
 
     #[test]

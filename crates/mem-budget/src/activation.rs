@@ -4,13 +4,14 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::weights::{WeightType, WeightsInfo};
+use crate::repack::RepackRules;
+use crate::weights::WeightsInfo;
 
 /// Encoder (BERT-like: whole input at once, no cache) or decoder
 /// (GPT/Llama-like: keeps a KV cache, produces logits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Architecture {
+pub enum TransformerKind {
     /// Bidirectional encoder.
     Encoder,
     /// Causal decoder with a KV cache.
@@ -21,7 +22,7 @@ pub enum Architecture {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransformerShape {
     /// Encoder or decoder.
-    pub architecture: Architecture,
+    pub architecture: TransformerKind,
     /// Hidden size (`d_model`).
     pub hidden: u64,
     /// Number of layers.
@@ -42,19 +43,22 @@ impl TransformerShape {
     /// optional `num_key_value_heads`, `vocab_size`). Models whose
     /// `architectures` or `model_type` name a causal LM are decoders.
     pub fn from_hf_config(json: &str) -> Result<TransformerShape> {
-        let v: serde_json::Value = serde_json::from_str(json).map_err(|e| Error::Invalid {
-            what: "config.json",
-            value: e.to_string(),
-            expected: "a Hugging Face model configuration (JSON object)",
+        let v: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+            Error::invalid(
+                "config.json",
+                e,
+                "a Hugging Face model configuration (JSON object)",
+            )
         })?;
         let num = |key: &'static str| -> Result<u64> {
             v.get(key)
                 .and_then(serde_json::Value::as_u64)
-                .ok_or(Error::Invalid {
-                    what: "config.json",
-                    value: format!("no unsigned integer {key:?}"),
-                    expected:
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "config.json",
+                        format!("no unsigned integer {key:?}"),
                         "hidden_size, num_hidden_layers, num_attention_heads and intermediate_size",
+                    )
                 })
         };
         let heads = num("num_attention_heads")?;
@@ -70,9 +74,9 @@ impl TransformerShape {
                 .any(|m| text("model_type").contains(m));
         let shape = TransformerShape {
             architecture: if decoder {
-                Architecture::Decoder
+                TransformerKind::Decoder
             } else {
-                Architecture::Encoder
+                TransformerKind::Encoder
             },
             hidden: num("hidden_size")?,
             layers: num("num_hidden_layers")?,
@@ -111,9 +115,9 @@ impl TransformerShape {
         let encoder = matches!(arch, "bert" | "nomic-bert" | "jina-bert-v2" | "t5encoder");
         let shape = TransformerShape {
             architecture: if encoder {
-                Architecture::Encoder
+                TransformerKind::Encoder
             } else {
-                Architecture::Decoder
+                TransformerKind::Decoder
             },
             hidden: get("embedding_length")?,
             layers: get("block_count")?,
@@ -131,76 +135,17 @@ impl TransformerShape {
             || !self.hidden.is_multiple_of(self.heads)
             || self.layers == 0
         {
-            return Err(Error::Invalid {
-                what: "transformer shape",
-                value: format!("{self:?}"),
-                expected: "non-zero layers and heads, hidden size a multiple of the head count",
-            });
+            return Err(Error::invalid(
+                "transformer shape",
+                format!("{self:?}"),
+                "non-zero layers and heads, hidden size a multiple of the head count",
+            ));
         }
         Ok(())
     }
 
     fn head_dim(&self) -> u64 {
         self.hidden / self.heads.max(1)
-    }
-}
-
-/// Extra bytes the runtime keeps per byte of quantized weights after the
-/// first forward pass, per type.
-///
-/// Measured with candle 0.11 on an AVX-512 Xeon (see `docs/mem-budget.md`):
-/// a Q8_0 weight's first matmul adds a repacked copy about the size of its
-/// storage (+100%); Q4_K adds up to +340% with AMX
-/// (`MISTRALRS_FORCE_AVXVNNI=1` avoids that copy); Q4_0 is not repacked.
-/// Other quantizations were not measured and are assumed to make one full
-/// copy.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct RepackFactors {
-    /// Q8_0: default 1.0 (+100%).
-    pub q8_0: f64,
-    /// Q4_K: default 3.4 (+340%, the AMX worst case).
-    pub q4_k: f64,
-    /// Q4_0: default 0.0 (not repacked).
-    pub q4_0: f64,
-    /// Every other block quantization: default 1.0.
-    pub other_quantized: f64,
-}
-
-impl Default for RepackFactors {
-    fn default() -> Self {
-        RepackFactors {
-            q8_0: 1.0,
-            q4_k: 3.4,
-            q4_0: 0.0,
-            other_quantized: 1.0,
-        }
-    }
-}
-
-impl RepackFactors {
-    /// The factor for `t`; 0 for plain (unquantized) types.
-    pub fn factor(&self, t: WeightType) -> f64 {
-        match t {
-            WeightType::Q8_0 => self.q8_0,
-            WeightType::Q4_K => self.q4_k,
-            WeightType::Q4_0 => self.q4_0,
-            t if t.is_quantized() => self.other_quantized,
-            _ => 0.0,
-        }
-    }
-
-    /// Extra bytes for `weights` stored as `target` (`None`: as stored).
-    pub fn extra_bytes(&self, weights: &WeightsInfo, target: Option<WeightType>) -> u64 {
-        weights
-            .tensors
-            .iter()
-            .map(|t| {
-                let ty = target.map_or(t.dtype, |q| t.type_as(q));
-                let bytes = target.map_or(t.bytes, |q| t.bytes_as(q));
-                (bytes as f64 * self.factor(ty)) as u64
-            })
-            .sum()
     }
 }
 
@@ -217,8 +162,9 @@ pub struct ActivationConfig {
     /// copies, broadcast masks) and allocator slack. Default 1.5 for candle
     /// on CPU; checked against measured peak RSS by the runtime.
     pub runtime_overhead: f64,
-    /// Extra copies of quantized weights after the first forward.
-    pub repack: RepackFactors,
+    /// Which repacked copies of quantized weights candle keeps after the
+    /// first forward. Default: this CPU's ([`RepackRules::this_cpu`]).
+    pub repack: RepackRules,
 }
 
 impl Default for ActivationConfig {
@@ -227,7 +173,7 @@ impl Default for ActivationConfig {
             element_bytes: 4,
             kv_element_bytes: 4,
             runtime_overhead: 1.5,
-            repack: RepackFactors::default(),
+            repack: RepackRules::this_cpu(),
         }
     }
 }
@@ -282,7 +228,7 @@ impl Activations {
         let e = config.element_bytes as u128;
         let scores = m(&[2, b, shape.heads as u128, s, s]);
         let attention_rest = m(&[b, s, h.saturating_add(2 * kv_dim)]).saturating_add(m(&[b, s, h]));
-        let gated = if shape.architecture == Architecture::Decoder {
+        let gated = if shape.architecture == TransformerKind::Decoder {
             3
         } else {
             2
@@ -295,14 +241,14 @@ impl Activations {
             (0, residual.saturating_add(mlp))
         };
         let (kv, logits) = match shape.architecture {
-            Architecture::Decoder => {
+            TransformerKind::Decoder => {
                 let per_layer = m(&[2, b, s, kv_dim, config.kv_element_bytes as u128]);
                 (
                     m(&[per_layer, shape.layers as u128 + 1]),
                     m(&[b, shape.vocab as u128, e]),
                 )
             }
-            Architecture::Encoder => (0, 0),
+            TransformerKind::Encoder => (0, 0),
         };
         let clamp = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
         let scores_b = clamp(m(&[attn_phase, e]));
@@ -336,14 +282,14 @@ mod tests {
     #[test]
     fn hf_config_encoder_and_decoder() {
         let m = minilm();
-        assert_eq!(m.architecture, Architecture::Encoder);
+        assert_eq!(m.architecture, TransformerKind::Encoder);
         assert_eq!((m.hidden, m.layers, m.heads, m.kv_heads), (384, 6, 12, 12));
         let llama = TransformerShape::from_hf_config(
             r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 2048, "num_hidden_layers": 22,
                 "num_attention_heads": 32, "num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 32000}"#,
         )
         .unwrap();
-        assert_eq!(llama.architecture, Architecture::Decoder);
+        assert_eq!(llama.architecture, TransformerKind::Decoder);
         assert_eq!(llama.kv_heads, 4);
         assert!(TransformerShape::from_hf_config("{}").is_err());
         assert!(TransformerShape::from_hf_config(
@@ -378,7 +324,7 @@ mod tests {
     #[test]
     fn decoder_kv_cache_counts_kv_heads() {
         let shape = TransformerShape {
-            architecture: Architecture::Decoder,
+            architecture: TransformerKind::Decoder,
             hidden: 2048,
             layers: 22,
             heads: 32,

@@ -39,8 +39,8 @@ pub enum Error {
         /// What to do about it.
         suggestion: String,
     },
-    /// `reserve_blocking` waited its whole timeout without the bytes coming free.
-    #[error("waited {waited_ms} ms for {} of {category} without it coming free: {last}", Bytes(*requested))]
+    /// `reserve_timeout` waited its whole timeout without the bytes coming free.
+    #[error("waited {waited_ms} ms for {} of {category} without it coming free", Bytes(*requested))]
     TimedOut {
         /// The category asked for.
         category: Category,
@@ -53,10 +53,10 @@ pub enum Error {
         last: Box<Error>,
     },
     /// Reading the machine's memory failed.
-    #[error("cannot read the machine's memory to admit a reservation: {0}; check that /proc/meminfo is readable or give the ledger another probe")]
+    #[error("cannot read the machine's memory to admit a reservation; check that /proc/meminfo is readable or give the ledger another probe")]
     Probe(#[from] hw_detect::Error),
     /// A model file could not be opened or read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -102,19 +102,41 @@ pub enum Error {
         /// Why the fit failed.
         reason: String,
     },
-    /// An argument outside its documented range.
-    #[error("invalid {what}: {value}; {expected}")]
-    Invalid {
-        /// Which argument.
-        what: &'static str,
-        /// Its value.
+    /// A configuration value outside its documented range.
+    #[error("invalid configuration: {field} = {value}: expected {expected}")]
+    InvalidConfig {
+        /// Which field (or file).
+        field: String,
+        /// Its value, as text.
         value: String,
         /// What is accepted.
-        expected: &'static str,
+        expected: String,
+    },
+    /// [`Reservation::split`](crate::Reservation::split) asked for more
+    /// bytes than the reservation holds.
+    #[error("cannot split {} from a reservation of {}; split at most the bytes it holds", Bytes(*requested), Bytes(*held))]
+    SplitTooLarge {
+        /// Bytes asked for.
+        requested: u64,
+        /// Bytes the reservation holds.
+        held: u64,
     },
 }
 
 impl Error {
+    /// An [`Error::InvalidConfig`] for `field` holding `value`.
+    pub fn invalid(
+        field: impl Into<String>,
+        value: impl std::fmt::Display,
+        expected: impl Into<String>,
+    ) -> Error {
+        Error::InvalidConfig {
+            field: field.into(),
+            value: value.to_string(),
+            expected: expected.into(),
+        }
+    }
+
     pub(crate) fn header(format: &'static str, reason: impl Into<String>) -> Error {
         Error::Header {
             format,
@@ -130,3 +152,53 @@ impl Error {
 
 /// A `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    /// Every cause's message appears once in the report an error-chain
+    /// printer makes (each layer, then `: `, then its cause): no layer pastes
+    /// its cause into its own message.
+    fn assert_each_cause_once(e: &(dyn std::error::Error + 'static), depth: usize) {
+        let layers: Vec<String> = std::iter::successors(Some(e), |e| e.source())
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(layers.len(), depth, "{layers:?}");
+        let report = layers.join(": ");
+        let once = |cause: &String| report.matches(cause.as_str()).count() == 1;
+        assert!(layers[1..].iter().all(once), "{report}");
+    }
+
+    #[test]
+    fn error_chain_prints_each_cause_once() {
+        let read = hw_detect::Error::Read {
+            path: "/proc/meminfo".into(),
+            what: "the memory size",
+            source: std::io::Error::other("disk on fire"),
+        };
+        assert_each_cause_once(&Error::Probe(read), 3);
+        let io = Error::Io {
+            path: "model.gguf".into(),
+            source: std::io::Error::other("disk on fire"),
+        };
+        assert_each_cause_once(&io, 2);
+        let refused = Error::Refused {
+            category: Category::Model,
+            requested: 2 << 30,
+            free_in_category: 1 << 30,
+            category_cap: 3 << 30,
+            free_overall: 1 << 30,
+            free_in_machine: 1 << 30,
+            safety_margin: 1 << 29,
+            suggestion: "choose int4".into(),
+        };
+        let timed_out = Error::TimedOut {
+            category: Category::Model,
+            requested: 2 << 30,
+            waited_ms: 50,
+            last: Box::new(refused),
+        };
+        assert_each_cause_once(&timed_out, 2);
+    }
+}

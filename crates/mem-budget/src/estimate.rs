@@ -249,11 +249,14 @@ impl LinearModel {
 ///     metadata: Default::default(),
 ///     header_bytes: 100,
 /// };
-/// let shape = TransformerShape { architecture: Architecture::Encoder, hidden: 1024,
+/// let shape = TransformerShape { architecture: TransformerKind::Encoder, hidden: 1024,
 ///     layers: 1, heads: 16, kv_heads: 16, intermediate: 4096, vocab: 0 };
 /// let room = Room { model: GIB, activations: GIB, total: GIB };
+/// // A CPU with AVX-512 VNNI, where candle keeps a Q8_0 copy of each weight.
+/// let repack = RepackRules { x86_tiles: true, x86_vnni: true, x86_amx: false, arm: false };
+/// let config = ActivationConfig { repack, ..ActivationConfig::default() };
 /// let e = estimate_model(&info, Some(WeightType::Q8_0), &shape,
-///                        Workload { batch: 1, seq: 128 }, &ActivationConfig::default(), room);
+///                        Workload { batch: 1, seq: 128 }, &config, room);
 /// assert!(e.fits);
 /// // 1 Mi weights in Q8_0 is 34 B per 32; the repacked copy doubles it.
 /// assert_eq!(e.breakdown[0].bytes, 1_114_112);

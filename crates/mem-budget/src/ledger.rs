@@ -78,7 +78,7 @@ pub struct LedgerConfig {
     /// Whether admission checks the machine's available memory at all
     /// (`false`: the budget's caps only). Default `true`.
     pub check_machine: bool,
-    /// While `reserve_blocking` waits on a machine-limited refusal it
+    /// While `reserve_timeout` waits on a machine-limited refusal it
     /// rechecks at least this often, since the machine frees memory without
     /// telling the ledger. Default 10 ms.
     pub blocking_recheck_ms: u64,
@@ -321,12 +321,25 @@ impl MemoryLedger {
         }
     }
 
+    /// The former name of [`MemoryLedger::reserve_timeout`].
+    #[deprecated(
+        note = "named like the other waits (acquire_timeout, wait_timeout): use reserve_timeout"
+    )]
+    pub fn reserve_blocking(
+        &self,
+        category: Category,
+        bytes: u64,
+        timeout: Duration,
+    ) -> Result<Reservation> {
+        self.reserve_timeout(category, bytes, timeout)
+    }
+
     /// Reserves `bytes` for `category`, waiting up to `timeout` for other
     /// reservations to be released (or the machine to free memory).
     ///
     /// A request larger than its category's cap or the overall cap can never
     /// be admitted and is refused at once.
-    pub fn reserve_blocking(
+    pub fn reserve_timeout(
         &self,
         category: Category,
         bytes: u64,
@@ -543,7 +556,7 @@ impl Inner {
                 category.advice()
             ),
             Limit::Category | Limit::Overall => format!(
-                "wait for {category} reservations to be released (reserve_blocking) or {}",
+                "wait for {category} reservations to be released (reserve_timeout) or {}",
                 category.advice()
             ),
             Limit::Machine => format!("close other programs, or {}", category.advice()),
@@ -631,10 +644,9 @@ impl Reservation {
     /// the ledger's totals do not change.
     pub fn split(&mut self, bytes: u64) -> Result<Reservation> {
         if bytes > self.bytes {
-            return Err(Error::Invalid {
-                what: "split size",
-                value: format!("{bytes} bytes from a reservation of {}", self.bytes),
-                expected: "at most the bytes the reservation holds",
+            return Err(Error::SplitTooLarge {
+                requested: bytes,
+                held: self.bytes,
             });
         }
         self.ledger.state.lock().live += 1;
@@ -807,12 +819,12 @@ mod tests {
     }
 
     #[test]
-    fn reserve_blocking_waits_for_a_release_then_times_out() {
+    fn reserve_timeout_waits_for_a_release_then_times_out() {
         let ledger = air(Scripted::new(16 * GIB), 0);
         let held = ledger.try_reserve(Category::Cache, GIB).unwrap();
         let l2 = ledger.clone();
         let waiter = std::thread::spawn(move || {
-            l2.reserve_blocking(Category::Cache, GIB / 2, Duration::from_secs(10))
+            l2.reserve_timeout(Category::Cache, GIB / 2, Duration::from_secs(10))
         });
         std::thread::sleep(Duration::from_millis(30));
         drop(held);
@@ -820,13 +832,13 @@ mod tests {
         assert_eq!(got.bytes(), GIB / 2);
         // Nothing is released now: a short wait ends in a timeout error.
         let err = ledger
-            .reserve_blocking(Category::Cache, GIB, Duration::from_millis(30))
+            .reserve_timeout(Category::Cache, GIB, Duration::from_millis(30))
             .unwrap_err();
         assert!(matches!(err, Error::TimedOut { .. }), "{err}");
         // More than the whole cap: refused at once, not after the timeout.
         let start = Instant::now();
         let err = ledger
-            .reserve_blocking(Category::Cache, 2 * GIB, Duration::from_secs(10))
+            .reserve_timeout(Category::Cache, 2 * GIB, Duration::from_secs(10))
             .unwrap_err();
         assert!(matches!(err, Error::Refused { .. }));
         assert!(start.elapsed() < Duration::from_secs(5));
@@ -842,7 +854,7 @@ mod tests {
             p2.available.store(8 * GIB, Ordering::Relaxed);
         });
         let r = ledger
-            .reserve_blocking(Category::Activations, GIB, Duration::from_secs(10))
+            .reserve_timeout(Category::Activations, GIB, Duration::from_secs(10))
             .unwrap();
         assert_eq!(r.bytes(), GIB);
         t.join().unwrap();

@@ -14,7 +14,8 @@
 //!   [`estimate_model`] and [`LinearModel`] give an [`Estimate`] a program
 //!   can show a person ("input too long for this machine: at most N tokens fit").
 //! - [`PressureMonitor`]: memory pressure levels with hysteresis, callbacks
-//!   on change, CPU saturation and thermal hints.
+//!   on change, CPU saturation and thermal hints (read by
+//!   `hw_detect::CpuLoadReader` and `hw_detect::ThermalReader`).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -56,11 +57,12 @@ mod error;
 mod estimate;
 mod ledger;
 mod pressure;
+mod repack;
 mod units;
 mod weights;
 
 pub use crate::activation::{
-    ActivationConfig, Activations, Architecture, RepackFactors, TransformerShape, Workload,
+    ActivationConfig, Activations, TransformerKind, TransformerShape, Workload,
 };
 pub use crate::budget::{Budget, BudgetConfig, BudgetOverrides, ScaleRatios};
 pub use crate::error::{Error, Result};
@@ -69,9 +71,9 @@ pub use crate::ledger::{
     Category, CategoryStats, LedgerConfig, LedgerStats, MemoryLedger, Reservation,
 };
 pub use crate::pressure::{
-    CpuLoadReader, CpuTimes, MonitorThread, PressureChange, PressureConfig, PressureLevel,
-    PressureMonitor, PressureReading, ThermalReader, ThermalZone,
+    MonitorThread, PressureChange, PressureConfig, PressureLevel, PressureMonitor, PressureReading,
 };
+pub use crate::repack::RepackRules;
 pub use crate::units::{Bytes, GIB, MIB};
 pub use crate::weights::{
     estimate_weights, estimate_weights_with, read_gguf_header, read_safetensors_header,

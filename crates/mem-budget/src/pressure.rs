@@ -1,14 +1,13 @@
 //! Pressure levels of memory in use, with hysteresis; CPU load and thermal
-//! hints from fixture-testable readers.
+//! hints from hw-detect's readers.
 
 use std::fmt;
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use hw_detect::{Detector, MemoryInfo, MemoryProbe};
+use hw_detect::{CpuLoadReader, Detector, MemoryInfo, MemoryProbe, ThermalReader};
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
@@ -112,166 +111,6 @@ impl PressureConfig {
         } else {
             previous.min(self.level_of(used_fraction + self.hysteresis))
         }
-    }
-}
-
-/// CPU time counters of `/proc/stat`'s first line, in ticks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CpuTimes {
-    /// Ticks spent busy (everything but idle and iowait).
-    pub busy: u64,
-    /// All ticks.
-    pub total: u64,
-}
-
-/// Reads CPU load from `<root>/proc/stat` as the busy share of the ticks
-/// between two samples.
-#[derive(Debug)]
-pub struct CpuLoadReader {
-    path: PathBuf,
-    last: Mutex<Option<CpuTimes>>,
-}
-
-impl CpuLoadReader {
-    /// A reader of `<root>/proc/stat`.
-    pub fn with_root(root: impl AsRef<Path>) -> CpuLoadReader {
-        CpuLoadReader {
-            path: root.as_ref().join("proc/stat"),
-            last: Mutex::new(None),
-        }
-    }
-
-    /// The counters now.
-    pub fn read_times(&self) -> Result<CpuTimes> {
-        let text = fs::read_to_string(&self.path).map_err(|source| Error::Io {
-            path: self.path.clone(),
-            source,
-        })?;
-        let bad = |found: &str| Error::Invalid {
-            what: "/proc/stat",
-            value: format!("{}: {found:?}", self.path.display()),
-            expected: "a first line `cpu  user nice system idle [iowait irq softirq steal …]`",
-        };
-        let line = text.lines().next().unwrap_or("");
-        let mut fields = line.split_whitespace();
-        if fields.next() != Some("cpu") {
-            return Err(bad(line));
-        }
-        let values: Vec<u64> = fields
-            .take(8) // guest times are already counted in user and nice
-            .map(|f| f.parse::<u64>())
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|_| bad(line))?;
-        if values.len() < 4 {
-            return Err(bad(line));
-        }
-        let total = values.iter().fold(0u64, |a, &v| a.saturating_add(v));
-        let idle = values[3].saturating_add(values.get(4).copied().unwrap_or(0));
-        Ok(CpuTimes {
-            busy: total.saturating_sub(idle),
-            total,
-        })
-    }
-
-    /// The busy fraction (0–1) since the previous sample; `None` on the
-    /// first sample, when no ticks passed, or when the file cannot be read
-    /// (logged).
-    pub fn sample(&self) -> Option<f64> {
-        let now = match self.read_times() {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::debug!(error = %e, "cpu load unavailable");
-                return None;
-            }
-        };
-        let prev = self.last.lock().replace(now)?;
-        let total = now.total.checked_sub(prev.total)?;
-        let busy = now.busy.saturating_sub(prev.busy);
-        (total > 0).then(|| (busy as f64 / total as f64).clamp(0.0, 1.0))
-    }
-}
-
-/// One thermal zone of `/sys/class/thermal`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ThermalZone {
-    /// The zone's `type` (`x86_pkg_temp`, `acpitz`, …).
-    pub kind: String,
-    /// Temperature now, °C.
-    pub temp_c: f64,
-    /// The lowest passive, hot or critical trip point, °C.
-    pub trip_c: Option<f64>,
-}
-
-/// Reads thermal zones below `<root>/sys/class/thermal`.
-#[derive(Debug, Clone)]
-pub struct ThermalReader {
-    dir: PathBuf,
-}
-
-impl ThermalReader {
-    /// A reader of `<root>/sys/class/thermal`.
-    pub fn with_root(root: impl AsRef<Path>) -> ThermalReader {
-        ThermalReader {
-            dir: root.as_ref().join("sys/class/thermal"),
-        }
-    }
-
-    /// Every zone whose temperature can be read (empty where Linux exposes
-    /// none, as in most VMs and containers).
-    pub fn zones(&self) -> Vec<ThermalZone> {
-        let Ok(entries) = fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        let milli = |p: PathBuf| -> Option<f64> {
-            let v: f64 = fs::read_to_string(p).ok()?.trim().parse().ok()?;
-            Some(v / 1000.0)
-        };
-        let mut dirs: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("thermal_zone"))
-            })
-            .collect();
-        dirs.sort();
-        dirs.into_iter()
-            .filter_map(|d| {
-                let temp_c = milli(d.join("temp"))?;
-                let kind = fs::read_to_string(d.join("type"))
-                    .map(|s| s.trim().to_string())
-                    .unwrap_or_default();
-                let mut trip_c: Option<f64> = None;
-                for i in 0..64 {
-                    let Ok(ty) = fs::read_to_string(d.join(format!("trip_point_{i}_type"))) else {
-                        break;
-                    };
-                    if !matches!(ty.trim(), "passive" | "hot" | "critical") {
-                        continue;
-                    }
-                    if let Some(t) =
-                        milli(d.join(format!("trip_point_{i}_temp"))).filter(|&t| t > 0.0)
-                    {
-                        trip_c = Some(trip_c.map_or(t, |m| m.min(t)));
-                    }
-                }
-                Some(ThermalZone {
-                    kind,
-                    temp_c,
-                    trip_c,
-                })
-            })
-            .collect()
-    }
-
-    /// Whether any zone is within `margin_c` of its trip point (or, without
-    /// one, at `fallback_c` or hotter).
-    pub fn likely(&self, margin_c: f64, fallback_c: f64) -> bool {
-        self.zones().iter().any(|z| match z.trip_c {
-            Some(trip) => z.temp_c >= trip - margin_c,
-            None => z.temp_c >= fallback_c,
-        })
     }
 }
 

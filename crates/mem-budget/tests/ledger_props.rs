@@ -172,7 +172,7 @@ fn blocking_reservations_take_turns() {
                 for _ in 0..20 {
                     // 150 MiB of a 200 MiB cache cap: one holder at a time.
                     let r = ledger
-                        .reserve_blocking(Category::Cache, 150 * MIB, Duration::from_secs(20))
+                        .reserve_timeout(Category::Cache, 150 * MIB, Duration::from_secs(20))
                         .expect("turn within the timeout");
                     assert!(ledger.used(Category::Cache) <= 200 * MIB);
                     drop(r);

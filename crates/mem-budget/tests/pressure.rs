@@ -6,10 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hw_detect::{MemoryInfo, MemoryProbe};
-use mem_budget::{
-    CpuLoadReader, PressureConfig, PressureLevel, PressureMonitor, ThermalReader, GIB,
-};
+use hw_detect::{CpuLoadReader, MemoryInfo, MemoryProbe, ThermalReader};
+use mem_budget::{PressureConfig, PressureLevel, PressureMonitor, GIB};
 use parking_lot::Mutex;
 
 /// Reports `used` per mille of a 10 GiB machine as in use.
@@ -126,13 +124,16 @@ fn cpu_load_from_proc_stat_deltas() {
         "proc/stat",
         "cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 50 0 50 400 0 0 0 0 0 0\n",
     );
-    assert_eq!(reader.sample(), None, "first sample has no delta");
+    // No counters when the reader was made: the share since boot, 20%.
+    assert_eq!(reader.sample(), Some(0.2), "first sample: share since boot");
     // +950 busy (user+system+irq), +50 idle: 95% busy.
     write(root, "proc/stat", "cpu  900 0 200 850 0 50 0 0 0 0\n");
     let busy = reader.sample().unwrap();
     assert!((busy - 0.95).abs() < 1e-9, "{busy}");
     // +100 idle, +0 busy.
     write(root, "proc/stat", "cpu  900 0 200 950 0 50 0 0 0 0\n");
+    assert_eq!(reader.sample(), Some(0.0));
+    // No ticks since: the previous fraction stands.
     assert_eq!(reader.sample(), Some(0.0));
     write(root, "proc/stat", "intr 1 2 3\n");
     assert!(reader.read_times().is_err());
@@ -148,6 +149,16 @@ fn cpu_load_from_proc_stat_deltas() {
         None,
     );
     assert!(!monitor.check_now().unwrap().cpu_maxed);
+    // Sampled when the monitor was made: its first check has a number.
+    write(root, "proc/stat", "cpu  100 0 0 900 0 0 0 0\n");
+    let fresh = PressureMonitor::with_readers(
+        Arc::new(Scripted(AtomicU64::new(100))),
+        PressureConfig::default(),
+        Some(CpuLoadReader::with_root(root)),
+        None,
+    );
+    write(root, "proc/stat", "cpu  150 0 0 950 0 0 0 0\n");
+    assert_eq!(fresh.check_now().unwrap().cpu_busy, Some(0.5));
     write(root, "proc/stat", "cpu  990 0 0 10 0 0 0 0\n");
     let r = monitor.check_now().unwrap();
     assert!(r.cpu_maxed && r.cpu_busy == Some(0.99));

@@ -13,11 +13,12 @@ pub enum Error {
         path: PathBuf,
     },
     /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The OS error.
+        #[source]
         source: std::io::Error,
     },
     /// `config.json` is not a BERT config this encoder can run.
@@ -168,10 +169,10 @@ pub enum Error {
     #[error("KV buffer pool")]
     Pool(#[from] buffer_pool::Error),
     /// An error from candle.
-    #[error("candle: {0}")]
+    #[error("a candle tensor operation failed")]
     Candle(#[from] candle_core::Error),
     /// An error from the quant crate.
-    #[error("quant: {0}")]
+    #[error("loading or running quantized weights")]
     Quant(#[from] quant::Error),
     // --- GGUF files, tokenizers, chat templates, sampling ---
     /// A GGUF model named to [`crate::gguf_path`] is not one this crate knows.
@@ -258,3 +259,32 @@ pub enum Error {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    /// Every cause's message appears once in the report an error-chain
+    /// printer makes (each layer, then `: `, then its cause): no layer pastes
+    /// its cause into its own message.
+    fn assert_each_cause_once(e: &(dyn std::error::Error + 'static), depth: usize) {
+        let layers: Vec<String> = std::iter::successors(Some(e), |e| e.source())
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(layers.len(), depth, "{layers:?}");
+        let report = layers.join(": ");
+        let once = |cause: &String| report.matches(cause.as_str()).count() == 1;
+        assert!(layers[1..].iter().all(once), "{report}");
+    }
+
+    #[test]
+    fn error_chain_prints_each_cause_once() {
+        let candle = candle_core::Error::Msg("shape mismatch in matmul".into());
+        assert_each_cause_once(&Error::Quant(quant::Error::Candle(candle)), 3);
+        let io = Error::Io {
+            path: "model.safetensors".into(),
+            source: std::io::Error::other("disk on fire"),
+        };
+        assert_each_cause_once(&io, 2);
+    }
+}

@@ -684,33 +684,21 @@ impl MiniLm {
     /// Bytes of the weights as stored: quantized linear weights, f32
     /// embeddings, biases and norms.
     pub fn weight_bytes(&self) -> u64 {
-        self.float_bytes()
-            + self
-                .layers
-                .iter()
-                .map(|l| {
-                    l.qkv.storage_bytes()
-                        + l.attn_out.storage_bytes()
-                        + l.inter.storage_bytes()
-                        + l.out.storage_bytes()
-                })
-                .sum::<u64>()
+        self.float_bytes() + self.linear_bytes(QLinear::storage_bytes)
     }
 
     /// Bytes the weights occupy once forwards have run: [`Self::weight_bytes`]
     /// plus the repacked copies candle keeps of quantized weights.
     pub fn resident_bytes(&self) -> u64 {
-        self.float_bytes()
-            + self
-                .layers
-                .iter()
-                .map(|l| {
-                    l.qkv.resident_bytes()
-                        + l.attn_out.resident_bytes()
-                        + l.inter.resident_bytes()
-                        + l.out.resident_bytes()
-                })
-                .sum::<u64>()
+        self.float_bytes() + self.linear_bytes(QLinear::resident_bytes)
+    }
+
+    /// `bytes` summed over the four linear layers of every encoder layer.
+    fn linear_bytes(&self, bytes: impl Fn(&QLinear) -> u64) -> u64 {
+        self.layers
+            .iter()
+            .map(|l| bytes(&l.qkv) + bytes(&l.attn_out) + bytes(&l.inter) + bytes(&l.out))
+            .sum()
     }
 
     /// Bytes of the word-embedding table as stored (f32 or Q8_0 rows).

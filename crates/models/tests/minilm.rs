@@ -3,7 +3,6 @@
 //! These tests need the model: run `scripts/fetch-model.sh` (scripts/test.sh
 //! does). They fail, never skip, when it is absent.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -175,11 +174,12 @@ fn f32_matches_bert_model() {
 }
 
 #[test]
-fn f32_unpadded_and_padded_agree() {
+fn mixed_plan_matches_bert_model() {
     let mut o = LoadOptions::default();
     o.plan
         .insert("encoder.layer.5.output.dense.weight".into(), Format::Q8_0);
     // Only a 1536-input layer is quantized: no padding needed, same code path.
+    assert_eq!(MiniLm::memory(dir(), &o).unwrap().stride, 384);
     let (worst, m) = min_cosine(&o);
     assert!(worst >= 0.999, "mixed plan min cosine {worst}");
     assert_eq!(
@@ -189,6 +189,48 @@ fn f32_unpadded_and_padded_agree() {
     assert_eq!(
         m.formats()["encoder.layer.4.output.dense.weight"],
         Format::F32
+    );
+}
+
+#[test]
+fn f32_unpadded_and_padded_agree() {
+    // One 384-input Q4_0 layer (a format that fits 384 as well as 512) makes
+    // the loader pad the hidden width to 512 for every layer, the f32 ones
+    // included; without pad_inputs the same plan runs 384 wide. The pad is
+    // zeros, so the two must give the same embeddings.
+    let mut padded = LoadOptions::default();
+    padded.plan.insert(
+        "encoder.layer.0.attention.output.dense.weight".into(),
+        Format::Q4_0,
+    );
+    let unpadded = LoadOptions {
+        pad_inputs: false,
+        ..padded.clone()
+    };
+    assert_eq!(MiniLm::memory(dir(), &padded).unwrap().stride, 512);
+    assert_eq!(MiniLm::memory(dir(), &unpadded).unwrap().stride, 384);
+    let a = MiniLm::load(dir(), &padded).unwrap();
+    let b = MiniLm::load(dir(), &unpadded).unwrap();
+    assert_eq!(a.formats(), b.formats(), "the same plan on both sides");
+    assert_eq!(
+        a.formats()["encoder.layer.0.attention.output.dense.weight"],
+        Format::Q4_0
+    );
+    let (tokens, _) = reference_embeddings();
+    let (ea, eb) = (
+        a.embed_tokens(tokens).unwrap(),
+        b.embed_tokens(tokens).unwrap(),
+    );
+    assert_eq!((ea.len(), eb.len()), (tokens.len(), tokens.len()));
+    let worst = ea
+        .iter()
+        .zip(&eb)
+        .map(|(x, y)| cos(x, y))
+        .fold(f32::INFINITY, f32::min);
+    eprintln!("padded against unpadded: min cosine {worst}");
+    assert!(
+        worst >= 0.99999,
+        "padded against unpadded: min cosine {worst}"
     );
 }
 
@@ -209,7 +251,11 @@ fn int4_plan_within_bound() {
         ..LoadOptions::uniform(Format::Q4_K)
     };
     let (worst, m) = min_cosine(&o);
-    assert!(worst >= 0.95, "INT4 plan min cosine {worst}");
+    eprintln!("INT4 plan min cosine {worst}");
+    // Measured 0.981 on these 50 sentences (AMD EPYC, AVX-512 VNNI; the
+    // Q8_0 layers on quant's int8 kernel). The bound leaves 0.01 for CPUs
+    // whose kernels quantize activations differently (candle's Q8_K path).
+    assert!(worst >= 0.97, "INT4 plan min cosine {worst}");
     assert_eq!(
         m.formats()["encoder.layer.0.output.dense.weight"],
         Format::Q4_K
@@ -224,8 +270,10 @@ fn int4_plan_within_bound() {
 fn padding_lets_q4_k_take_every_matrix() {
     // With the 384 → 512 zero pad every matrix takes Q4_K. All-Q4_K is
     // smaller but lossier than the INT4 plan above (measured min cosine
-    // 0.916 on these sentences); it is offered, not the default INT4 plan.
+    // 0.912 on these sentences, AMD EPYC with AVX-512 VNNI, hence the 0.9
+    // bound); it is offered, not the default INT4 plan.
     let (worst, m) = min_cosine(&LoadOptions::uniform(Format::Q4_K));
+    eprintln!("all-Q4_K min cosine {worst}");
     assert!(m.formats().values().all(|f| *f == Format::Q4_K));
     assert!(worst >= 0.9, "all-Q4_K min cosine {worst}");
 }
@@ -384,7 +432,6 @@ fn sizes_and_embed_trait() {
     let e: &dyn Embed = &q;
     assert_eq!(e.dim(), 384);
     assert_eq!(q.config().num_hidden_layers, 6);
-    let _ = BTreeMap::<String, Format>::new();
 }
 
 #[test]

@@ -59,7 +59,7 @@ pub enum Error {
         reason: String,
     },
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("reading or writing {path}")]
     Io {
         /// The file.
         path: String,
@@ -68,7 +68,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// Serialising or parsing plan JSON failed.
-    #[error("plan JSON: {0}")]
+    #[error("reading or writing a quantization plan as JSON")]
     Json(#[from] serde_json::Error),
     /// A GGUF tensor type that [`QMatrix`](crate::blocks::QMatrix) has no kernel for.
     #[error("tensor type {dtype} has no block kernel; supported: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, F16, F32 (dequantize it to F32 or requantize the file)")]
@@ -128,9 +128,38 @@ pub enum Error {
         source: std::io::Error,
     },
     /// candle reported an error.
-    #[error("candle: {0}")]
+    #[error("a candle tensor operation failed")]
     Candle(#[from] candle_core::Error),
 }
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    /// Every cause's message appears once in the report an error-chain
+    /// printer makes (each layer, then `: `, then its cause): no layer pastes
+    /// its cause into its own message.
+    fn assert_each_cause_once(e: &(dyn std::error::Error + 'static), depth: usize) {
+        let layers: Vec<String> = std::iter::successors(Some(e), |e| e.source())
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(layers.len(), depth, "{layers:?}");
+        let report = layers.join(": ");
+        let once = |cause: &String| report.matches(cause.as_str()).count() == 1;
+        assert!(layers[1..].iter().all(once), "{report}");
+    }
+
+    #[test]
+    fn error_chain_prints_each_cause_once() {
+        let e = Error::Candle(candle_core::Error::Msg("shape mismatch in matmul".into()));
+        assert_each_cause_once(&e, 2);
+        let io = Error::Io {
+            path: "plan.gguf".into(),
+            source: std::io::Error::other("disk on fire"),
+        };
+        assert_each_cause_once(&io, 2);
+    }
+}

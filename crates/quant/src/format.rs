@@ -1,6 +1,7 @@
 //! Weight formats and their sizes.
 
 use candle_core::quantized::GgmlDType;
+use mem_budget::WeightType;
 use serde::{Deserialize, Serialize};
 
 /// A storage format for a weight.
@@ -65,6 +66,25 @@ impl Format {
             GgmlDType::Q4_0 => Format::Q4_0,
             _ => return None,
         })
+    }
+
+    /// This format in mem-budget's vocabulary of stored types, the one the
+    /// workspace sizes memory with (every format is one of its types).
+    pub fn weight_type(self) -> WeightType {
+        match self {
+            Format::F32 => WeightType::F32,
+            Format::F16 => WeightType::F16,
+            Format::Q8_0 => WeightType::Q8_0,
+            Format::Q6_K => WeightType::Q6_K,
+            Format::Q4_K => WeightType::Q4_K,
+            Format::Q4_0 => WeightType::Q4_0,
+        }
+    }
+
+    /// The format of a stored type, `None` for types this crate does not
+    /// offer.
+    pub fn from_weight_type(t: WeightType) -> Option<Format> {
+        Format::ALL.into_iter().find(|f| f.weight_type() == t)
     }
 
     /// Weights per block (1 for float formats).
@@ -155,6 +175,24 @@ impl std::str::FromStr for Format {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_are_weight_types_of_the_same_size() {
+        for f in Format::ALL {
+            let t = f.weight_type();
+            assert_eq!(Format::from_weight_type(t), Some(f));
+            // candle's block sizes and mem-budget's agree, so an estimate
+            // from a file header and quant's own sizes are one figure.
+            for elements in [256usize, 4096 * 4096] {
+                assert_eq!(
+                    t.bytes_for(elements as u64),
+                    Some(f.bytes_for(elements)),
+                    "{f:?}"
+                );
+            }
+        }
+        assert_eq!(Format::from_weight_type(WeightType::Q5_K), None);
+    }
 
     #[test]
     fn sizes_and_fallbacks() {

@@ -58,7 +58,8 @@ pub use crate::model::{
     QuantizedModel, FORMAT_VERSION,
 };
 pub use crate::plan::{
-    measure, plan, select, uniform_bytes, Calibration, Candidate, PlanEntry, QuantPlan, Sensitivity,
+    measure, plan, select, uniform_bytes, Calibration, FormatCandidate, PlanEntry, QuantPlan,
+    Sensitivity,
 };
 pub use crate::policy::{PolicyConfig, PolicyOverrides, QuantPolicy};
 pub use crate::resident::resident_weight_bytes;

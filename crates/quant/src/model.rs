@@ -255,14 +255,22 @@ impl QuantizedModel {
             .iter()
             .map(|(k, t)| (k.as_str(), t.as_ref()))
             .collect();
-        let tmp = path.with_extension("gguf.partial");
-        let mut w = BufWriter::new(File::create(&tmp).map_err(io)?);
-        gguf_file::write(&mut w, &meta, &tensors)?;
-        w.into_inner()
-            .map_err(|e| io(e.into_error()))?
-            .sync_all()
+        // Written beside the target and renamed over it once complete, so
+        // a reader never sees half a file; dropped (and so removed) on error.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let tmp = tempfile::Builder::new()
+            .prefix(".quant-")
+            .suffix(".gguf.partial")
+            .tempfile_in(dir)
             .map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)?;
+        let mut w = BufWriter::new(tmp);
+        gguf_file::write(&mut w, &meta, &tensors)?;
+        let tmp = w.into_inner().map_err(|e| io(e.into_error()))?;
+        tmp.as_file().sync_all().map_err(io)?;
+        tmp.persist(path).map_err(|e| io(e.error))?;
         tracing::info!(path = %path.display(), tensors = tensors.len(), "saved GGUF");
         Ok(())
     }

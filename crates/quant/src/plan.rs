@@ -86,7 +86,7 @@ impl Calibration {
 
 /// One format a tensor may take, with its cost and measured error.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Candidate {
+pub struct FormatCandidate {
     /// The (fitted) format.
     pub format: Format,
     /// Bytes in this format.
@@ -106,7 +106,7 @@ pub struct Sensitivity {
     /// Kept at high precision (one candidate).
     pub kept: bool,
     /// Candidates, fewest bytes first, each strictly more precise than the last.
-    pub candidates: Vec<Candidate>,
+    pub candidates: Vec<FormatCandidate>,
 }
 
 fn rel_rms(got: &Tensor, want: &Tensor) -> Result<f64> {
@@ -190,7 +190,7 @@ pub fn measure(
             } else {
                 rel_rms(&roundtrip(&w, format)?, &w)?
             };
-            vec![Candidate {
+            vec![FormatCandidate {
                 format,
                 bytes: format.bytes_for(elements),
                 error,
@@ -221,10 +221,10 @@ pub fn measure(
                 .collect();
             formats.sort_by_key(|f| (f.bytes_for(elements), *f));
             formats.dedup();
-            let mut cands: Vec<Candidate> = Vec::new();
+            let mut cands: Vec<FormatCandidate> = Vec::new();
             for format in formats {
                 let got = x.matmul(&roundtrip(&w, format)?.t()?)?;
-                cands.push(Candidate {
+                cands.push(FormatCandidate {
                     format,
                     bytes: format.bytes_for(elements),
                     error: rel_rms(&got, &want)?,
@@ -244,9 +244,9 @@ pub fn measure(
 }
 
 /// Keeps candidates that are each strictly more precise than every cheaper one.
-fn pareto(mut cands: Vec<Candidate>) -> Vec<Candidate> {
+fn pareto(mut cands: Vec<FormatCandidate>) -> Vec<FormatCandidate> {
     cands.sort_by(|a, b| a.bytes.cmp(&b.bytes).then(a.error.total_cmp(&b.error)));
-    let mut out: Vec<Candidate> = Vec::new();
+    let mut out: Vec<FormatCandidate> = Vec::new();
     for c in cands {
         match out.last() {
             Some(last) if c.error >= last.error => {}
@@ -362,7 +362,7 @@ pub struct PlanEntry {
     pub format: Format,
     /// Bytes in that format.
     pub bytes: u64,
-    /// Measured relative RMS error (see [`Candidate::error`]).
+    /// Measured relative RMS error (see [`FormatCandidate::error`]).
     pub error: f64,
     /// Kept at high precision by rule.
     pub kept: bool,
@@ -537,7 +537,7 @@ mod tests {
                 .map(|(i, (n, raw, kept))| {
                     let cands = raw
                         .into_iter()
-                        .map(|(b, e)| Candidate {
+                        .map(|(b, e)| FormatCandidate {
                             format: Format::Q8_0,
                             bytes: b + n as u64,
                             error: e,

@@ -158,7 +158,7 @@ impl Runtime {
                 threads: Some(plan.threads),
                 ..affinity::AffinityConfig::default()
             };
-            match affinity::Placement::plan(&profile, &affinity_config) {
+            match affinity::ThreadPlacement::plan(&profile, &affinity_config) {
                 Ok(placement) => {
                     plan.pinning = format!(
                         "{:?} on CPUs {}: {}",

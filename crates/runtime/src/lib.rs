@@ -25,7 +25,28 @@
 //! Each building block is re-exported as a module, usable alone:
 //! [`hw`], [`budget`], [`quant`], [`affinity`], [`router`], [`cache`],
 //! [`batcher`], [`pool`], and the reference [`models`].
+//!
+//! # Feature flags
+//!
+//! - `local` (default): the [`Runtime`] with local models and quantization
+//!   on candle. Without it (`default-features = false`) the crate is the
+//!   building blocks alone — the ledger, the batcher, the cache, the pools,
+//!   the router, affinity and hardware detection — and compiles no candle.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
+/// Items that need the `local` feature (the `Runtime` and its models),
+/// marked so in the docs, as tokio's `cfg_rt!` does.
+macro_rules! cfg_local {
+    ($($item:item)*) => {
+        $(
+            #[cfg(feature = "local")]
+            #[cfg_attr(docsrs, doc(cfg(feature = "local")))]
+            $item
+        )*
+    };
+}
+
+cfg_local! {
 mod builder;
 pub mod chunk;
 mod cleanup;
@@ -51,6 +72,7 @@ pub use crate::plan::Plan;
 pub use crate::registry::ModelStatus;
 pub use crate::runtime::{Runtime, MINILM};
 pub use crate::status::{Status, Throttling};
+}
 
 /// CPU affinity (`affinity`).
 pub use affinity;
@@ -64,10 +86,12 @@ pub use feature_cache as cache;
 pub use hw_detect as hw;
 /// Memory budgets, estimates, the ledger and pressure (`mem-budget`).
 pub use mem_budget as budget;
+cfg_local! {
 /// Reference models (`models`).
 pub use models;
 /// Quantization (`quant`).
 pub use quant;
+}
 /// Tier routing with breakers and fallback (`tier-router`).
 pub use tier_router as router;
 
@@ -75,5 +99,7 @@ pub use tier_router as router;
 pub use hw_detect::{HardwareClass, HardwareProfile};
 #[doc(inline)]
 pub use mem_budget::PressureLevel;
+cfg_local! {
 #[doc(inline)]
 pub use quant::Format;
+}

@@ -58,14 +58,7 @@ impl std::fmt::Debug for Runtime {
 }
 
 pub(crate) fn rss() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map_or(0, |pages| pages * page_size())
+    hw_detect::ProcessMemory::read().map_or(0, |m| m.rss)
 }
 
 impl Runtime {
@@ -213,18 +206,5 @@ fn lower_thread_priority() {
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
         let _ = libc::setpriority(libc::PRIO_PROCESS, tid, 19);
-    }
-}
-
-fn page_size() -> u64 {
-    #[cfg(unix)]
-    // SAFETY: sysconf only reads a system constant.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    #[cfg(not(unix))]
-    let size = 4096;
-    if size > 0 {
-        size as u64
-    } else {
-        4096
     }
 }

@@ -36,7 +36,7 @@ pub struct Status {
     /// The embedding cache.
     pub cache: feature_cache::CacheStats,
     /// The scratch buffer pool.
-    pub pool: buffer_pool::Stats,
+    pub pool: buffer_pool::BufferPoolStats,
     /// Resident memory of this process, bytes (Linux).
     pub process_rss: Option<u64>,
     /// What to do now.

@@ -327,8 +327,11 @@ fn warmup_loads_in_the_background() {
     let rt = minilm_runtime(config());
     assert_eq!(rt.status().models[0].state, "unloaded");
     let handle = rt.warmup(&["minilm"]).unwrap();
-    // A user request meanwhile is answered (it waits for the same load).
-    assert_eq!(rt.embed(&["during warm-up"]).unwrap().vectors.len(), 1);
+    // A user request meanwhile is answered by the local model: it waits
+    // for the same load rather than falling to the rule-based tier.
+    let during = rt.embed(&["during warm-up"]).unwrap();
+    assert_eq!(during.vectors.len(), 1);
+    assert_eq!(during.tier, Some(Tier::Small), "{:?}", during.trail);
     let results = handle.join().unwrap();
     assert!(results.iter().all(Result::is_ok), "{results:?}");
     assert_eq!(rt.status().models[0].state, "loaded");
