@@ -155,15 +155,16 @@ pub enum Error {
         /// Index of the sequence in the step.
         index: usize,
     },
-    /// A decoder setting is out of range.
-    #[error("decoder config `{field}` = {value}: {reason}")]
-    BadDecoderConfig {
-        /// The field.
-        field: &'static str,
-        /// Its value.
+    /// A configuration value (decoder or sampling setting) outside its
+    /// documented range.
+    #[error("invalid configuration: {field} = {value}: expected {expected}")]
+    InvalidConfig {
+        /// Which field.
+        field: String,
+        /// Its value, as text.
         value: String,
         /// What is accepted.
-        reason: String,
+        expected: String,
     },
     /// An error from the buffer pool that holds the KV cache.
     #[error("KV buffer pool")]
@@ -239,16 +240,6 @@ pub enum Error {
         #[source]
         source: minijinja::Error,
     },
-    /// A sampling setting is out of its range.
-    #[error("sampling setting {field} = {value} is out of range; expected {range}")]
-    BadSampling {
-        /// The setting.
-        field: &'static str,
-        /// Its value.
-        value: String,
-        /// What it accepts.
-        range: &'static str,
-    },
     /// Logits of the wrong length were given to a sampler.
     #[error("{len} logits given; the sampler needs at least 1 (one per vocabulary token)")]
     EmptyLogits {
@@ -259,6 +250,21 @@ pub enum Error {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An [`Error::InvalidConfig`] for `field` holding `value`.
+    pub fn invalid(
+        field: impl Into<String>,
+        value: impl std::fmt::Display,
+        expected: impl Into<String>,
+    ) -> Error {
+        Error::InvalidConfig {
+            field: field.into(),
+            value: value.to_string(),
+            expected: expected.into(),
+        }
+    }
+}
 
 #[cfg(test)]
 mod chain_tests {
@@ -288,3 +294,4 @@ mod chain_tests {
         assert_each_cause_once(&io, 2);
     }
 }
+

@@ -97,11 +97,7 @@ impl SamplingConfig {
     /// Checks every value against its range.
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &'static str, value: String, range: &'static str| {
-            Err(Error::BadSampling {
-                field,
-                value,
-                range,
-            })
+            Err(Error::invalid(field, value, range))
         };
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return bad(

@@ -87,11 +87,11 @@ impl KvLayout {
     /// The layout for `cfg` with blocks of at least `block_tokens` positions.
     pub fn new(cfg: &ModelConfig, kv_type: KvType, block_tokens: usize) -> Result<KvLayout> {
         if block_tokens == 0 {
-            return Err(Error::BadDecoderConfig {
-                field: "kv_block_tokens",
-                value: "0".into(),
-                reason: "a block holds at least one position".into(),
-            });
+            return Err(Error::invalid(
+                "kv_block_tokens",
+                0,
+                "at least 1 (a block holds at least one position)",
+            ));
         }
         let per_token_layer = 2 * cfg.kv_dim() * kv_type.bytes();
         let mut groups = Vec::new();
@@ -102,10 +102,12 @@ impl KvLayout {
             }
             let per_token = per_token_layer * layers.len();
             let want = per_token * block_tokens;
-            let class = buffer_pool::size_class(want).ok_or_else(|| Error::BadDecoderConfig {
-                field: "kv_block_tokens",
-                value: block_tokens.to_string(),
-                reason: format!("a block of {want} bytes is beyond the pool's size classes"),
+            let class = buffer_pool::size_class(want).ok_or_else(|| {
+                Error::invalid(
+                    "kv_block_tokens",
+                    block_tokens,
+                    format!("fewer positions: a block of {want} bytes is beyond the pool's size classes"),
+                )
             })?;
             let tokens = class / per_token;
             groups.push(KvGroup {

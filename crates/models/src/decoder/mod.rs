@@ -192,19 +192,19 @@ pub fn read_header(path: impl AsRef<Path>) -> Result<Content> {
 
 fn check_config(opts: &DecoderConfig, cfg: &ModelConfig) -> Result<usize> {
     if opts.max_step_tokens == 0 {
-        return Err(Error::BadDecoderConfig {
-            field: "max_step_tokens",
-            value: "0".into(),
-            reason: "a step holds at least one token".into(),
-        });
+        return Err(Error::invalid(
+            "max_step_tokens",
+            0,
+            "at least 1 (a step holds at least one token)",
+        ));
     }
     let context = opts.context.unwrap_or(cfg.context);
     if context == 0 {
-        return Err(Error::BadDecoderConfig {
-            field: "context",
-            value: "0".into(),
-            reason: "a sequence holds at least one position".into(),
-        });
+        return Err(Error::invalid(
+            "context",
+            0,
+            "at least 1 (a sequence holds at least one position)",
+        ));
     }
     Ok(context)
 }
