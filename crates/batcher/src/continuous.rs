@@ -483,6 +483,8 @@ impl<H: StepHandler> Loop<H> {
             if was_queued {
                 st.queued -= 1;
             }
+            st.stats.queued = st.queued;
+            st.stats.running = self.running.len();
             let s = &mut st.stats;
             s.finished += 1;
             match &exit {
