@@ -57,11 +57,13 @@ impl Runtime {
     /// Embeds texts with the embedding model registered as `model`: the
     /// default model goes through the cache and the tier chain as
     /// [`Runtime::embed`] does; any other registered embedding model serves
-    /// through its own batcher. An unknown name is an error listing the
-    /// registered ones.
+    /// through its own batcher; `rule-based` names the rule-based tier of a
+    /// runtime without a local embedding model. An unknown name is an error
+    /// listing the registered ones.
     pub fn embed_model(&self, model: &str, texts: &[&str]) -> Result<Embeddings> {
         let inner = &self.inner;
-        if inner.default_model.as_deref() == Some(model) {
+        let rule_based_only = inner.default_model.is_none() && model == crate::generate::RULE_BASED;
+        if inner.default_model.as_deref() == Some(model) || rule_based_only {
             return self.embed(texts);
         }
         if !inner.registry.names().iter().any(|n| n == model) {
