@@ -301,20 +301,18 @@ fn unknown_models_full_queues_health_and_metrics() {
     assert_eq!(status, 404, "{text}");
 
     // One running, one queued: the third is refused 429 with Retry-After.
-    let long = |_: usize| {
-        let g = rt
-            .generate(
-                SMOL,
-                runtime::GenerateRequest::text("Once upon a time").max_tokens(1000),
-            )
-            .unwrap();
-        g
+    let long = || {
+        rt.generate(
+            SMOL,
+            runtime::GenerateRequest::text("Once upon a time").max_tokens(1000),
+        )
+        .unwrap()
     };
-    let running = long(0);
+    let running = long();
     eventually("the first to run", || {
         rt.status().generative[0].running == 1
     });
-    let queued = long(1);
+    let queued = long();
     eventually("the second to queue", || {
         rt.status().generative[0].queued == 1
     });

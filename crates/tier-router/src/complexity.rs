@@ -314,7 +314,7 @@ mod tests {
             tokens: 300,
             grade_level: Some(12),
             subject: Some("AP Physics".into()),
-            extra: 0.0,
+            ..TaskFeatures::default()
         };
         let p = c.score(&plain);
         let h = c.score(&hard);
