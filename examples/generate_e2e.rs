@@ -54,6 +54,11 @@ struct Args {
     /// Skip llama-server (snug alone).
     #[arg(long)]
     no_llama: bool,
+    /// Let llama-server repack weights into its extra buffer types (off by
+    /// default: `--no-repack` is passed, since some VMs fault on the
+    /// repacked kernels' instructions).
+    #[arg(long)]
+    llama_repack: bool,
 }
 
 struct Sample {
@@ -277,13 +282,17 @@ fn start_llama(args: &Args, np: usize) -> Result<(Llama, String), Box<dyn std::e
         .args(["-np", &np.to_string(), "-t", &args.threads.to_string()])
         .args(["-c", &(args.context * np).to_string()])
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(if args.llama_repack { &[][..] } else { &["--no-repack"][..] })
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let llama = Llama(child);
+    let mut llama = Llama(child);
     let base = format!("http://127.0.0.1:{port}");
     let t = Instant::now();
     loop {
+        if let Ok(Some(status)) = llama.0.try_wait() {
+            return Err(format!("llama-server exited at start: {status}").into());
+        }
         if let Ok(r) = ureq::get(format!("{base}/health")).call() {
             if r.status().as_u16() == 200 {
                 break;
