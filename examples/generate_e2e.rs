@@ -282,7 +282,11 @@ fn start_llama(args: &Args, np: usize) -> Result<(Llama, String), Box<dyn std::e
         .args(["-np", &np.to_string(), "-t", &args.threads.to_string()])
         .args(["-c", &(args.context * np).to_string()])
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(if args.llama_repack { &[][..] } else { &["--no-repack"][..] })
+        .args(if args.llama_repack {
+            &[][..]
+        } else {
+            &["--no-repack"][..]
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
