@@ -197,11 +197,11 @@ fn embeddings_answer_in_openai_shape_with_the_runtimes_vectors() {
     let r = post(
         &server,
         "/v1/embeddings",
-        &serde_json::json!({ "input": texts, "model": "all-MiniLM-L6-v2" }).to_string(),
+        &serde_json::json!({ "input": texts, "model": "rule-based" }).to_string(),
     );
     assert_eq!(r.status, 200, "{}", r.json);
     assert_eq!(r.json["object"], "list");
-    assert_eq!(r.json["model"], "all-MiniLM-L6-v2");
+    assert_eq!(r.json["model"], "rule-based");
     let data = r.json["data"].as_array().expect("data");
     assert_eq!(data.len(), 3);
     for (i, item) in data.iter().enumerate() {
@@ -224,6 +224,15 @@ fn embeddings_answer_in_openai_shape_with_the_runtimes_vectors() {
             .and_then(|v| v.to_str().ok()),
         Some("rule-based")
     );
+
+    // A model the server does not have is refused, not answered by another.
+    let r = post(
+        &server,
+        "/v1/embeddings",
+        &serde_json::json!({ "input": texts, "model": "all-MiniLM-L6-v2" }).to_string(),
+    );
+    assert_error(&r, 404, "invalid_request_error");
+    assert_eq!(r.json["error"]["code"], "model_not_found");
 
     // One string, no model: the backend's name stands in.
     let r = post(
@@ -261,6 +270,7 @@ fn bad_requests_get_a_json_4xx_and_the_server_goes_on() {
         max_body_bytes: 2048,
         max_inputs: 4,
         max_input_bytes: 100,
+        ..app::Limits::default()
     };
     let server = Server::start(app::app_with(rule_based_runtime(), limits));
     let cases: &[(&str, u16, &str)] = &[
@@ -431,6 +441,8 @@ fn the_server_is_a_remote_tier_for_another_runtime() {
         api_key_env: None,
         connect_timeout: Duration::from_secs(2),
         read_timeout: Duration::from_secs(10),
+        // The serving runtime has no model: its rule-based tier by name.
+        model: runtime::RULE_BASED.into(),
         ..Default::default()
     };
     let client = runtime::Runtime::builder()

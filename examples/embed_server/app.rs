@@ -1,5 +1,8 @@
-//! The HTTP face of a [`runtime::Runtime`]: an axum router with an
-//! OpenAI-compatible `POST /v1/embeddings` and the runtime's operations.
+//! The HTTP face of a [`runtime::Runtime`]: an axum router with
+//! OpenAI-compatible `POST /v1/chat/completions`, `POST /v1/completions`
+//! (whole or streamed), `GET /v1/models` and `POST /v1/embeddings`, plus
+//! `GET /health`, `GET /metrics` (Prometheus text) and the runtime's
+//! operations.
 //!
 //! Every runtime call blocks, so each runs on tokio's blocking pool; a panic
 //! there is caught by the join and answered 500, and the server goes on.
@@ -16,6 +19,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+#[path = "chat.rs"]
+mod chat;
+#[path = "metrics.rs"]
+mod metrics;
+
 /// The server's own limits on a request, checked before the runtime sees it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -28,6 +36,27 @@ pub(crate) struct Limits {
     /// of a text, about 1 KiB of English, so longer texts belong in the
     /// runtime's chunker, not in one embedding.
     pub(crate) max_input_bytes: usize,
+    /// `max_tokens` of a chat completion that names none. Default 256.
+    pub(crate) default_max_tokens: usize,
+    /// `max_tokens` of one request at most. Default 2048.
+    pub(crate) max_generate_tokens: usize,
+    /// A generation (queue and run) ends after this. Default 120 s.
+    #[serde(with = "secs")]
+    pub(crate) generate_timeout: Duration,
+}
+
+mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Duration::try_from_secs_f64(f64::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for Limits {
@@ -36,14 +65,18 @@ impl Default for Limits {
             max_body_bytes: 4 << 20,
             max_inputs: 2048,
             max_input_bytes: 64 << 10,
+            default_max_tokens: 256,
+            max_generate_tokens: 2048,
+            generate_timeout: Duration::from_secs(120),
         }
     }
 }
 
 #[derive(Clone)]
-struct AppState {
+pub(crate) struct AppState {
     rt: runtime::Runtime,
     limits: Limits,
+    metrics: std::sync::Arc<metrics::Metrics>,
 }
 
 /// The router with the default [`Limits`].
@@ -58,6 +91,14 @@ pub(crate) fn app_with(rt: runtime::Runtime, limits: Limits) -> Router {
     let body_limit = limits.max_body_bytes;
     Router::new()
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(chat::completions))
+        .route("/v1/models", get(chat::list_models))
+        .route(
+            "/health",
+            get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
+        )
+        .route("/metrics", get(metrics::metrics))
         .route("/status", get(status))
         .route("/plan", get(plan))
         .route("/estimate-memory", post(estimate_memory))
@@ -74,7 +115,11 @@ pub(crate) fn app_with(rt: runtime::Runtime, limits: Limits) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(AppState { rt, limits })
+        .with_state(AppState {
+            rt,
+            limits,
+            metrics: Default::default(),
+        })
 }
 
 /// An error answered as `{"error":{"message":…,"type":…}}`.
@@ -82,6 +127,7 @@ pub(crate) fn app_with(rt: runtime::Runtime, limits: Limits) -> Router {
 pub(crate) struct ApiError {
     status: StatusCode,
     kind: &'static str,
+    code: Option<&'static str>,
     message: String,
     retry_after: Option<Duration>,
 }
@@ -91,6 +137,7 @@ impl ApiError {
         ApiError {
             status,
             kind,
+            code: None,
             message: message.into(),
             retry_after: None,
         }
@@ -105,7 +152,17 @@ impl From<runtime::Error> for ApiError {
     fn from(e: runtime::Error) -> Self {
         let message = e.to_string();
         match e {
-            runtime::Error::InvalidInput(_) => Self::bad_request(message),
+            runtime::Error::InvalidInput(_) | runtime::Error::KvTooLarge { .. } => {
+                Self::bad_request(message)
+            }
+            runtime::Error::UnknownModel { .. } => ApiError {
+                code: Some("model_not_found"),
+                ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
+            },
+            runtime::Error::Overloaded { .. } => ApiError {
+                retry_after: Some(Duration::from_secs(1)),
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+            },
             runtime::Error::RateLimited { retry_after } => ApiError {
                 retry_after: Some(retry_after),
                 ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
@@ -125,7 +182,9 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             eprintln!("request failed: {} {}", self.status, self.message);
         }
-        let body = serde_json::json!({ "error": { "message": self.message, "type": self.kind } });
+        let body = serde_json::json!({
+            "error": { "message": self.message, "type": self.kind, "param": null, "code": self.code }
+        });
         let mut resp = (self.status, Json(body)).into_response();
         if let Some(after) = self.retry_after {
             // Whole seconds, rounded up, at least 1.
@@ -287,9 +346,13 @@ async fn embeddings(
     }
     let texts = texts(req.input, &st.limits)?;
     let rt = st.rt.clone();
+    let model_name = req.model.clone();
     let (out, tokens) = blocking(move || {
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let out = rt.embed(&refs)?;
+        let out = match &model_name {
+            Some(m) => rt.embed_model(m, &refs)?,
+            None => rt.embed(&refs)?,
+        };
         // Token counts from the model's tokenizer when a local model
         // served; otherwise the words-to-tokens rule of thumb (4 per 3).
         let counted = if out.tier.is_some_and(|t| t.is_local()) {
@@ -306,6 +369,7 @@ async fn embeddings(
     })
     .await?;
     let served_by = out.backend.clone().unwrap_or_else(|| "cache".to_string());
+    st.metrics.embedding(out.tier, &served_by);
     let data = out
         .vectors
         .into_iter()

@@ -29,6 +29,17 @@ pub enum Error<E = Infallible> {
         /// The configured weight limit.
         max_queued_weight: u64,
     },
+    /// A continuous batcher's queue is full; the sequence was not accepted.
+    #[error(
+        "queue is full: {queued} sequences wait to be admitted, the limit is max_queued = \
+         {max_queued}; retry later or raise max_queued"
+    )]
+    QueueFull {
+        /// Sequences queued when this one was refused.
+        queued: usize,
+        /// The configured limit.
+        max_queued: usize,
+    },
     /// The request's deadline passed while it was still queued; it never ran.
     #[error(
         "request waited {waited:?} in the queue and passed its deadline before a batch took it; \
@@ -118,6 +129,7 @@ impl Error<Infallible> {
                 max_queued,
                 max_queued_weight,
             },
+            Error::QueueFull { queued, max_queued } => Error::QueueFull { queued, max_queued },
             Error::TimedOut { waited } => Error::TimedOut { waited },
             Error::Cancelled => Error::Cancelled,
             Error::HandlerPanicked {

@@ -52,6 +52,7 @@
 
 mod batcher;
 mod config;
+pub mod continuous;
 mod error;
 mod queue;
 mod stats;
@@ -59,6 +60,10 @@ mod ticket;
 
 pub use crate::batcher::{Batcher, BatcherBuilder, Weigher};
 pub use crate::config::{BatcherConfig, Priority, ShutdownMode, Submit, WeightMode};
+pub use crate::continuous::{
+    Admission, ContinuousBatcher, ContinuousConfig, ContinuousStats, Exit, JoinOptions, Progress,
+    Scheduled, SequenceHandle, StepHandler,
+};
 pub use crate::error::Error;
 pub use crate::stats::{BatchOutcome, Event, Stats};
 pub use crate::ticket::Ticket;

@@ -24,6 +24,8 @@ pub struct RuntimeBuilder {
     pub(crate) minilm_dir: Option<PathBuf>,
     pub(crate) with_minilm: bool,
     pub(crate) models: Vec<ModelSpec>,
+    pub(crate) generative: Vec<crate::decoder::GenerativeSpec>,
+    pub(crate) embedding_dirs: Vec<crate::models_file::EmbeddingEntry>,
 }
 
 impl RuntimeBuilder {
@@ -60,6 +62,8 @@ impl RuntimeBuilder {
         self.with_minilm = false;
         self.minilm_dir = None;
         self.models.clear();
+        self.generative.clear();
+        self.embedding_dirs.clear();
         self
     }
 
@@ -67,6 +71,30 @@ impl RuntimeBuilder {
     pub fn model(mut self, spec: ModelSpec) -> Self {
         self.models.push(spec);
         self
+    }
+
+    /// Registers a generative model (a GGUF decoder) under its name.
+    pub fn generative(mut self, spec: crate::decoder::GenerativeSpec) -> Self {
+        self.generative.push(spec);
+        self
+    }
+
+    /// Registers the models `file` lists (see [`ModelsFile`](crate::ModelsFile)).
+    /// Its embedding models replace the bundled MiniLM found on disk.
+    pub fn models(mut self, file: crate::models_file::ModelsFile) -> Self {
+        if !file.embedding.is_empty() {
+            self.with_minilm = false;
+            self.minilm_dir = None;
+        }
+        self.embedding_dirs.extend(file.embedding);
+        self.generative.extend(file.generative);
+        self
+    }
+
+    /// Reads the models from a JSON file (see [`ModelsFile`](crate::ModelsFile)).
+    pub fn models_file(self, path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let file = crate::models_file::ModelsFile::read(path.as_ref())?;
+        Ok(self.models(file))
     }
 
     /// The weight format of local models (overrides the quant policy).
@@ -126,9 +154,15 @@ impl Runtime {
 
         // The bundled MiniLM (from the builder, or found on disk) and what it
         // takes in memory, known before anything is loaded.
+        let mut embedding_dirs = b.embedding_dirs;
+        let default_name = match (b.with_minilm, embedding_dirs.first()) {
+            (false, Some(e)) => e.name.clone(),
+            _ => MINILM.to_string(),
+        };
         let minilm_dir = match (b.with_minilm, b.minilm_dir) {
             (true, Some(dir)) => Some(dir),
             (true, None) => models::model_dir().ok(),
+            (false, _) if !embedding_dirs.is_empty() => Some(embedding_dirs.remove(0).dir),
             (false, _) => None,
         };
         let facts = match &minilm_dir {
@@ -206,6 +240,10 @@ impl Runtime {
             config.budget.max_model.is_some(),
         ));
         registry.set_batch_tokens(plan.batch_tokens);
+        let decoders = Arc::new(crate::decoder::Decoders::new(ledger.clone()));
+        for spec in b.generative {
+            decoders.register(spec)?;
+        }
 
         // Models: the bundled MiniLM (from the builder, or found on disk) and any others.
         let mut default_model = None;
@@ -217,8 +255,15 @@ impl Runtime {
                 formats,
                 batch_tokens: plan.batch_tokens,
             };
-            registry.register(variants.spec(MINILM)?)?;
-            default_model = Some(MINILM.to_string());
+            registry.register(variants.spec(&default_name)?)?;
+            default_model = Some(default_name);
+            for e in embedding_dirs {
+                let more = MiniLmVariants {
+                    dir: e.dir,
+                    ..variants.clone()
+                };
+                registry.register(more.spec(&e.name)?)?;
+            }
         }
         for spec in b.models {
             let name = spec.name.clone();
@@ -284,6 +329,7 @@ impl Runtime {
             profile,
             plan: Mutex::new(plan),
             registry,
+            decoders,
             monitor,
             cache,
             pool,

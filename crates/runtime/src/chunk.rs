@@ -136,16 +136,21 @@ impl<R: Read, T: TokenOffsets> Chunker<R, T> {
     /// A chunker over `reader`.
     pub fn new(reader: R, tokens: T, config: ChunkerConfig) -> Result<Self> {
         if config.max_tokens == 0 || config.overlap >= config.max_tokens {
-            return Err(Error::InvalidConfig(format!(
-                "chunker overlap {} must be smaller than max_tokens {} (and max_tokens above 0)",
-                config.overlap, config.max_tokens
-            )));
+            return Err(Error::invalid(
+                "overlap",
+                format!("{} with max_tokens = {}", config.overlap, config.max_tokens),
+                "max_tokens above 0 and overlap smaller than max_tokens",
+            ));
         }
         if config.read_block == 0 || config.max_unbroken < config.read_block {
-            return Err(Error::InvalidConfig(format!(
-                "chunker read_block {} must be above 0 and at most max_unbroken {}",
-                config.read_block, config.max_unbroken
-            )));
+            return Err(Error::invalid(
+                "read_block",
+                format!(
+                    "{} with max_unbroken = {}",
+                    config.read_block, config.max_unbroken
+                ),
+                "read_block above 0 and at most max_unbroken",
+            ));
         }
         Ok(Chunker {
             reader,

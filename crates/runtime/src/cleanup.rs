@@ -84,13 +84,23 @@ impl Runtime {
         };
         let loaded = || -> Vec<String> {
             let models = inner.registry.status().into_iter();
-            models
+            let mut v: Vec<String> = models
                 .filter(|m| m.state == "loaded")
                 .map(|m| m.name)
-                .collect()
+                .collect();
+            v.extend(
+                inner
+                    .decoders
+                    .status()
+                    .into_iter()
+                    .filter(|m| m.state == "loaded")
+                    .map(|m| m.name),
+            );
+            v
         };
         let before = loaded();
-        let released = inner.registry.unload_idle(Duration::ZERO, "emergency");
+        let released = inner.registry.unload_idle(Duration::ZERO, "emergency")
+            + inner.decoders.unload_idle(Duration::ZERO);
         let after = loaded();
         release_to_os();
         let report = CleanupReport {

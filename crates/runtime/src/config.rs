@@ -101,6 +101,11 @@ pub struct RuntimeConfig {
     /// Bytes per text at most; longer texts are refused with a pointer to
     /// the chunker. Default 256 KiB.
     pub max_text_bytes: usize,
+    /// How `auto` generation picks a tier from the prompt, `max_tokens` and
+    /// the caller's difficulty.
+    pub complexity: tier_router::ComplexityConfig,
+    /// `max_tokens` of one generation at most. Default 4096.
+    pub max_generate_tokens: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -124,6 +129,8 @@ impl Default for RuntimeConfig {
             request_timeout: Duration::from_secs(30),
             max_texts: 4096,
             max_text_bytes: 256 * 1024,
+            complexity: tier_router::ComplexityConfig::default(),
+            max_generate_tokens: 4096,
         }
     }
 }
@@ -154,5 +161,30 @@ mod secs {
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let v = f64::deserialize(d)?;
         Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `Option<Duration>` as milliseconds (a number, or null).
+pub(crate) mod opt_millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_secs_f64() * 1e3)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        match Option::<f64>::deserialize(d)? {
+            Some(ms) => Duration::try_from_secs_f64(ms / 1e3)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
     }
 }

@@ -54,6 +54,46 @@ impl Runtime {
         self.embed_with(texts, &EmbedOptions::default())
     }
 
+    /// Embeds texts with the embedding model registered as `model`: the
+    /// default model goes through the cache and the tier chain as
+    /// [`Runtime::embed`] does; any other registered embedding model serves
+    /// through its own batcher; `rule-based` names the rule-based tier of a
+    /// runtime without a local embedding model. An unknown name is an error
+    /// listing the registered ones.
+    pub fn embed_model(&self, model: &str, texts: &[&str]) -> Result<Embeddings> {
+        let inner = &self.inner;
+        let rule_based_only = inner.default_model.is_none() && model == crate::generate::RULE_BASED;
+        if inner.default_model.as_deref() == Some(model) || rule_based_only {
+            return self.embed(texts);
+        }
+        if !inner.registry.names().iter().any(|n| n == model) {
+            return Err(self.unknown(model));
+        }
+        if texts.is_empty() {
+            return Err(Error::InvalidInput(
+                "no texts to embed: pass at least one".into(),
+            ));
+        }
+        let loaded = self.name_errors(inner.registry.get(model))?;
+        let tokens = loaded.model.tokenize(texts)?;
+        let tickets = tokens
+            .into_iter()
+            .map(|t| loaded.batcher.submit(t))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::Backend(e.to_string()))?;
+        let mut vectors = Vec::with_capacity(tickets.len());
+        for t in tickets {
+            vectors.push(t.wait().map_err(|e| Error::Backend(e.to_string()))?);
+        }
+        Ok(Embeddings {
+            vectors,
+            cache_hits: 0,
+            tier: Some(tier_router::Tier::Small),
+            backend: Some(model.to_string()),
+            trail: Vec::new(),
+        })
+    }
+
     /// Embeds texts with options.
     pub fn embed_with(&self, texts: &[&str], options: &EmbedOptions) -> Result<Embeddings> {
         let inner = &self.inner;

@@ -18,14 +18,63 @@ fn variants(t: &[(String, u64)]) -> String {
 #[non_exhaustive]
 pub enum Error {
     /// A configuration value is out of range.
-    #[error("invalid configuration: {0}")]
-    InvalidConfig(String),
+    #[error("invalid configuration: {field} = {value}: expected {expected}")]
+    InvalidConfig {
+        /// The field.
+        field: String,
+        /// The value given.
+        value: String,
+        /// What it must be.
+        expected: String,
+    },
     /// A request's input cannot be served.
     #[error("invalid input: {0}")]
     InvalidInput(String),
     /// No model is registered under this name.
-    #[error("no model named {0:?} is registered")]
-    UnknownModel(String),
+    #[error("no model named {name:?} is registered; the models are: {}", known.join(", "))]
+    UnknownModel {
+        /// The name asked for.
+        name: String,
+        /// The names registered.
+        known: Vec<String>,
+    },
+    /// A request's KV cache (prompt + max_tokens) can never fit the model's
+    /// KV pool.
+    #[error(
+        "the request needs {needed} KV bytes for {tokens} tokens (prompt + max_tokens), \
+         more than the model's KV budget of {budget}; shorten the prompt, lower max_tokens or \
+         raise the decoder's kv_budget_bytes"
+    )]
+    KvTooLarge {
+        /// Bytes the sequence would hold at its longest.
+        needed: u64,
+        /// The KV pool's budget.
+        budget: u64,
+        /// Prompt + max_tokens.
+        tokens: usize,
+    },
+    /// The model's queue is full: retry later.
+    #[error(
+        "model {model} is overloaded: {queued} sequences wait, the limit is {max_queued}; \
+         retry in a moment or raise its engine's max_queued"
+    )]
+    Overloaded {
+        /// The model.
+        model: String,
+        /// Sequences waiting.
+        queued: usize,
+        /// The limit.
+        max_queued: usize,
+    },
+    /// Reading the models file failed.
+    #[error("reading the models file {path}")]
+    ModelsFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// No variant of a model fits the memory budget, even after unloading
     /// idle models.
     #[error(
@@ -88,6 +137,29 @@ pub enum Error {
     /// From the model.
     #[error(transparent)]
     Model(#[from] models::Error),
+}
+
+impl Error {
+    /// An [`Error::InvalidConfig`].
+    pub fn invalid(
+        field: impl Into<String>,
+        value: impl Into<String>,
+        expected: impl Into<String>,
+    ) -> Self {
+        Error::InvalidConfig {
+            field: field.into(),
+            value: value.into(),
+            expected: expected.into(),
+        }
+    }
+
+    /// An [`Error::UnknownModel`].
+    pub fn unknown_model(name: &str, known: Vec<String>) -> Self {
+        Error::UnknownModel {
+            name: name.to_string(),
+            known,
+        }
+    }
 }
 
 /// A `Result` with the runtime's [`Error`].

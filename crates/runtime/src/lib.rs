@@ -51,9 +51,13 @@ mod builder;
 pub mod chunk;
 mod cleanup;
 mod config;
+mod decoder;
 mod embed;
 mod error;
+mod generate;
+mod generation;
 mod model;
+mod models_file;
 mod plan;
 mod registry;
 mod runtime;
@@ -62,12 +66,19 @@ mod status;
 pub use crate::builder::RuntimeBuilder;
 pub use crate::cleanup::{CleanupReport, Reoptimized};
 pub use crate::config::{BatchSettings, RuntimeConfig};
+pub use crate::decoder::{GenerativeSpec, GenerativeStatus};
 pub use crate::embed::{EmbedOptions, Embeddings, RequestEstimate};
 pub use crate::error::{Error, Result};
+pub use crate::generate::{ModelInfo, ModelKind, AUTO, RULE_BASED};
+pub use crate::generation::{
+    Completion, FinishReason, Finished, GenerateRequest, Generation, GenerationEvent, Prompt,
+    Served, Timings, Usage,
+};
 pub use crate::model::{
     minilm_estimate, tokenizer_bytes, EmbeddingModel, LoadContext, LoadEvent, MiniLmEstimate,
     MiniLmVariants, ModelSpec, Tokens, Variant,
 };
+pub use crate::models_file::{EmbeddingEntry, ModelsFile};
 pub use crate::plan::Plan;
 pub use crate::registry::ModelStatus;
 pub use crate::runtime::{Runtime, MINILM};

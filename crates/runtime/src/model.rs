@@ -289,7 +289,7 @@ impl MiniLmFacts {
             });
         }
         let memory = memory.ok_or_else(|| {
-            Error::InvalidConfig("MiniLM needs at least one format to offer".into())
+            Error::invalid("formats", "[]", "at least one format to offer MiniLM in")
         })?;
         Ok(MiniLmFacts {
             dir,
@@ -315,8 +315,10 @@ impl MiniLmVariants {
     /// The registration of all-MiniLM-L6-v2 under `name`.
     pub fn spec(&self, name: &str) -> Result<ModelSpec> {
         if self.formats.is_empty() {
-            return Err(Error::InvalidConfig(
-                "MiniLM needs at least one format to offer".into(),
+            return Err(Error::invalid(
+                "formats",
+                "[]",
+                "at least one format to offer MiniLM in",
             ));
         }
         let mut variants = Vec::new();

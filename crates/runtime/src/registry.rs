@@ -130,17 +130,19 @@ impl Registry {
 
     pub(crate) fn register(&self, spec: ModelSpec) -> Result<()> {
         if spec.variants.is_empty() {
-            return Err(Error::InvalidConfig(format!(
-                "model {:?} has no variants to load",
-                spec.name
-            )));
+            return Err(Error::invalid(
+                "variants",
+                format!("none for model {:?}", spec.name),
+                "at least one variant to load",
+            ));
         }
         let mut slots = self.slots.lock();
         if slots.contains_key(&spec.name) {
-            return Err(Error::InvalidConfig(format!(
-                "a model named {:?} is registered already",
-                spec.name
-            )));
+            return Err(Error::invalid(
+                "name",
+                spec.name.clone(),
+                "a name no other model has",
+            ));
         }
         slots.insert(
             spec.name.clone(),
@@ -159,7 +161,7 @@ impl Registry {
             .lock()
             .get(name)
             .map(|s| s.spec.version.clone())
-            .ok_or_else(|| Error::UnknownModel(name.to_string()))
+            .ok_or_else(|| Error::unknown_model(name, Vec::new()))
     }
 
     /// The smallest estimate among a model's variants.
@@ -197,7 +199,7 @@ impl Registry {
         let mut slots = self.slots.lock();
         let slot = slots
             .get_mut(name)
-            .ok_or_else(|| Error::UnknownModel(name.to_string()))?;
+            .ok_or_else(|| Error::unknown_model(name, Vec::new()))?;
         slot.pinned = pinned;
         Ok(())
     }
@@ -210,7 +212,7 @@ impl Registry {
             loop {
                 let slot = slots
                     .get_mut(name)
-                    .ok_or_else(|| Error::UnknownModel(name.to_string()))?;
+                    .ok_or_else(|| Error::unknown_model(name, Vec::new()))?;
                 match &slot.state {
                     State::Loaded(l) => {
                         slot.last_used = Instant::now();
@@ -334,7 +336,13 @@ impl Registry {
                     }
                 }
             })
-            .map_err(|e| Error::InvalidConfig(format!("batcher for {name}: {e}")))?;
+            .map_err(|e| {
+                Error::invalid(
+                    "batch",
+                    format!("{name}: {e}"),
+                    "a valid batcher configuration",
+                )
+            })?;
         Ok(batcher)
     }
 

@@ -28,6 +28,7 @@ pub(crate) struct Inner {
     pub(crate) profile: hw_detect::HardwareProfile,
     pub(crate) plan: Mutex<Plan>,
     pub(crate) registry: Arc<Registry>,
+    pub(crate) decoders: Arc<crate::decoder::Decoders>,
     pub(crate) monitor: mem_budget::PressureMonitor,
     pub(crate) cache: Cache,
     pub(crate) pool: buffer_pool::BufferPool,
@@ -78,6 +79,7 @@ impl Runtime {
         }
         // Keep-alive: unload models idle past keep_alive.
         let registry = Arc::clone(&inner.registry);
+        let decoders = Arc::clone(&inner.decoders);
         let stop = Arc::clone(&inner.stop);
         let keep_alive = inner.config.keep_alive;
         let tick = (keep_alive / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
@@ -89,6 +91,7 @@ impl Runtime {
                     std::thread::sleep(Duration::from_millis(20).min(tick));
                     if Instant::now() >= next {
                         registry.unload_idle(keep_alive, "idle");
+                        decoders.unload_idle(keep_alive);
                         next = Instant::now() + tick;
                     }
                 }
@@ -122,20 +125,32 @@ impl Runtime {
         self.inner.registry.on_load_event(f);
     }
 
-    /// Keeps `name` loaded: it is never unloaded for being idle, evicted for
-    /// another model, or unloaded in an emergency.
+    /// Keeps embedding model `name` loaded: it is never unloaded for being
+    /// idle, evicted for another model, or unloaded in an emergency.
     pub fn pin(&self, name: &str) -> Result<()> {
-        self.inner.registry.pin(name, true)
+        self.name_errors(self.inner.registry.pin(name, true))
     }
 
     /// Undoes [`Runtime::pin`].
     pub fn unpin(&self, name: &str) -> Result<()> {
-        self.inner.registry.pin(name, false)
+        self.name_errors(self.inner.registry.pin(name, false))
     }
 
-    /// Loads `name` now (it would otherwise load on first use).
+    /// Loads `name` (an embedding or generative model) now; it would
+    /// otherwise load on first use.
     pub fn load(&self, name: &str) -> Result<()> {
-        self.inner.registry.get(name).map(drop)
+        if self.inner.decoders.contains(name) {
+            return self.inner.decoders.get(name).map(drop);
+        }
+        self.name_errors(self.inner.registry.get(name).map(drop))
+    }
+
+    /// Fills the list of known names into an unknown-model error.
+    pub(crate) fn name_errors<T>(&self, r: Result<T>) -> Result<T> {
+        r.map_err(|e| match e {
+            Error::UnknownModel { name, .. } => self.unknown(&name),
+            e => e,
+        })
     }
 
     /// Unloads `name`; returns the bytes its reservation held.
@@ -150,7 +165,7 @@ impl Runtime {
     pub fn warmup(&self, names: &[&str]) -> Result<JoinHandle<Vec<Result<()>>>> {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         for n in &names {
-            self.inner.registry.version(n)?;
+            self.name_errors(self.inner.registry.version(n))?;
         }
         let registry = Arc::clone(&self.inner.registry);
         Ok(std::thread::Builder::new()
@@ -197,6 +212,7 @@ impl Drop for Inner {
         for name in self.registry.names() {
             self.registry.unload(&name, "shutdown");
         }
+        self.decoders.unload_all();
     }
 }
 

@@ -29,8 +29,11 @@ pub struct Status {
     pub pressure: mem_budget::PressureLevel,
     /// Throttling risks.
     pub throttling: Throttling,
-    /// Registered models.
+    /// Registered embedding models.
     pub models: Vec<ModelStatus>,
+    /// Registered generative models: sequences running and queued, KV
+    /// blocks used and free, tokens/s.
+    pub generative: Vec<crate::decoder::GenerativeStatus>,
     /// The ledger's accounting.
     pub ledger: mem_budget::LedgerStats,
     /// The embedding cache.
@@ -85,6 +88,7 @@ impl Runtime {
             pressure: level,
             throttling,
             models: inner.registry.status(),
+            generative: inner.decoders.status(),
             ledger: inner.registry.ledger().stats(),
             cache: inner.cache.stats(),
             pool: inner.pool.stats(),

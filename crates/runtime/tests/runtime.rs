@@ -337,7 +337,7 @@ fn warmup_loads_in_the_background() {
     assert_eq!(rt.status().models[0].state, "loaded");
     assert!(matches!(
         rt.warmup(&["no-such-model"]),
-        Err(Error::UnknownModel(_))
+        Err(Error::UnknownModel { .. })
     ));
 }
 

@@ -18,6 +18,11 @@ pub struct TaskFeatures {
     pub subject: Option<String>,
     /// A caller's own adjustment added to the score (may be negative); 0 by default.
     pub extra: f32,
+    /// Tokens the task is expected to produce (a generation's `max_tokens`); 0 by default.
+    pub output_tokens: usize,
+    /// The caller's own judgement of how hard the task is, in `[0, 1]` (values outside are
+    /// clamped, NaN ignored); none by default.
+    pub difficulty: Option<f32>,
 }
 
 impl TaskFeatures {
@@ -38,6 +43,10 @@ impl TaskFeatures {
 ///   `middle_grade_weight` (default 2) when it is `middle_grade_min` (9) or above;
 /// - `technical_subject_weight` (default 4) when the subject contains (case-insensitively)
 ///   one of `technical_subjects`;
+/// - `output_tokens / output_tokens_per_point` (default 32: producing a token costs a
+///   decoder a whole step, reading one a share of a batched prefill);
+/// - `difficulty * difficulty_weight` (default 10: a caller's "hardest" moves a short task
+///   from small to medium);
 /// - the task's own `extra`.
 ///
 /// The local tier is `Small` when `tokens <= small_max_tokens` (512) and
@@ -62,6 +71,10 @@ pub struct ComplexityConfig {
     pub technical_subjects: Vec<String>,
     /// Points added for a technical subject. Default 4.
     pub technical_subject_weight: f32,
+    /// Expected output tokens per complexity point. Default 32.
+    pub output_tokens_per_point: f32,
+    /// Points a difficulty of 1 adds. Default 10.
+    pub difficulty_weight: f32,
     /// Largest token count for the small tier. Default 512.
     pub small_max_tokens: usize,
     /// Largest score for the small tier. Default 10.
@@ -98,6 +111,8 @@ impl Default for ComplexityConfig {
             .map(|s| s.to_string())
             .collect(),
             technical_subject_weight: 4.0,
+            output_tokens_per_point: 32.0,
+            difficulty_weight: 10.0,
             small_max_tokens: 512,
             small_max_complexity: 10.0,
             medium_max_tokens: 2048,
@@ -117,6 +132,10 @@ pub struct Complexity {
     pub from_grade: f32,
     /// Points from the subject.
     pub from_subject: f32,
+    /// Points from the expected output tokens.
+    pub from_output: f32,
+    /// Points from the caller's difficulty.
+    pub from_difficulty: f32,
     /// The task's own adjustment.
     pub extra: f32,
     /// The local tier the score and token count ask for.
@@ -126,6 +145,20 @@ pub struct Complexity {
 impl ComplexityConfig {
     /// Checks the values: weights finite, `tokens_per_point > 0`, thresholds ordered.
     pub fn validate(&self) -> Result<(), Error> {
+        if !(self.output_tokens_per_point.is_finite() && self.output_tokens_per_point > 0.0) {
+            return Err(Error::InvalidConfig {
+                field: "complexity.output_tokens_per_point",
+                value: self.output_tokens_per_point.to_string(),
+                expected: "must be a finite number above 0 (default 32)",
+            });
+        }
+        if !self.difficulty_weight.is_finite() {
+            return Err(Error::InvalidConfig {
+                field: "complexity.difficulty_weight",
+                value: self.difficulty_weight.to_string(),
+                expected: "must be a finite number (default 10)",
+            });
+        }
         if !(self.tokens_per_point.is_finite() && self.tokens_per_point > 0.0) {
             return Err(Error::InvalidConfig {
                 field: "complexity.tokens_per_point",
@@ -199,7 +232,12 @@ impl ComplexityConfig {
         } else {
             0.0
         };
-        let score = from_tokens + from_grade + from_subject + extra;
+        let from_output = task.output_tokens as f32 / self.output_tokens_per_point;
+        let from_difficulty = task
+            .difficulty
+            .filter(|d| !d.is_nan())
+            .map_or(0.0, |d| d.clamp(0.0, 1.0) * self.difficulty_weight);
+        let score = from_tokens + from_grade + from_subject + from_output + from_difficulty + extra;
         let tier = if task.tokens <= self.small_max_tokens && score <= self.small_max_complexity {
             Tier::Small
         } else if task.tokens <= self.medium_max_tokens && score <= self.medium_max_complexity {
@@ -212,6 +250,8 @@ impl ComplexityConfig {
             from_tokens,
             from_grade,
             from_subject,
+            from_output,
+            from_difficulty,
             extra,
             tier,
         }
@@ -221,6 +261,39 @@ impl ComplexityConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_tokens_and_difficulty_raise_the_tier() {
+        let c = ComplexityConfig::default();
+        let short = TaskFeatures {
+            tokens: 30,
+            output_tokens: 64,
+            ..TaskFeatures::default()
+        };
+        assert_eq!(c.score(&short).tier, Tier::Small);
+        assert_eq!(c.score(&short).from_output, 2.0);
+        let hard = TaskFeatures {
+            difficulty: Some(0.9),
+            ..short.clone()
+        };
+        assert_eq!(c.score(&hard).tier, Tier::Medium);
+        let long_answer = TaskFeatures {
+            output_tokens: 512,
+            ..short.clone()
+        };
+        assert_eq!(c.score(&long_answer).tier, Tier::Medium);
+        // Out of range and NaN difficulties are clamped or ignored.
+        let nan = TaskFeatures {
+            difficulty: Some(f32::NAN),
+            ..short.clone()
+        };
+        assert_eq!(c.score(&nan).from_difficulty, 0.0);
+        let over = TaskFeatures {
+            difficulty: Some(7.0),
+            ..short
+        };
+        assert_eq!(c.score(&over).from_difficulty, 10.0);
+    }
 
     #[test]
     fn tokens_dominate_and_thresholds_follow_defaults() {
@@ -241,7 +314,7 @@ mod tests {
             tokens: 300,
             grade_level: Some(12),
             subject: Some("AP Physics".into()),
-            extra: 0.0,
+            ..TaskFeatures::default()
         };
         let p = c.score(&plain);
         let h = c.score(&hard);

@@ -78,7 +78,7 @@ fn medium_task() -> TaskFeatures {
         tokens: 400,
         grade_level: Some(12),
         subject: Some("Physics".into()),
-        extra: 0.0,
+        ..TaskFeatures::default()
     }
 }
 

@@ -1,0 +1,856 @@
+//! Generative models: GGUF decoders registered under names, loaded lazily
+//! within the ledger, each serving through its own continuous-batching step
+//! loop. KV is admitted per sequence: the blocks for prompt + `max_tokens`
+//! are reserved (in the ledger and against the decoder's KV pool) before the
+//! sequence joins the loop, so a sequence never runs out mid-way.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use batcher::{Admission, Exit, Progress, Scheduled, StepHandler};
+use models::decoder::{Decoder, DecoderConfig, KvLayout, LogitsWanted, Sequence, SequenceStep};
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::generation::{
+    EventSink, FinishReason, Finished, GenerationEvent, Served, Timings, Usage,
+};
+
+/// A generative model under a name: where its GGUF file is, which tier it
+/// serves as, and the limits of its decoder and step loop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerativeSpec {
+    /// The name requests use.
+    pub name: String,
+    /// The GGUF file.
+    pub gguf: PathBuf,
+    /// The tier it serves as: `small` or `medium`. Default small.
+    #[serde(default = "small")]
+    pub tier: tier_router::Tier,
+    /// The decoder's limits (KV budget, step tokens, context).
+    #[serde(default)]
+    pub decoder: DecoderConfig,
+    /// The step loop's limits (running and queued sequences, prefill
+    /// chunks, queue wait). Its `max_step_tokens` is held to the decoder's.
+    #[serde(default)]
+    pub engine: batcher::ContinuousConfig,
+}
+
+fn small() -> tier_router::Tier {
+    tier_router::Tier::Small
+}
+
+impl GenerativeSpec {
+    /// `gguf` served as `name` in `tier`, with the default limits.
+    pub fn new(name: impl Into<String>, gguf: impl Into<PathBuf>, tier: tier_router::Tier) -> Self {
+        GenerativeSpec {
+            name: name.into(),
+            gguf: gguf.into(),
+            tier,
+            decoder: DecoderConfig::default(),
+            engine: batcher::ContinuousConfig::default(),
+        }
+    }
+
+    /// A model `scripts/fetch-model.sh` fetched (`smollm2-135m`,
+    /// `gemma3-270m`), found through [`models::gguf_path`].
+    pub fn fetched(name: &str, tier: tier_router::Tier) -> Result<Self> {
+        Ok(GenerativeSpec::new(name, models::gguf_path(name)?, tier))
+    }
+}
+
+/// KV bytes admitted against the decoder's KV pool.
+#[derive(Debug, Default)]
+pub(crate) struct KvAccount {
+    pub(crate) admitted: Mutex<u64>,
+    pub(crate) budget: u64,
+}
+
+/// What one admitted sequence holds: its share of the KV pool and its
+/// ledger reservation, both released on drop.
+#[derive(Debug)]
+struct KvHold {
+    account: Arc<KvAccount>,
+    bytes: u64,
+    _reservation: mem_budget::Reservation,
+}
+
+impl Drop for KvHold {
+    fn drop(&mut self) {
+        let mut a = self.account.admitted.lock();
+        *a = a.saturating_sub(self.bytes);
+    }
+}
+
+/// Counters shared between a step loop and `status()`.
+#[derive(Debug, Default)]
+pub(crate) struct GenCounters {
+    pub(crate) generated: AtomicU64,
+    pub(crate) prompt: AtomicU64,
+    /// `(when, tokens generated)` of recent steps, for tokens/s.
+    pub(crate) recent: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+impl GenCounters {
+    const WINDOW: Duration = Duration::from_secs(10);
+
+    fn record(&self, tokens: u64) {
+        self.generated.fetch_add(tokens, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut r = self.recent.lock();
+        r.push_back((now, tokens));
+        while r
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > Self::WINDOW)
+        {
+            r.pop_front();
+        }
+    }
+
+    /// Tokens generated per second over the last ten seconds.
+    pub(crate) fn tokens_per_second(&self) -> f64 {
+        let now = Instant::now();
+        let r = self.recent.lock();
+        let Some((first, _)) = r.front() else {
+            return 0.0;
+        };
+        let span = now.duration_since(*first).max(Duration::from_millis(100));
+        if span > Self::WINDOW + Duration::from_secs(1) {
+            return 0.0;
+        }
+        r.iter().map(|(_, n)| n).sum::<u64>() as f64 / span.as_secs_f64()
+    }
+}
+
+/// One sequence in a step loop.
+pub(crate) struct GenSeq {
+    prompt: Vec<u32>,
+    read: usize,
+    max_tokens: usize,
+    kv_bytes: u64,
+    kv: Option<Sequence>,
+    hold: Option<KvHold>,
+    sampler: models::Sampler,
+    stops: models::StopMatcher,
+    pending: Vec<u8>,
+    next: Option<u32>,
+    unsent: Vec<u32>,
+    generated: usize,
+    reason: Option<FinishReason>,
+    sink: EventSink,
+    started: Instant,
+    admitted: Option<Instant>,
+    first_token: Option<Instant>,
+    served: Served,
+}
+
+impl GenSeq {
+    fn emit(&mut self, text: String) {
+        if text.is_empty() && self.unsent.is_empty() {
+            return;
+        }
+        let tokens = std::mem::take(&mut self.unsent);
+        self.sink.send(GenerationEvent::Delta { text, tokens });
+    }
+
+    /// Text of the pending bytes that is whole UTF-8 now.
+    fn take_text(&mut self) -> String {
+        match std::str::from_utf8(&self.pending) {
+            Ok(s) => {
+                let s = s.to_string();
+                self.pending.clear();
+                s
+            }
+            Err(e) if e.error_len().is_none() => {
+                let valid = e.valid_up_to();
+                let s = String::from_utf8_lossy(&self.pending[..valid]).into_owned();
+                self.pending.drain(..valid);
+                s
+            }
+            Err(_) => {
+                // Bytes that can never be UTF-8: shown as U+FFFD.
+                let s = String::from_utf8_lossy(&self.pending).into_owned();
+                self.pending.clear();
+                s
+            }
+        }
+    }
+}
+
+/// The step handler of one decoder.
+pub(crate) struct DecoderSteps {
+    decoder: Arc<Decoder>,
+    tokenizer: Arc<models::Tokenizer>,
+    ledger: mem_budget::MemoryLedger,
+    kv: Arc<KvAccount>,
+    counters: Arc<GenCounters>,
+}
+
+impl StepHandler for DecoderSteps {
+    type Seq = GenSeq;
+
+    fn pending_tokens(&self, s: &GenSeq) -> usize {
+        if s.reason.is_some() {
+            0
+        } else if s.read < s.prompt.len() {
+            s.prompt.len() - s.read
+        } else {
+            usize::from(s.next.is_some())
+        }
+    }
+
+    fn admit(&mut self, s: &mut GenSeq) -> Admission {
+        let mut admitted = self.kv.admitted.lock();
+        if *admitted + s.kv_bytes > self.kv.budget {
+            return Admission::Wait;
+        }
+        let reservation = match self
+            .ledger
+            .try_reserve(mem_budget::Category::Activations, s.kv_bytes)
+        {
+            Ok(r) => r,
+            Err(_) => return Admission::Wait,
+        };
+        *admitted += s.kv_bytes;
+        drop(admitted);
+        s.hold = Some(KvHold {
+            account: Arc::clone(&self.kv),
+            bytes: s.kv_bytes,
+            _reservation: reservation,
+        });
+        s.kv = Some(self.decoder.new_sequence());
+        s.admitted = Some(Instant::now());
+        Admission::Admit
+    }
+
+    fn step(&mut self, batch: &mut [Scheduled<'_, GenSeq>]) -> Vec<Progress> {
+        let n = batch.len();
+        let mut wants = Vec::with_capacity(n);
+        let result = {
+            let mut steps = Vec::with_capacity(n);
+            for b in batch.iter_mut() {
+                let tokens = b.tokens;
+                let GenSeq {
+                    prompt,
+                    read,
+                    kv,
+                    next,
+                    ..
+                } = &mut *b.seq;
+                let Some(kv) = kv.as_mut() else {
+                    return vec![
+                        Progress::Failed("a sequence ran before it was admitted".into());
+                        n
+                    ];
+                };
+                let (toks, want) = if *read < prompt.len() {
+                    let end = *read + tokens;
+                    let want = if end == prompt.len() {
+                        LogitsWanted::Last
+                    } else {
+                        LogitsWanted::None
+                    };
+                    (&prompt[*read..end], want)
+                } else {
+                    match next.as_ref() {
+                        Some(t) => (std::slice::from_ref(t), LogitsWanted::Last),
+                        None => {
+                            return vec![Progress::Failed("nothing to step".into()); n];
+                        }
+                    }
+                };
+                wants.push(want);
+                steps.push(SequenceStep {
+                    seq: kv,
+                    tokens: toks,
+                    logits: want,
+                });
+            }
+            self.decoder.step(&mut steps)
+        };
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                let msg = format!("the decoder step failed: {e}");
+                return vec![Progress::Failed(msg); n];
+            }
+        };
+        let context = self.decoder.context();
+        let mut generated = 0u64;
+        let mut out = Vec::with_capacity(n);
+        for (i, b) in batch.iter_mut().enumerate() {
+            let s = &mut *b.seq;
+            if s.read < s.prompt.len() {
+                s.read += b.tokens;
+                self.counters
+                    .prompt
+                    .fetch_add(b.tokens as u64, Ordering::Relaxed);
+            }
+            if wants[i] == LogitsWanted::None {
+                out.push(Progress::Continue);
+                continue;
+            }
+            let Some(row) = logits.last(i) else {
+                out.push(Progress::Failed("the step returned no logits".into()));
+                continue;
+            };
+            let id = match s.sampler.sample(row) {
+                Ok(id) => id,
+                Err(e) => {
+                    out.push(Progress::Failed(format!("sampling failed: {e}")));
+                    continue;
+                }
+            };
+            if s.sampler.is_stop_token(id) {
+                s.reason = Some(FinishReason::Stop);
+                s.next = None;
+                out.push(Progress::Done);
+                continue;
+            }
+            generated += 1;
+            s.generated += 1;
+            s.first_token.get_or_insert_with(Instant::now);
+            s.unsent.push(id);
+            match self.tokenizer.token_bytes(id, false) {
+                Ok(bytes) => s.pending.extend_from_slice(&bytes),
+                Err(e) => {
+                    out.push(Progress::Failed(format!("decoding token {id} failed: {e}")));
+                    continue;
+                }
+            }
+            let text = s.take_text();
+            let shown = s.stops.push(&text);
+            s.emit(shown.text);
+            let len = s.kv.as_ref().map_or(0, Sequence::len);
+            if shown.stopped {
+                s.reason = Some(FinishReason::Stop);
+            } else if s.generated >= s.max_tokens || len + 1 >= context {
+                s.reason = Some(FinishReason::Length);
+            }
+            if s.reason.is_some() {
+                s.next = None;
+                out.push(Progress::Done);
+            } else {
+                s.next = Some(id);
+                out.push(Progress::Continue);
+            }
+        }
+        if generated > 0 {
+            self.counters.record(generated);
+        }
+        out
+    }
+
+    fn finish(&mut self, mut s: GenSeq, exit: Exit) {
+        // Free the KV first: the final event may wake a caller that checks.
+        s.kv = None;
+        s.hold = None;
+        if !s.stops.stopped() {
+            let mut tail = s.take_text();
+            if !s.pending.is_empty() {
+                tail.push_str(&String::from_utf8_lossy(&s.pending));
+                s.pending.clear();
+            }
+            let mut shown = s.stops.push(&tail).text;
+            if !s.stops.stopped() {
+                shown.push_str(&s.stops.finish());
+            }
+            s.emit(shown);
+        } else {
+            s.emit(String::new());
+        }
+        let (reason, error) = match exit {
+            Exit::Done => (s.reason.unwrap_or(FinishReason::Stop), None),
+            Exit::Cancelled => (FinishReason::Cancelled, None),
+            Exit::Deadline => (FinishReason::Deadline, None),
+            Exit::NoRoom { waited_ms } => (
+                FinishReason::Memory,
+                Some(format!(
+                    "no room for {} KV bytes came free in {waited_ms} ms",
+                    s.kv_bytes
+                )),
+            ),
+            Exit::Refused { reason } => (FinishReason::Memory, Some(reason)),
+            Exit::Failed { message } => (FinishReason::Error, Some(message)),
+            Exit::Shutdown => (
+                FinishReason::Error,
+                Some("the model was unloaded before the sequence finished".into()),
+            ),
+            other => (FinishReason::Error, Some(format!("{other:?}"))),
+        };
+        let now = Instant::now();
+        let ms = |t: Instant| t.duration_since(s.started).as_secs_f64() * 1e3;
+        let timings = Timings {
+            queued_ms: ms(s.admitted.unwrap_or(now)),
+            time_to_first_token_ms: s.first_token.map(ms),
+            total_ms: ms(now),
+        };
+        s.sink.send(GenerationEvent::Finished(Finished {
+            reason,
+            error,
+            usage: Usage {
+                prompt_tokens: s.prompt.len(),
+                completion_tokens: s.generated,
+            },
+            timings,
+            served: s.served.clone(),
+        }));
+    }
+}
+
+/// A decoder in memory with its step loop and its reservation.
+pub(crate) struct LoadedDecoder {
+    pub(crate) tokenizer: Arc<models::Tokenizer>,
+    pub(crate) template: models::ChatTemplate,
+    pub(crate) engine: batcher::ContinuousBatcher<GenSeq>,
+    pub(crate) decoder: Arc<Decoder>,
+    pub(crate) layout: KvLayout,
+    pub(crate) step_tokens: usize,
+    pub(crate) kv: Arc<KvAccount>,
+    pub(crate) counters: Arc<GenCounters>,
+    pub(crate) reservation: mem_budget::Reservation,
+}
+
+impl std::fmt::Debug for LoadedDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedDecoder")
+            .field("decoder", &self.decoder)
+            .field("reserved", &self.reservation.bytes())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A request made ready for a step loop.
+pub(crate) struct Prepared {
+    pub(crate) prompt: Vec<u32>,
+    pub(crate) max_tokens: usize,
+    pub(crate) kv_bytes: u64,
+}
+
+impl LoadedDecoder {
+    /// Tokenises the request's prompt and works out the KV it needs.
+    pub(crate) fn prepare(&self, req: &crate::GenerateRequest) -> Result<Prepared> {
+        let (text, parse_special) = match &req.prompt {
+            crate::Prompt::Text(t) => (t.clone(), false),
+            crate::Prompt::Chat(messages) => (self.template.render(messages, true)?, true),
+        };
+        let prompt = self.tokenizer.encode(&text, true, parse_special)?;
+        if prompt.is_empty() {
+            return Err(Error::InvalidInput(
+                "the prompt is empty: give at least one token of text".into(),
+            ));
+        }
+        let context = self.decoder.context();
+        if prompt.len() >= context {
+            return Err(Error::InvalidInput(format!(
+                "the prompt is {} tokens, the model's context is {context}; shorten it",
+                prompt.len()
+            )));
+        }
+        if req.max_tokens == 0 {
+            return Err(Error::InvalidInput(
+                "max_tokens is 0: ask for at least one".into(),
+            ));
+        }
+        let max_tokens = req.max_tokens.min(context - prompt.len());
+        let kv_bytes =
+            self.layout
+                .sequence_bytes(prompt.len() + max_tokens, self.step_tokens) as u64;
+        if kv_bytes > self.kv.budget {
+            return Err(Error::KvTooLarge {
+                needed: kv_bytes,
+                budget: self.kv.budget,
+                tokens: prompt.len() + max_tokens,
+            });
+        }
+        Ok(Prepared {
+            prompt,
+            max_tokens,
+            kv_bytes,
+        })
+    }
+
+    /// A sequence for the step loop.
+    pub(crate) fn sequence(
+        &self,
+        p: Prepared,
+        req: &crate::GenerateRequest,
+        sink: EventSink,
+        served: Served,
+        started: Instant,
+    ) -> Result<GenSeq> {
+        let mut cfg = req.sampling.clone();
+        cfg.stop.extend(req.stop.iter().cloned());
+        let mut sampler = models::Sampler::new(cfg)?.with_stop_tokens(self.tokenizer.eog_tokens());
+        sampler.accept(&p.prompt);
+        let stops = sampler.stop_matcher();
+        Ok(GenSeq {
+            prompt: p.prompt,
+            read: 0,
+            max_tokens: p.max_tokens,
+            kv_bytes: p.kv_bytes,
+            kv: None,
+            hold: None,
+            sampler,
+            stops,
+            pending: Vec::new(),
+            next: None,
+            unsent: Vec::new(),
+            generated: 0,
+            reason: None,
+            sink,
+            started,
+            admitted: None,
+            first_token: None,
+            served,
+        })
+    }
+}
+
+enum GenState {
+    Unloaded,
+    Loading,
+    Loaded(Arc<LoadedDecoder>),
+}
+
+struct GenSlot {
+    spec: GenerativeSpec,
+    state: GenState,
+    last_used: Instant,
+}
+
+/// How a generative model stands, for [`Status`](crate::Status).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GenerativeStatus {
+    /// Its name.
+    pub name: String,
+    /// Its tier.
+    pub tier: tier_router::Tier,
+    /// `loaded`, `loading` or `unloaded`.
+    pub state: &'static str,
+    /// Bytes reserved in the ledger for its weights and scratch.
+    pub reserved_bytes: u64,
+    /// Sequences in the step loop now.
+    pub running: usize,
+    /// Sequences waiting to be admitted.
+    pub queued: usize,
+    /// KV blocks leased now (over all layer groups).
+    pub kv_blocks_used: u64,
+    /// KV blocks the pool's budget holds beyond those.
+    pub kv_blocks_free: u64,
+    /// KV bytes admitted (reserved for prompt + max_tokens of each running
+    /// sequence).
+    pub kv_bytes_admitted: u64,
+    /// The KV pool's budget.
+    pub kv_bytes_budget: u64,
+    /// Tokens generated per second over the last ten seconds.
+    pub tokens_per_second: f64,
+    /// Tokens generated since it loaded.
+    pub tokens_generated: u64,
+    /// Prompt tokens read since it loaded.
+    pub prompt_tokens: u64,
+    /// Seconds since it last served.
+    pub idle_secs: f64,
+    /// Its step loop's counters, when loaded.
+    pub engine: Option<batcher::ContinuousStats>,
+}
+
+/// The generative models: lazy loads within the ledger, idle unloads.
+pub(crate) struct Decoders {
+    ledger: mem_budget::MemoryLedger,
+    slots: Mutex<HashMap<String, GenSlot>>,
+    changed: Condvar,
+}
+
+impl std::fmt::Debug for Decoders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoders")
+            .field("models", &self.names())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Decoders {
+    pub(crate) fn new(ledger: mem_budget::MemoryLedger) -> Self {
+        Decoders {
+            ledger,
+            slots: Mutex::new(HashMap::new()),
+            changed: Condvar::new(),
+        }
+    }
+
+    pub(crate) fn register(&self, spec: GenerativeSpec) -> Result<()> {
+        if !matches!(
+            spec.tier,
+            tier_router::Tier::Small | tier_router::Tier::Medium | tier_router::Tier::Large
+        ) {
+            return Err(Error::invalid(
+                "tier",
+                format!("{:?}", spec.tier),
+                "small, medium or large for a local generative model",
+            ));
+        }
+        spec.engine.validate().map_err(|e| {
+            Error::invalid(
+                "engine",
+                e.to_string(),
+                "a valid continuous batcher configuration",
+            )
+        })?;
+        let mut slots = self.slots.lock();
+        if slots.contains_key(&spec.name) {
+            return Err(Error::invalid(
+                "name",
+                spec.name.clone(),
+                "a name no other generative model has",
+            ));
+        }
+        slots.insert(
+            spec.name.clone(),
+            GenSlot {
+                spec,
+                state: GenState::Unloaded,
+                last_used: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+
+    pub(crate) fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.slots.lock().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.slots.lock().contains_key(name)
+    }
+
+    /// `(name, tier)` of each model, sorted by name.
+    pub(crate) fn tiers(&self) -> Vec<(String, tier_router::Tier)> {
+        let mut v: Vec<_> = self
+            .slots
+            .lock()
+            .iter()
+            .map(|(n, s)| (n.clone(), s.spec.tier))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The loaded decoder, loading it first if need be.
+    pub(crate) fn get(&self, name: &str) -> Result<Arc<LoadedDecoder>> {
+        let spec = {
+            let mut slots = self.slots.lock();
+            loop {
+                let slot = slots
+                    .get_mut(name)
+                    .ok_or_else(|| Error::unknown_model(name, Vec::new()))?;
+                match &slot.state {
+                    GenState::Loaded(l) => {
+                        slot.last_used = Instant::now();
+                        return Ok(Arc::clone(l));
+                    }
+                    GenState::Loading => self.changed.wait(&mut slots),
+                    GenState::Unloaded => {
+                        slot.state = GenState::Loading;
+                        break slot.spec.clone();
+                    }
+                }
+            }
+        };
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.load(&spec)))
+            .unwrap_or_else(|_| Err(Error::LoadPanicked(spec.name.clone())));
+        let mut slots = self.slots.lock();
+        if let Some(slot) = slots.get_mut(name) {
+            slot.state = match &result {
+                Ok(l) => GenState::Loaded(Arc::clone(l)),
+                Err(_) => GenState::Unloaded,
+            };
+            slot.last_used = Instant::now();
+        }
+        drop(slots);
+        self.changed.notify_all();
+        result
+    }
+
+    fn load(&self, spec: &GenerativeSpec) -> Result<Arc<LoadedDecoder>> {
+        let mut engine_cfg = spec.engine.clone();
+        engine_cfg.max_step_tokens = engine_cfg.max_step_tokens.min(spec.decoder.max_step_tokens);
+        engine_cfg.max_running = engine_cfg.max_running.min(engine_cfg.max_step_tokens);
+        engine_cfg.max_prefill_chunk = engine_cfg.max_prefill_chunk.min(engine_cfg.max_step_tokens);
+        engine_cfg.thread_name = format!("snug-gen-{}", spec.name);
+        // Weights, repacked copies and scratch are reserved now; KV per
+        // sequence at admission.
+        let est = Decoder::estimate(&spec.gguf, &spec.decoder, 1, 1)?;
+        let bytes = est.peak_bytes().saturating_sub(est.kv_bytes);
+        let reservation = self
+            .ledger
+            .try_reserve_alone(mem_budget::Category::Model, bytes)
+            .map_err(|e| Error::DoesNotFit {
+                model: spec.name.clone(),
+                tried: vec![("gguf".to_string(), bytes)],
+                free: self
+                    .ledger
+                    .available_for(mem_budget::Category::Model)
+                    .unwrap_or(0),
+                cap: {
+                    let _ = e;
+                    self.ledger.cap(mem_budget::Category::Model)
+                },
+            })?;
+        let tokenizer = Arc::new(models::Tokenizer::from_gguf_file(&spec.gguf)?);
+        let template = if tokenizer.chat_template().is_some() {
+            models::ChatTemplate::from_tokenizer(&tokenizer)?
+        } else {
+            models::ChatTemplate::plain_fallback()
+        };
+        let decoder = Arc::new(Decoder::load(&spec.gguf, spec.decoder.clone())?);
+        let layout = decoder.kv_layout().clone();
+        let kv = Arc::new(KvAccount {
+            admitted: Mutex::new(0),
+            budget: spec.decoder.kv_budget_bytes as u64,
+        });
+        let counters = Arc::new(GenCounters::default());
+        let handler = DecoderSteps {
+            decoder: Arc::clone(&decoder),
+            tokenizer: Arc::clone(&tokenizer),
+            ledger: self.ledger.clone(),
+            kv: Arc::clone(&kv),
+            counters: Arc::clone(&counters),
+        };
+        let step_tokens = engine_cfg.max_step_tokens;
+        let engine = batcher::ContinuousBatcher::new(engine_cfg, handler)?;
+        Ok(Arc::new(LoadedDecoder {
+            tokenizer,
+            template,
+            engine,
+            decoder,
+            layout,
+            step_tokens,
+            kv,
+            counters,
+            reservation,
+        }))
+    }
+
+    /// Unloads `name` if it is loaded and nothing runs on it; returns the
+    /// bytes its reservation held.
+    pub(crate) fn unload_if_idle(&self, name: &str) -> u64 {
+        let taken = {
+            let mut slots = self.slots.lock();
+            match slots.get_mut(name) {
+                Some(slot) => match &slot.state {
+                    GenState::Loaded(l)
+                        if Arc::strong_count(l) == 1 && {
+                            let s = l.engine.stats();
+                            s.running == 0 && s.queued == 0
+                        } =>
+                    {
+                        match std::mem::replace(&mut slot.state, GenState::Unloaded) {
+                            GenState::Loaded(l) => Some(l),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                },
+                None => None,
+            }
+        };
+        taken.map_or(0, |l| {
+            let b = l.reservation.bytes();
+            drop(l);
+            b
+        })
+    }
+
+    /// Unloads every idle decoder (idle at least `idle`); returns bytes freed.
+    pub(crate) fn unload_idle(&self, idle: Duration) -> u64 {
+        let now = Instant::now();
+        let names: Vec<String> = self
+            .slots
+            .lock()
+            .iter()
+            .filter(|(_, s)| now.duration_since(s.last_used) >= idle)
+            .map(|(n, _)| n.clone())
+            .collect();
+        names.iter().map(|n| self.unload_if_idle(n)).sum()
+    }
+
+    /// Unloads everything (shutdown): running sequences end with an error.
+    pub(crate) fn unload_all(&self) {
+        let taken: Vec<Arc<LoadedDecoder>> = self
+            .slots
+            .lock()
+            .values_mut()
+            .filter_map(
+                |s| match std::mem::replace(&mut s.state, GenState::Unloaded) {
+                    GenState::Loaded(l) => Some(l),
+                    _ => None,
+                },
+            )
+            .collect();
+        drop(taken);
+    }
+
+    pub(crate) fn status(&self) -> Vec<GenerativeStatus> {
+        let now = Instant::now();
+        let slots = self.slots.lock();
+        let mut v: Vec<GenerativeStatus> = slots
+            .iter()
+            .map(|(name, s)| {
+                let (state, loaded) = match &s.state {
+                    GenState::Unloaded => ("unloaded", None),
+                    GenState::Loading => ("loading", None),
+                    GenState::Loaded(l) => ("loaded", Some(l)),
+                };
+                let mut st = GenerativeStatus {
+                    name: name.clone(),
+                    tier: s.spec.tier,
+                    state,
+                    reserved_bytes: 0,
+                    running: 0,
+                    queued: 0,
+                    kv_blocks_used: 0,
+                    kv_blocks_free: 0,
+                    kv_bytes_admitted: 0,
+                    kv_bytes_budget: s.spec.decoder.kv_budget_bytes as u64,
+                    tokens_per_second: 0.0,
+                    tokens_generated: 0,
+                    prompt_tokens: 0,
+                    idle_secs: now.duration_since(s.last_used).as_secs_f64(),
+                    engine: None,
+                };
+                if let Some(l) = loaded {
+                    let e = l.engine.stats();
+                    let block = l
+                        .layout
+                        .groups
+                        .iter()
+                        .map(|g| g.class_bytes as u64)
+                        .min()
+                        .unwrap_or(1)
+                        .max(1);
+                    let in_use = l.decoder.kv_bytes_in_use() as u64;
+                    st.reserved_bytes = l.reservation.bytes();
+                    st.running = e.running;
+                    st.queued = e.queued;
+                    st.kv_blocks_used = l.layout.groups.first().map_or(0, |_| in_use / block);
+                    st.kv_blocks_free = l.kv.budget.saturating_sub(in_use) / block;
+                    st.kv_bytes_admitted = *l.kv.admitted.lock();
+                    st.tokens_per_second = l.counters.tokens_per_second();
+                    st.tokens_generated = l.counters.generated.load(Ordering::Relaxed);
+                    st.prompt_tokens = l.counters.prompt.load(Ordering::Relaxed);
+                    st.engine = Some(e);
+                }
+                st
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+}

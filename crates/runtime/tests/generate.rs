@@ -1,0 +1,343 @@
+//! Generation through the runtime on the real SmolLM2-135M (fetched by
+//! `scripts/fetch-model.sh smollm2-135m`): streamed events, exactly one
+//! final event, batching that does not change greedy answers, cancel and
+//! drop freeing KV, KV admission that waits instead of failing, deadlines,
+//! the Future interface, the rule-based tier, the models file.
+
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use runtime::router::Tier;
+use runtime::{
+    Error, FinishReason, GenerateRequest, GenerationEvent, GenerativeSpec, Runtime, RuntimeConfig,
+};
+
+const SMOL: &str = "smollm2-135m";
+
+fn smol_spec() -> GenerativeSpec {
+    GenerativeSpec::fetched(SMOL, Tier::Small).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn config() -> RuntimeConfig {
+    RuntimeConfig {
+        configure_global_pool: false,
+        ..RuntimeConfig::default()
+    }
+}
+
+fn runtime_with(spec: GenerativeSpec) -> Runtime {
+    Runtime::builder()
+        .config(config())
+        .without_local_model()
+        .generative(spec)
+        .build()
+        .unwrap()
+}
+
+/// Waits (bounded) until `f` holds.
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_chat_streams_deltas_then_one_final_event() {
+    let rt = runtime_with(smol_spec());
+    let req = GenerateRequest::chat("What is the capital of France?").max_tokens(12);
+    let generation = rt.generate(SMOL, req).unwrap();
+    assert_eq!(generation.served().tier, Tier::Small);
+    assert_eq!(generation.served().model, SMOL);
+    let mut text = String::new();
+    let mut tokens = 0;
+    let mut finals = Vec::new();
+    for e in generation {
+        match e {
+            GenerationEvent::Delta {
+                text: t,
+                tokens: ids,
+            } => {
+                assert!(finals.is_empty(), "a delta after the final event");
+                text.push_str(&t);
+                tokens += ids.len();
+            }
+            GenerationEvent::Finished(f) => finals.push(f),
+        }
+    }
+    assert_eq!(finals.len(), 1);
+    let f = &finals[0];
+    assert!(
+        matches!(f.reason, FinishReason::Stop | FinishReason::Length),
+        "{f:?}"
+    );
+    assert_eq!(f.usage.completion_tokens, tokens);
+    assert!(tokens > 0 && tokens <= 12, "{tokens} tokens");
+    assert!(f.usage.prompt_tokens > 5);
+    assert!(f.timings.time_to_first_token_ms.is_some());
+    assert!(text.contains("Paris"), "{text:?}");
+    // Its KV is freed once it has finished.
+    let s = &rt.status().generative[0];
+    assert_eq!((s.running, s.queued, s.kv_bytes_admitted), (0, 0, 0));
+    assert_eq!(s.kv_blocks_used, 0);
+    assert_eq!(s.tokens_generated as usize, tokens);
+}
+
+#[test]
+fn batched_greedy_answers_equal_the_answers_alone() {
+    let rt = runtime_with(smol_spec());
+    let prompts = [
+        "Name three colours.",
+        "What is two plus two?",
+        "Write a word that rhymes with cat.",
+        "Say hello in French.",
+    ];
+    let alone: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            rt.generate(SMOL, GenerateRequest::chat(*p).max_tokens(10))
+                .unwrap()
+                .wait()
+                .text
+        })
+        .collect();
+    // All four at once share steps (and a prefill chunk beside decodes).
+    let together: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            rt.generate(SMOL, GenerateRequest::chat(*p).max_tokens(10))
+                .unwrap()
+        })
+        .collect();
+    let together: Vec<String> = together.into_iter().map(|g| g.wait().text).collect();
+    assert_eq!(alone, together);
+    let engine = rt.status().generative[0].engine.clone().unwrap();
+    assert!(
+        engine.steps < engine.decode_tokens,
+        "sequences shared steps"
+    );
+}
+
+#[test]
+fn cancel_and_drop_free_the_kv_before_the_next_step() {
+    let rt = runtime_with(smol_spec());
+    let status = |rt: &Runtime| rt.status().generative[0].clone();
+    let mut g = rt
+        .generate(
+            SMOL,
+            GenerateRequest::text("Once upon a time").max_tokens(400),
+        )
+        .unwrap();
+    // Wait for text to flow, then cancel: the final event still comes.
+    let first = g.next().unwrap();
+    assert!(matches!(first, GenerationEvent::Delta { .. }));
+    assert!(status(&rt).kv_blocks_used > 0);
+    g.cancel();
+    let last = g.by_ref().last().unwrap();
+    match last {
+        GenerationEvent::Finished(f) => {
+            assert_eq!(f.reason, FinishReason::Cancelled);
+            assert!(f.usage.completion_tokens < 400);
+        }
+        other => panic!("{other:?}"),
+    }
+    let s = status(&rt);
+    assert_eq!(
+        (s.running, s.kv_blocks_used, s.kv_bytes_admitted),
+        (0, 0, 0)
+    );
+
+    // Dropping the handle cancels as well.
+    let mut g = rt
+        .generate(
+            SMOL,
+            GenerateRequest::text("Once upon a time").max_tokens(400),
+        )
+        .unwrap();
+    g.next().unwrap();
+    drop(g);
+    eventually("the dropped sequence to leave", || {
+        let s = status(&rt);
+        s.running == 0 && s.kv_blocks_used == 0
+    });
+    assert_eq!(status(&rt).engine.unwrap().cancelled, 2);
+    assert_eq!(rt.ledger().used(runtime::budget::Category::Activations), 0);
+}
+
+#[test]
+fn kv_admission_waits_for_room_and_refuses_what_never_fits() {
+    // A KV pool that holds one sequence of prompt + 48 tokens (about 64
+    // positions in whole blocks), not two.
+    let mut spec = smol_spec();
+    let probe =
+        runtime::models::decoder::Decoder::estimate(&spec.gguf, &spec.decoder, 1, 1).unwrap();
+    let per_token = probe.kv_bytes_per_token.ceil() as usize;
+    spec.decoder.kv_budget_bytes = per_token * 100;
+    let rt = runtime_with(spec);
+    rt.load(SMOL).unwrap();
+    let req = || GenerateRequest::text("The weather today is").max_tokens(48);
+    let a = rt.generate(SMOL, req()).unwrap();
+    let b = rt.generate(SMOL, req()).unwrap();
+    let (a, b) = (a.wait(), b.wait());
+    for c in [&a, &b] {
+        assert!(
+            matches!(c.finished.reason, FinishReason::Stop | FinishReason::Length),
+            "{:?}",
+            c.finished
+        );
+    }
+    assert_eq!(a.text, b.text, "greedy, same prompt");
+    // The second waited in the queue while the first ran.
+    let a_ran = a.finished.timings.total_ms - a.finished.timings.queued_ms;
+    let b_waited = b.finished.timings.queued_ms;
+    assert!(
+        b_waited >= 0.5 * a_ran,
+        "b waited {b_waited} ms, a ran {a_ran} ms"
+    );
+
+    // More than the whole pool: refused up front with the numbers.
+    let e = rt
+        .generate(SMOL, GenerateRequest::text("Hello").max_tokens(4000))
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::KvTooLarge { .. }) || e.to_string().contains("KV"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_models_are_named_with_the_known_ones() {
+    let rt = runtime_with(smol_spec());
+    let e = rt
+        .generate("gpt-17", GenerateRequest::chat("hi"))
+        .unwrap_err();
+    match &e {
+        Error::UnknownModel { name, known } => {
+            assert_eq!(name, "gpt-17");
+            assert!(known.contains(&SMOL.to_string()), "{known:?}");
+            assert!(known.contains(&runtime::AUTO.to_string()), "{known:?}");
+        }
+        other => panic!("{other}"),
+    }
+    assert!(e.to_string().contains(SMOL), "{e}");
+}
+
+#[test]
+fn a_deadline_ends_a_running_sequence() {
+    let rt = runtime_with(smol_spec());
+    rt.load(SMOL).unwrap();
+    let mut req = GenerateRequest::text("Count to one thousand: 1, 2, 3,").max_tokens(2000);
+    req.deadline = Some(Duration::from_millis(300));
+    let c = rt.generate(SMOL, req).unwrap().wait();
+    assert_eq!(
+        c.finished.reason,
+        FinishReason::Deadline,
+        "{:?}",
+        c.finished
+    );
+    assert!(
+        c.finished.usage.completion_tokens > 0,
+        "it ran before the deadline"
+    );
+    assert_eq!(rt.status().generative[0].kv_blocks_used, 0);
+}
+
+struct Flag(std::sync::atomic::AtomicUsize);
+impl Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_generation_is_a_future_without_tokio() {
+    let rt = runtime_with(smol_spec());
+    let mut g = rt
+        .generate(SMOL, GenerateRequest::chat("Say yes.").max_tokens(6))
+        .unwrap();
+    let flag = Arc::new(Flag(std::sync::atomic::AtomicUsize::new(0)));
+    let waker = Waker::from(Arc::clone(&flag));
+    let mut cx = Context::from_waker(&waker);
+    let t = Instant::now();
+    let completion = loop {
+        match std::pin::Pin::new(&mut g).poll(&mut cx) {
+            Poll::Ready(c) => break c,
+            Poll::Pending => {
+                assert!(t.elapsed() < Duration::from_secs(30), "never ready");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    };
+    assert!(completion.finished.usage.completion_tokens > 0);
+    assert!(!completion.text.is_empty());
+    assert!(
+        flag.0.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the waker was woken"
+    );
+}
+
+use std::future::Future;
+
+#[test]
+fn the_rule_based_tier_answers_labelled_when_no_model_can() {
+    let spec = GenerativeSpec::new("broken", "/nonexistent/model.gguf", Tier::Small);
+    let rt = runtime_with(spec);
+    let c = rt
+        .generate(runtime::AUTO, GenerateRequest::chat("hello"))
+        .unwrap()
+        .wait();
+    assert_eq!(c.finished.served.tier, Tier::RuleBased);
+    assert_eq!(c.finished.served.model, runtime::RULE_BASED);
+    assert!(c.text.starts_with("[degraded answer"), "{}", c.text);
+    assert!(
+        c.finished.served.trail[0].contains("broken"),
+        "{:?}",
+        c.finished.served.trail
+    );
+    assert_eq!(c.finished.usage.completion_tokens, 0, "no model tokens");
+}
+
+#[test]
+fn auto_picks_the_tier_by_complexity() {
+    let rt = runtime_with(smol_spec());
+    let easy = GenerateRequest::chat("Say hi.").max_tokens(4);
+    assert_eq!(rt.generation_complexity(&easy, 5).tier, Tier::Small);
+    let mut hard = easy.clone();
+    hard.difficulty = Some(1.0);
+    assert_eq!(rt.generation_complexity(&hard, 5).tier, Tier::Medium);
+    // Only a small model is registered: a medium task is still served by
+    // it (the nearest tier), and says so.
+    let c = rt.generate(runtime::AUTO, hard).unwrap().wait();
+    assert_eq!(c.finished.served.tier, Tier::Small);
+    assert_eq!(c.finished.served.model, SMOL);
+}
+
+#[test]
+fn the_models_file_registers_both_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = smol_spec().gguf;
+    let minilm = runtime::models::model_dir().unwrap_or_else(|e| panic!("{e}"));
+    let json = serde_json::json!({
+        "embedding": [{ "name": "mini", "dir": minilm }],
+        "generative": [{ "name": "smol", "gguf": gguf, "tier": "Small" }],
+    });
+    let path = dir.path().join("snug.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    let rt = Runtime::builder()
+        .config(config())
+        .models_file(&path)
+        .unwrap()
+        .build()
+        .unwrap();
+    let names: Vec<String> = rt.models().into_iter().map(|m| m.name).collect();
+    assert_eq!(names, vec!["mini".to_string(), "smol".to_string()]);
+    // A file with a typo is an error naming the file.
+    std::fs::write(&path, r#"{"generativ": []}"#).unwrap();
+    let e = Runtime::builder().models_file(&path).unwrap_err();
+    assert!(e.to_string().contains("snug.json"), "{e}");
+}
