@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! bash scripts/fetch-model.sh smollm2-135m
-//! cargo run --release --example generate -- --model smollm2-135m --prompt "What is the capital of France?"
+//! cargo run --release --example generate -- --model smollm2-135m --prompt "Name the capital city of France."
 //! cargo run --release --example generate -- --model gemma3-270m --raw --prompt "The capital of France is"
 //! ```
 //!
@@ -30,7 +30,10 @@ struct Args {
     #[arg(long)]
     gguf: Option<PathBuf>,
     /// The prompt.
-    #[arg(long, default_value = "What is the capital of France?")]
+    #[arg(
+        long,
+        default_value = "What is the capital of France? Answer with one word."
+    )]
     prompt: String,
     /// Use the prompt as it is, without the model's chat template.
     #[arg(long)]

@@ -50,7 +50,8 @@ fn eventually(what: &str, f: impl Fn() -> bool) {
 #[test]
 fn a_chat_streams_deltas_then_one_final_event() {
     let rt = runtime_with(smol_spec());
-    let req = GenerateRequest::chat("What is the capital of France?").max_tokens(12);
+    let req = GenerateRequest::chat("What is the capital of France? Answer with one word.")
+        .max_tokens(12);
     let generation = rt.generate(SMOL, req).unwrap();
     assert_eq!(generation.served().tier, Tier::Small);
     assert_eq!(generation.served().model, SMOL);
