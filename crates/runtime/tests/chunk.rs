@@ -90,7 +90,7 @@ fn invalid_utf8_and_bad_config_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("overlap 8") && err.contains("max_tokens 8"),
+        err.contains("overlap = 8") && err.contains("max_tokens = 8"),
         "{err}"
     );
 }
