@@ -39,8 +39,10 @@ pub struct Stats {
     pub batch_size_histogram: Vec<(usize, u64)>,
     /// Median time from submit to being taken into a batch, over the last
     /// `stats_window` requests.
+    #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub queue_time_p50: Duration,
     /// 99th percentile of the same.
+    #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub queue_time_p99: Duration,
     /// Real weight over padded weight (heaviest × count) summed over all
     /// batches: 1.0 means no padding waste. 1.0 before the first batch.

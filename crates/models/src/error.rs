@@ -294,4 +294,3 @@ mod chain_tests {
         assert_each_cause_once(&io, 2);
     }
 }
-

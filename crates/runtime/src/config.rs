@@ -15,7 +15,7 @@ pub struct BatchSettings {
     pub max_batch_tokens: u64,
     /// How long the oldest request may wait for others to join its batch.
     /// Default 4 ms.
-    #[serde(with = "millis")]
+    #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub max_delay: Duration,
     /// Requests waiting at most; beyond it `embed` answers `Overloaded`.
     /// Default 8192.
@@ -71,7 +71,7 @@ pub struct RuntimeConfig {
     /// Bytes of the embedding cache. Default: the budget's `max_cache`.
     pub cache_bytes: Option<u64>,
     /// Time to live of cached embeddings. Default 1 hour.
-    #[serde(with = "secs")]
+    #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub cache_ttl: Duration,
     /// Bytes of the scratch buffer pool. Default 64 MiB, at most an eighth
     /// of the model budget.
@@ -79,22 +79,22 @@ pub struct RuntimeConfig {
     /// Batching of local models.
     pub batch: BatchSettings,
     /// Unload a model idle this long (unless pinned). Default 10 minutes.
-    #[serde(with = "secs")]
+    #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub keep_alive: Duration,
     /// `emergency_cleanup` runs at most once per this interval. Default 10 s.
-    #[serde(with = "secs")]
+    #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub emergency_min_interval: Duration,
     /// Pressure thresholds and hysteresis.
     pub pressure: mem_budget::PressureConfig,
     /// How often the pressure monitor samples. Default 500 ms.
-    #[serde(with = "millis")]
+    #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub monitor_interval: Duration,
     /// A remote OpenAI-compatible embeddings server to fall back to (or to
     /// offload to under memory pressure). Default none.
     pub remote: Option<tier_router::RemoteConfig>,
     /// How long an `embed` call may take before local work is abandoned and
     /// the fallback tiers answer. Default 30 s.
-    #[serde(with = "millis")]
+    #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub request_timeout: Duration,
     /// Texts per `embed` call at most. Default 4096.
     pub max_texts: usize,
@@ -131,60 +131,6 @@ impl Default for RuntimeConfig {
             max_text_bytes: 256 * 1024,
             complexity: tier_router::ComplexityConfig::default(),
             max_generate_tokens: 4096,
-        }
-    }
-}
-
-mod millis {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
-    }
-}
-
-mod secs {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let v = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom)
-    }
-}
-
-/// `Option<Duration>` as milliseconds (a number, or null).
-pub(crate) mod opt_millis {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(crate) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_some(&(d.as_secs_f64() * 1e3)),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Duration>, D::Error> {
-        match Option::<f64>::deserialize(d)? {
-            Some(ms) => Duration::try_from_secs_f64(ms / 1e3)
-                .map(Some)
-                .map_err(serde::de::Error::custom),
-            None => Ok(None),
         }
     }
 }

@@ -40,7 +40,7 @@ pub struct GenerateRequest {
     pub sampling: models::SamplingConfig,
     /// The whole request (queue and run) must end within this; it ends with
     /// [`FinishReason::Deadline`] otherwise. Default none.
-    #[serde(with = "crate::config::opt_millis")]
+    #[serde(with = "serde_with::As::<Option<serde_with::DurationMilliSeconds<f64>>>")]
     pub deadline: Option<Duration>,
     /// Higher runs first. Default normal.
     pub priority: batcher::Priority,

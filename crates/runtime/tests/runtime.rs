@@ -114,6 +114,14 @@ fn minilm_serves_and_the_cache_answers_repeats() {
         .unwrap();
     assert_eq!(partly.cache_hits, 1);
     assert_eq!(partly.vectors[0], out.vectors[0]);
+    // Each of the 4 hits saved what its text cost the model to embed.
+    let stats = rt.status().cache;
+    assert_eq!(stats.hits, 4);
+    assert!(
+        stats.time_saved > Duration::ZERO,
+        "4 hits of computed values saved {:?}",
+        stats.time_saved
+    );
 
     // The same texts through the model directly agree with the runtime.
     let direct =
