@@ -1,14 +1,16 @@
 //! Miniature simulations that tune W-TinyLFU to the workload.
 //!
-//! A share of the keys (at most one in sixteen), chosen by hash, is replayed through twelve
-//! small caches of the same policy, one per setting of three knobs: the
+//! A share of the keys (at most one in sixteen), chosen by hash, is replayed through thirteen
+//! small caches of the same policy: twelve, one per setting of three knobs: the
 //! window's share of the capacity (1 %, 30 %, 60 %), the sketch's aging
 //! period (10 or 20 × the entry count), and how lenient admission is:
 //! *strict* (a candidate whose frequency estimate ties the victim's is
 //! rejected, and the ghost of rejected candidates is ignored) or *lenient*
 //! (ties are admitted, and a rejected candidate that returns while the ghost
 //! remembers it enters main directly). Strict admission holds a loop larger
-//! than the cache; lenient admission follows recency. A miniature holds the
+//! than the cache; lenient admission follows recency. The thirteenth has a
+//! 99 % window with lenient admission (close to plain LRU), for workloads
+//! whose past frequency misleads (a drifting hot set). A miniature holds the
 //! same share of the capacity as the share of keys it sees, so it behaves as
 //! the full cache would under its setting (spatial sampling, after
 //! Waldspurger et al., "Cache Modeling and Optimization using Miniature
@@ -38,6 +40,18 @@ const WINDOWS: [f64; 3] = [0.01, 0.30, 0.60];
 const ADMISSIONS: [(f64, f64); 2] = [(0.0, 0.0), (1.0, 1.0)];
 /// Sketch aging periods, in multiples of the entry count.
 const AGINGS: [f64; 2] = [10.0, 20.0];
+/// One more miniature beside the grid: a window of 99 % with lenient
+/// admission, close to plain LRU. When recency predicts reuse and past
+/// frequency does not (a drifting hot set, a sudden change of workload),
+/// the main space of a smaller window fills with keys whose counts are
+/// stale; this setting is the one that wins there, and it pulls the blend
+/// towards a large window.
+const RECENCY: Tuning = Tuning {
+    window_share: 0.99,
+    tie: 1.0,
+    aging: 10.0,
+    ghost: 1.0,
+};
 /// Entries a miniature holds at most.
 const MINI_ENTRIES: u64 = 8192;
 /// The largest share of the keys sampled (bounds the cost per request).
@@ -92,6 +106,7 @@ impl Tuner {
                 }
             }
         }
+        settings.push(RECENCY);
         let minis = settings
             .iter()
             .map(|&t| {
@@ -199,7 +214,7 @@ mod tests {
     fn too_small_caches_are_not_tuned() {
         assert!(Tuner::new(100, 100).is_none());
         let t = Tuner::new(10_000, 10_000).expect("large enough");
-        assert_eq!(t.minis.len(), 12);
+        assert_eq!(t.minis.len(), 13);
         assert_eq!(t.period, 625);
         // One key in sixteen is sampled.
         let sampled = (0..80_000u64)
@@ -211,20 +226,23 @@ mod tests {
     #[test]
     fn blend_follows_a_clear_winner_and_mixes_ties() {
         let mut t = Tuner::new(100_000, 100_000).expect("large enough");
-        t.scores = vec![100.0; 12];
+        t.scores = vec![100.0; 13];
         t.scores[11] = 1000.0; // window 60 %, lenient admission, aging 20
         let clear = t.blend();
         assert!((clear.window_share - 0.6).abs() < 1e-6, "{clear:?}");
         assert!((clear.tie - 1.0).abs() < 1e-6);
         assert!((clear.ghost - 1.0).abs() < 1e-6);
         assert!((clear.aging - 20.0).abs() < 1e-6);
-        t.scores = vec![500.0; 12];
+        t.scores[12] = 1000.0; // the recency setting ties the winner
+        let pair = t.blend();
+        assert!((pair.window_share - 0.795).abs() < 1e-6, "{pair:?}");
+        t.scores = vec![500.0; 13];
         let even = t.blend();
-        let mean_window = WINDOWS.iter().sum::<f64>() / 3.0;
+        let mean_window = (WINDOWS.iter().sum::<f64>() * 4.0 + 0.99) / 13.0;
         assert!((even.window_share - mean_window).abs() < 1e-9, "{even:?}");
-        assert!((even.tie - 0.5).abs() < 1e-9);
-        assert!((even.ghost - 0.5).abs() < 1e-9);
-        assert!((even.aging - 15.0).abs() < 1e-9);
+        assert!((even.tie - 7.0 / 13.0).abs() < 1e-9);
+        assert!((even.ghost - 7.0 / 13.0).abs() < 1e-9);
+        assert!((even.aging - 190.0 / 13.0).abs() < 1e-9);
     }
 
     #[test]
@@ -297,6 +315,38 @@ mod tests {
         assert!(
             last.window_share > 0.55,
             "the window did not follow the workload: {last:?}, scores {:?}",
+            t.scores
+        );
+    }
+
+    #[test]
+    fn a_drifting_hot_set_moves_the_tuning_to_the_recency_setting() {
+        // 85 % of the requests go to a hot set of 4,000 keys that drifts by
+        // one key every four requests, the rest to 400,000 cold keys, in a
+        // cache of 8,000 entries: a key stays hot for 16,000 requests, so
+        // the counts in a frequency-filtered main space go stale, and only
+        // a window close to the whole cache keeps up.
+        let clock = SystemClock;
+        let mut t = Tuner::new(8_000, 8_000).expect("large enough");
+        let mut last = None;
+        for i in 0..30 * 8_000u64 {
+            let r = fmix64(i ^ 0x5eed);
+            let key = if r % 100 < 85 {
+                i / 4 + (r >> 32) % 4_000
+            } else {
+                (1 << 40) + (r >> 32) % 400_000
+            };
+            let hash = fmix64(key);
+            if Tuner::sampled(hash, t.threshold()) {
+                if let Some(tuning) = t.record(hash, 1, &clock) {
+                    last = Some(tuning);
+                }
+            }
+        }
+        let last = last.expect("at least one period ended");
+        assert!(
+            last.window_share > 0.9 && last.tie > 0.9,
+            "the tuning did not follow the drifting hot set: {last:?}, scores {:?}",
             t.scores
         );
     }
