@@ -12,33 +12,12 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use models::decoder::{Decoder, DecoderConfig, LogitsWanted, Sequence, SequenceStep};
+use snug::{argmax, token_prompt};
 
 const PROMPT: usize = 128;
 /// Decode steps before a sequence is started again (keeps the context, and
 /// so the attention cost, in the same range for every sample).
 const MAX_STEPS: usize = 256;
-
-fn prompt(n: usize, vocab: usize, salt: u64) -> Vec<u32> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ salt.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (300 + x % (vocab as u64 - 300)) as u32
-        })
-        .collect()
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
 
 /// `b` sequences, each after its prompt, and the next token of each.
 fn start(dec: &Decoder, b: usize) -> (Vec<Sequence>, Vec<u32>) {
@@ -49,7 +28,11 @@ fn start(dec: &Decoder, b: usize) -> (Vec<Sequence>, Vec<u32>) {
         .enumerate()
         .map(|(i, s)| {
             let l = dec
-                .prefill(s, &prompt(PROMPT, v, 1000 + i as u64), LogitsWanted::Last)
+                .prefill(
+                    s,
+                    &token_prompt(PROMPT, v, 1000 + i as u64),
+                    LogitsWanted::Last,
+                )
                 .expect("prefill");
             argmax(&l)
         })
@@ -75,7 +58,7 @@ fn bench(c: &mut Criterion) {
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(3));
 
-        let p = prompt(PROMPT, v, 7);
+        let p = token_prompt(PROMPT, v, 7);
         g.throughput(Throughput::Elements(PROMPT as u64));
         g.bench_function(BenchmarkId::new("prefill", PROMPT), |bch| {
             bch.iter(|| {

@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use models::decoder::{Decoder, DecoderConfig, LogitsWanted, SequenceStep};
+use snug::{argmax, token_prompt};
 
 #[derive(Parser, Debug)]
 #[command(about = "Prefill, decode and batched-decode tokens/s and peak RSS of the GGUF decoders")]
@@ -75,38 +76,9 @@ fn model_path(name: &str) -> Result<PathBuf, String> {
     models::gguf_path(name).map_err(|e| e.to_string())
 }
 
-fn prompt(n: usize, vocab: usize, salt: u64) -> Vec<u32> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ salt.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            // Ordinary tokens: skip the first few hundred (specials).
-            (300 + x % (vocab as u64 - 300)) as u32
-        })
-        .collect()
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-fn peak_rss_kib() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// Prefill tokens/s of an `n`-token prompt in one sequence.
 fn prefill(dec: &Decoder, n: usize, reps: usize) -> Result<f64, models::Error> {
-    let p = prompt(n, dec.config().vocab, n as u64);
+    let p = token_prompt(n, dec.config().vocab, n as u64);
     let mut best = 0f64;
     for _ in 0..reps {
         let mut seq = dec.new_sequence();
@@ -125,7 +97,11 @@ fn decode(dec: &Decoder, b: usize, gen: usize, reps: usize) -> Result<f64, model
         let mut seqs: Vec<_> = (0..b).map(|_| dec.new_sequence()).collect();
         let mut next = Vec::with_capacity(b);
         for (i, s) in seqs.iter_mut().enumerate() {
-            let l = dec.prefill(s, &prompt(128, v, 1000 + i as u64), LogitsWanted::Last)?;
+            let l = dec.prefill(
+                s,
+                &token_prompt(128, v, 1000 + i as u64),
+                LogitsWanted::Last,
+            )?;
             next.push(argmax(&l));
         }
         let t = Instant::now();
@@ -161,7 +137,7 @@ fn rss_child(name: &str, ctx: usize) -> Result<(), Box<dyn std::error::Error>> {
     let v = dec.config().vocab;
     let mut seq = dec.new_sequence();
     let gen = 32.min(ctx / 2);
-    let l = dec.prefill(&mut seq, &prompt(ctx - gen, v, 7), LogitsWanted::Last)?;
+    let l = dec.prefill(&mut seq, &token_prompt(ctx - gen, v, 7), LogitsWanted::Last)?;
     let mut t = argmax(&l);
     for _ in 0..gen {
         let mut st = [SequenceStep {
@@ -171,7 +147,8 @@ fn rss_child(name: &str, ctx: usize) -> Result<(), Box<dyn std::error::Error>> {
         }];
         t = argmax(dec.step(&mut st)?.last(0).expect("last row"));
     }
-    println!("VmHWM_KiB {}", peak_rss_kib().unwrap_or(0));
+    let peak = hw_detect::ProcessMemory::read().map_or(0, |m| m.peak);
+    println!("VmHWM_KiB {}", peak / 1024);
     Ok(())
 }
 

@@ -189,6 +189,33 @@ pub fn sentences(n: usize, seed: u64, min_words: usize, max_words: usize) -> Vec
         .collect()
 }
 
+/// `n` pseudo-random token ids below `vocab`, fixed by `salt` (xorshift):
+/// the prompts of the generation benches. The first 300 ids (where the
+/// special tokens sit) are skipped; `vocab` must be above 300.
+pub fn token_prompt(n: usize, vocab: usize, salt: u64) -> Vec<u32> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ salt.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (300 + x % (vocab as u64 - 300)) as u32
+        })
+        .collect()
+}
+
+/// The index of the largest value (the first of equal ones): greedy
+/// decoding's next token.
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// The `p`-th percentile (0–100, nearest rank) of `values`, or `None` when
 /// `values` is empty or `p` is outside 0–100.
 pub fn percentile(values: &[f64], p: f64) -> Option<f64> {
