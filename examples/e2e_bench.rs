@@ -7,9 +7,19 @@
 //! cargo run --release --example e2e_bench -- --quick      # 400 sentences, 4,000 for the leak check
 //! ```
 //!
-//! Options: `--sentences N` (2000), `--leak N` (20000; 0 skips it),
+//! Options: `--sentences N` (2000), `--corpus FILE` (one sentence per line,
+//! instead of the seeded generator), `--leak N` (20000; 0 skips it),
 //! `--charts DIR` (where the SVG charts go; default `target/e2e`),
-//! `--json FILE` (all figures as JSON; default `target/e2e/e2e_bench.json`).
+//! `--json FILE` (all figures as JSON; default `target/e2e/e2e_bench.json`),
+//! `--no-onnx` (skip the onnxruntime peer).
+//!
+//! The peers run in the same process run, on the same sentences and thread
+//! count: candle-transformers' f32 `BertModel` (one per request at each
+//! concurrency, and sorted batches of 32), and onnxruntime with an int8
+//! MiniLM (`scripts/onnx-peer.sh`, a child process; its venv is made from
+//! PyPI on first use). Ratios are to the best peer row. Every runtime
+//! request is checked for the backend that served it, and the quality
+//! (cosine to f32 `BertModel`) is checked at every concurrency reported.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,6 +43,28 @@ struct Run {
     per_sec: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Lowest cosine to f32 BertModel over the run's sentences (runtime and
+    /// peer rows whose vectors were kept).
+    min_cos: Option<f32>,
+    /// Requests served by something other than the model under test (another
+    /// tier, the cache); a row with any is not model throughput.
+    served_elsewhere: usize,
+}
+
+/// The onnxruntime peer's output (`scripts/onnx-peer.sh`).
+#[derive(Debug, serde::Deserialize)]
+struct PeerRows {
+    onnxruntime: String,
+    rows: Vec<PeerRow>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct PeerRow {
+    mode: String,
+    concurrency: usize,
+    per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -48,6 +80,7 @@ struct Memory {
 struct Report {
     machine: String,
     threads: usize,
+    onnxruntime: Option<String>,
     mean_tokens: f64,
     runs: Vec<Run>,
     quality_min_cos_auto: f32,
@@ -69,9 +102,16 @@ struct Args {
     /// 400 sentences and 4,000 for the leak check (unless given).
     #[arg(long)]
     quick: bool,
-    /// Sentences per run (default 2000; 400 with --quick).
+    /// Sentences per run (default 2000; 400 with --quick; with --corpus, at
+    /// most this many of its lines, default all).
     #[arg(long)]
     sentences: Option<usize>,
+    /// Read the sentences from FILE (one per line) instead of generating them.
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// Skip the onnxruntime peer (it needs PyPI on first use).
+    #[arg(long)]
+    no_onnx: bool,
     /// Requests of the leak check, 0 skips it (default 20000; 4000 with --quick).
     #[arg(long)]
     leak: Option<usize>,
@@ -135,19 +175,165 @@ fn drive(n: usize, threads: usize, work: &(dyn Fn(usize) + Sync)) -> (f64, Vec<f
 }
 
 fn run(mode: &str, concurrency: usize, n: usize, secs: f64, lat: &[f64]) -> Run {
-    let r = Run {
+    Run {
         mode: mode.to_string(),
         concurrency,
         sentences: n,
         per_sec: n as f64 / secs,
         p50_ms: snug::percentile(lat, 50.0).unwrap_or(0.0),
         p99_ms: snug::percentile(lat, 99.0).unwrap_or(0.0),
+        min_cos: None,
+        served_elsewhere: 0,
+    }
+}
+
+fn print_run(r: &Run) {
+    let cos = r
+        .min_cos
+        .map_or(String::new(), |c| format!("   min cos {c:.4}"));
+    let elsewhere = if r.served_elsewhere > 0 {
+        format!(
+            "   {} served elsewhere: NOT model throughput",
+            r.served_elsewhere
+        )
+    } else {
+        String::new()
     };
     println!(
-        "  {:<34} c={:<3} {:>7.1} sentences/s   p50 {:>7.1} ms   p99 {:>7.1} ms",
+        "  {:<42} c={:<3} {:>7.1} sentences/s   p50 {:>7.2} ms   p99 {:>7.2} ms{cos}{elsewhere}",
         r.mode, r.concurrency, r.per_sec, r.p50_ms, r.p99_ms
     );
-    r
+}
+
+/// Lowest cosine between `out` and `reference`, over every sentence.
+fn min_cos(out: &[Vec<f32>], reference: &[Vec<f32>]) -> f32 {
+    out.iter()
+        .zip(reference)
+        .map(|(a, b)| {
+            if a.len() == b.len() {
+                cos(a, b)
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .fold(f32::INFINITY, f32::min)
+}
+
+/// Runs the onnxruntime peer on `texts` with `threads` intra-op threads.
+/// Its one-caller vectors come back for the quality check. A peer that
+/// fails fails the bench.
+fn onnx_peer(
+    texts: &[String],
+    tokenizer: &Path,
+    threads: usize,
+    work: &Path,
+) -> Result<(PeerRows, Vec<Vec<f32>>), AnyError> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let sentences = work.join("sentences.txt");
+    let vectors = work.join("onnx-vectors.f32");
+    let mut body = String::new();
+    for t in texts {
+        body.push_str(&t.replace('\n', " "));
+        body.push('\n');
+    }
+    std::fs::write(&sentences, body)?;
+    let callers = CONCURRENCY.map(|c| c.to_string()).join(",");
+    let out = Command::new("bash")
+        .arg(format!("{root}/scripts/onnx-peer.sh"))
+        .arg("--sentences")
+        .arg(&sentences)
+        .arg("--tokenizer")
+        .arg(tokenizer)
+        .args(["--threads", &threads.to_string(), "--callers", &callers])
+        .arg("--vectors")
+        .arg(&vectors)
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "the onnxruntime peer (scripts/onnx-peer.sh) failed with {}; --no-onnx skips it",
+            out.status
+        )
+        .into());
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or("the onnxruntime peer printed no figures")?;
+    let rows: PeerRows = serde_json::from_str(line)?;
+    let raw = std::fs::read(&vectors)?;
+    let floats: Vec<f32> = raw
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    if floats.len() != texts.len() * 384 {
+        return Err(format!(
+            "the onnxruntime peer wrote {} floats, expected {} ({} sentences × 384)",
+            floats.len(),
+            texts.len() * 384,
+            texts.len()
+        )
+        .into());
+    }
+    Ok((rows, floats.chunks(384).map(<[f32]>::to_vec).collect()))
+}
+
+/// The goals, as ratios to the best peer row of this run.
+fn summary(runs: &[Run]) {
+    let peer = |r: &&Run| ["(a)", "(b)", "(o)"].iter().any(|p| r.mode.starts_with(p));
+    let best = |pred: &dyn Fn(&Run) -> bool| -> Option<&Run> {
+        runs.iter()
+            .filter(peer)
+            .filter(|r| pred(r))
+            .max_by(|a, b| a.per_sec.total_cmp(&b.per_sec))
+    };
+    let single = |r: &Run| r.concurrency == 1 && !r.mode.contains("batches");
+    println!("\ngoals (ratios to the best peer row of this run):");
+    for tag in ["(d)", "(e)"] {
+        let ours = |c: usize| {
+            runs.iter()
+                .find(|r| r.mode.starts_with(tag) && r.concurrency == c)
+        };
+        let Some(name) = ours(1).map(|r| r.mode.clone()) else {
+            continue;
+        };
+        println!("  {name}:");
+        if let (Some(d1), Some(p1)) = (ours(1), best(&single)) {
+            println!(
+                "    one caller: {:.1}/s, p50 {:.2} ms vs {} {:.1}/s, p50 {:.2} ms: throughput {:.2}×, p50 {:.2}× (goal: throughput ≥ 1×, p50 ≤ 1×)",
+                d1.per_sec, d1.p50_ms, p1.mode, p1.per_sec, p1.p50_ms, d1.per_sec / p1.per_sec, d1.p50_ms / p1.p50_ms
+            );
+        }
+        let onnx_single = runs.iter().find(|r| r.mode.starts_with("(o)") && single(r));
+        if let (Some(o1), Some(d1)) = (onnx_single, ours(1)) {
+            println!(
+                "    one caller vs onnxruntime one caller: {:.1}/s vs {:.1}/s ({:.2}×), p50 {:.2} ms vs {:.2} ms ({:.2}×)",
+                d1.per_sec, o1.per_sec, d1.per_sec / o1.per_sec, d1.p50_ms, o1.p50_ms, d1.p50_ms / o1.p50_ms
+            );
+        }
+        if let (Some(d8), Some(pb)) = (ours(8), best(&|_| true)) {
+            println!(
+                "    8 callers: {:.1}/s vs the best peer configuration ({}, c={}) {:.1}/s: {:.2}× (goal ≥ 1.5×); p99 {:.1} ms = {:.2}× p50 (goal ≤ 3×)",
+                d8.per_sec, pb.mode, pb.concurrency, pb.per_sec, d8.per_sec / pb.per_sec, d8.p99_ms, d8.p99_ms / d8.p50_ms.max(1e-9)
+            );
+        }
+        let worst = runs
+            .iter()
+            .filter(|r| r.mode.starts_with(tag))
+            .filter_map(|r| r.min_cos)
+            .fold(f32::INFINITY, f32::min);
+        println!("    quality: min cosine {worst:.4} over every sentence of every concurrency (goal ≥ 0.99)");
+    }
+    let elsewhere: usize = runs.iter().map(|r| r.served_elsewhere).sum();
+    if elsewhere > 0 {
+        println!("  WARNING: {elsewhere} runtime requests were not served by the local MiniLM: those rows are not model throughput");
+    } else {
+        println!(
+            "  every runtime request was served by the local MiniLM (no cache hit, no other tier)"
+        );
+    }
 }
 
 fn bench_config() -> RuntimeConfig {
@@ -203,14 +389,36 @@ fn main() -> Result<(), AnyError> {
     std::fs::create_dir_all(&charts)?;
 
     let dir = model_dir()?;
-    let texts = snug::sentences(n, 42, 5, 60);
+    let texts: Vec<String> = match &args.corpus {
+        Some(path) => {
+            let body = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the corpus {}: {e}", path.display()))?;
+            let lines: Vec<String> = body
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .take(args.sentences.unwrap_or(usize::MAX))
+                .map(str::to_string)
+                .collect();
+            if lines.is_empty() {
+                return Err(format!("the corpus {} has no sentences", path.display()).into());
+            }
+            lines
+        }
+        None => snug::sentences(n, 42, 5, 60),
+    };
+    let n = texts.len();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let tokenizer = models::MiniLm::load(&dir, &models::LoadOptions::default())?;
     let tokens = tokenizer.tokenize(&refs)?;
     let mean_tokens = tokens.iter().map(|t| t.len()).sum::<usize>() as f64 / n as f64;
     let profile = hw_detect::HardwareProfile::detect()?;
+    let source = match &args.corpus {
+        Some(p) => format!("from {}", p.display()),
+        None => "5–60 words, seeded".to_string(),
+    };
     println!(
-        "{n} sentences (5–60 words, seeded), mean {mean_tokens:.1} tokens; {} ({} logical CPUs), class {:?}\n",
+        "{n} sentences ({source}), mean {mean_tokens:.1} tokens; {} ({} logical CPUs), class {:?}\n",
         profile.cpu.brand, profile.cpu.logical, profile.class
     );
 
@@ -256,7 +464,36 @@ fn main() -> Result<(), AnyError> {
         secs_b,
         &batch_lat,
     );
+    print_run(&base_b);
     runs.push(base_b.clone());
+
+    // (o) onnxruntime, int8 MiniLM, in a child process on the same sentences.
+    let mut onnx_version = None;
+    if args.no_onnx {
+        println!("  (o) onnxruntime: skipped (--no-onnx)");
+    } else {
+        let (peer, vectors) =
+            onnx_peer(&texts, &dir.join("tokenizer.json"), plan.threads, &charts)?;
+        let quality = min_cos(&vectors, &reference);
+        for r in peer.rows {
+            let mut row = Run {
+                mode: format!("(o) {}", r.mode),
+                concurrency: r.concurrency,
+                sentences: n,
+                per_sec: r.per_sec,
+                p50_ms: r.p50_ms,
+                p99_ms: r.p99_ms,
+                min_cos: None,
+                served_elsewhere: 0,
+            };
+            if r.concurrency == 1 && !r.mode.contains("batches") {
+                row.min_cos = Some(quality);
+            }
+            print_run(&row);
+            runs.push(row);
+        }
+        onnx_version = Some(peer.onnxruntime);
+    }
 
     // (a) BertModel per request, threads sharing one model (tokenising included).
     for c in CONCURRENCY {
@@ -264,30 +501,57 @@ fn main() -> Result<(), AnyError> {
             let t = tokenizer.tokenize(&[refs[i]]).expect("tokenize");
             bert.embed(&[&t[0].ids]).expect("embed");
         });
-        runs.push(run("(a) BertModel, one per request", c, n, secs, &lat));
+        let r = run("(a) BertModel, one per request", c, n, secs, &lat);
+        print_run(&r);
+        runs.push(r);
     }
 
-    // (c) the runtime with f32 weights, (d) with its auto plan. The cache is
-    // cleared before each run: every sentence is computed.
+    // (c) the runtime with f32 weights, (d) with its auto plan, (e) with
+    // int8 (Q8_0) weights when the auto plan chose another format. The cache
+    // is cleared before each run: every sentence is computed.
     let mut f32_out = vec![Vec::new(); n];
     let mut auto_out = vec![Vec::new(); n];
-    for (label, rt, sink) in [
+    let mut q8_out = vec![Vec::new(); n];
+    let q8_rt = if plan.format == quant::Format::Q8_0 {
+        None
+    } else {
+        let mut c = bench_config();
+        c.format = Some(quant::Format::Q8_0);
+        c.configure_global_pool = false;
+        Some(Runtime::builder().config(c).minilm(&dir).build()?)
+    };
+    let mut variants = vec![
         ("(c) runtime, f32 weights", &f32_rt, &mut f32_out),
         ("(d) runtime, auto plan", &auto, &mut auto_out),
-    ] {
+    ];
+    if let Some(rt) = &q8_rt {
+        variants.push(("(e) runtime, q8_0 weights", rt, &mut q8_out));
+    }
+    for (label, rt, sink) in variants {
         rt.load(runtime::MINILM)?;
         rt.embed(&["warm the batcher"])?;
-        let results: Vec<Mutex<Vec<f32>>> = (0..n).map(|_| Mutex::new(Vec::new())).collect();
         for c in CONCURRENCY {
             rt.cache().clear();
+            let results: Vec<Mutex<Vec<f32>>> = (0..n).map(|_| Mutex::new(Vec::new())).collect();
+            let elsewhere = AtomicUsize::new(0);
             let (secs, lat) = drive(n, c, &|i| {
                 let out = rt.embed(&[refs[i]]).expect("embed");
+                // Only the local MiniLM counts: not the cache, not another tier.
+                if out.cache_hits > 0 || out.backend.as_deref() != Some(runtime::MINILM) {
+                    elsewhere.fetch_add(1, Ordering::Relaxed);
+                }
                 *results[i].lock().unwrap() = out.vectors.into_iter().next().unwrap_or_default();
             });
-            runs.push(run(label, c, n, secs, &lat));
-        }
-        for (i, r) in results.into_iter().enumerate() {
-            sink[i] = r.into_inner().unwrap();
+            let out: Vec<Vec<f32>> = results
+                .into_iter()
+                .map(|r| r.into_inner().unwrap())
+                .collect();
+            let mut r = run(label, c, n, secs, &lat);
+            r.min_cos = Some(min_cos(&out, &reference));
+            r.served_elsewhere = elsewhere.into_inner();
+            print_run(&r);
+            runs.push(r);
+            *sink = out;
         }
     }
     let cosines = |out: &[Vec<f32>]| -> (f32, f32) {
@@ -304,10 +568,11 @@ fn main() -> Result<(), AnyError> {
         .find(|r| r.mode.starts_with("(d)") && r.concurrency == 8)
         .map_or(0.0, |r| r.per_sec);
     println!(
-        "\nauto plan at concurrency 8: {:.1} sentences/s = {:.2}× (b) in the same run (goal ≥ 200/s and ≥ 2.5×)",
+        "\nauto plan at concurrency 8: {:.1} sentences/s = {:.2}× (b) in the same run",
         auto_8,
         auto_8 / base_b.per_sec
     );
+    summary(&runs);
     println!("quality vs BertModel f32: auto plan min cosine {min_auto:.5} (mean {mean_auto:.5}); runtime f32 min {min_f32:.6}");
 
     // One batch's time: 8 typical sentences through the auto plan's model.
@@ -345,11 +610,12 @@ fn main() -> Result<(), AnyError> {
             .output()?;
         let line = String::from_utf8_lossy(&out.stdout);
         let Some(json) = line.lines().rev().find(|l| l.starts_with('{')) else {
-            println!(
-                "  {format}: child failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            continue;
+            return Err(format!(
+                "the memory child for {format} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+            .into());
         };
         let m: serde_json::Value = serde_json::from_str(json)?;
         let m = Memory {
@@ -449,6 +715,7 @@ fn main() -> Result<(), AnyError> {
     let report = Report {
         machine: profile.cpu.brand.clone(),
         threads: plan.threads,
+        onnxruntime: onnx_version,
         mean_tokens,
         runs,
         quality_min_cos_auto: min_auto,
@@ -494,8 +761,11 @@ mod charts {
             .x_desc("concurrent callers")
             .y_desc("sentences / s")
             .draw()?;
-        let colors = [RED, BLUE, GREEN, MAGENTA];
-        for (k, prefix) in ["(a)", "(c)", "(d)"].iter().enumerate() {
+        let colors = [RED, BLUE, GREEN, CYAN, MAGENTA];
+        for (k, prefix) in ["(a)", "(c)", "(d)", "(o) onnxruntime int8, one"]
+            .iter()
+            .enumerate()
+        {
             let pts: Vec<(u32, f64)> = r
                 .runs
                 .iter()
@@ -517,7 +787,7 @@ mod charts {
             chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
         }
         if let Some(b) = r.runs.iter().find(|x| x.mode.starts_with("(b)")) {
-            let color = colors[3];
+            let color = colors[4];
             chart
                 .draw_series(LineSeries::new(
                     vec![(0, b.per_sec), (33, b.per_sec)],

@@ -76,6 +76,17 @@ impl<I, O, E> Shared<I, O, E> {
         }
     }
 
+    /// One batch left flight. When it was the last one, batch formers that
+    /// wait for `max_delay` are woken: with nothing running, what is queued
+    /// runs at once (unless `wait_when_idle`).
+    fn batch_done(&self) {
+        let was = self.run.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if was == 1 && !self.cfg.wait_when_idle {
+            let _q = self.queue.lock();
+            self.work.notify_all();
+        }
+    }
+
     fn answer_expired(&self, expired: &mut Vec<Arc<Slot<O, E>>>) {
         let now = Instant::now();
         for s in expired.drain(..) {
@@ -97,7 +108,11 @@ impl<I, O, E> Shared<I, O, E> {
         let mut q = self.queue.lock();
         loop {
             let now = Instant::now();
-            let r = q.cut(now, &self.cfg, &mut expired);
+            // Read under the queue lock: a worker that brings the count to
+            // zero takes this lock before it notifies (`batch_done`), so a
+            // former that saw a batch in flight is waiting when it is woken.
+            let idle = self.run.in_flight.load(Ordering::Acquire) == 0;
+            let r = q.cut(now, idle, &self.cfg, &mut expired);
             if !expired.is_empty() {
                 MutexGuard::unlocked(&mut q, || self.answer_expired(&mut expired));
                 if r.is_err() {
@@ -106,7 +121,7 @@ impl<I, O, E> Shared<I, O, E> {
             }
             match r {
                 Ok(cut) => {
-                    self.run.in_flight.fetch_add(1, Ordering::Relaxed);
+                    self.run.in_flight.fetch_add(1, Ordering::AcqRel);
                     drop(q);
                     self.room.notify_all();
                     self.emit(|| Event::Batched {
@@ -277,7 +292,7 @@ fn run_job<P, I, O, E>(
         }
     };
     shared.run.finished.fetch_add(1, Ordering::Relaxed);
-    shared.run.in_flight.fetch_sub(1, Ordering::Relaxed);
+    shared.batch_done();
     shared.emit(|| Event::Finished {
         batch: job.id,
         size: n,
@@ -473,7 +488,7 @@ impl<I: Send + 'static> BatcherBuilder<I> {
                             message: message.clone(),
                         });
                         s.run.finished.fetch_add(1, Ordering::Relaxed);
-                        s.run.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        s.batch_done();
                         s.emit(|| Event::Finished {
                             batch: id,
                             size: n,

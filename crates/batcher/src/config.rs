@@ -49,9 +49,18 @@ pub struct BatcherConfig {
     /// How a batch's weight is counted. Default [`WeightMode::Sum`].
     pub weight_mode: WeightMode,
     /// A batch is cut once its oldest request has waited this long, even if
-    /// it is not full. Zero means an idle worker takes whatever is queued at
-    /// once. Default 5 ms.
+    /// it is not full — but only while another batch is in flight: when no
+    /// batch is running (nor cut and waiting for a worker), a request is run
+    /// at once, so a lone caller never waits for company (see
+    /// `wait_when_idle`). Zero means an idle worker always takes whatever is
+    /// queued at once. Default 5 ms.
     pub max_delay: Duration,
+    /// Wait `max_delay` for a fuller batch even when no batch is in flight.
+    /// Off by default: an idle model that waits only adds latency, and while
+    /// a batch runs the queue fills on its own. Turn it on where a handler's
+    /// fixed cost per batch is much larger than its cost per request.
+    /// Default `false`.
+    pub wait_when_idle: bool,
     /// At most this many requests wait in the queue; beyond it `submit`
     /// fails with [`Error::Overloaded`]. Default 1024.
     pub max_queued: usize,
@@ -83,6 +92,7 @@ impl Default for BatcherConfig {
             max_batch_weight: u64::MAX,
             weight_mode: WeightMode::Sum,
             max_delay: Duration::from_millis(5),
+            wait_when_idle: false,
             max_queued: 1024,
             max_queued_weight: u64::MAX,
             max_concurrent_batches: 1,

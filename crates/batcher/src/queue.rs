@@ -384,13 +384,17 @@ impl<I, O, E> Queue<I, O, E> {
     /// Cuts the next batch if one is ready. Requests found past their
     /// deadline on the way are expired into `expired`. Returns `Err(next)`
     /// when nothing is ready, where `next` is when the earliest bucket will
-    /// be ready by `max_delay` (`None`: nothing queued).
+    /// be ready by `max_delay` (`None`: nothing queued). `idle`: no batch is
+    /// in flight, so (unless `cfg.wait_when_idle`) the best bucket is cut at
+    /// once instead of waiting for `max_delay`.
     pub(crate) fn cut(
         &mut self,
         now: Instant,
+        idle: bool,
         cfg: &BatcherConfig,
         expired: &mut Vec<Arc<Slot<O, E>>>,
     ) -> Result<Cut<I, O, E>, Option<Instant>> {
+        let at_once = idle && !cfg.wait_when_idle;
         loop {
             if self.live == 0 {
                 return Err(None);
@@ -430,7 +434,7 @@ impl<I, O, E> Queue<I, O, E> {
                         WeightMode::Padded => c.max_hint.saturating_mul(c.live as u64) >= limit,
                     };
                 let ready_at = oldest.checked_add(cfg.max_delay).unwrap_or(oldest);
-                if draining || full || cfg.max_delay.is_zero() || now >= ready_at {
+                if at_once || draining || full || cfg.max_delay.is_zero() || now >= ready_at {
                     if best.is_none_or(|(_, r)| head_rank > r) {
                         best = Some((key, head_rank));
                     }

@@ -85,9 +85,13 @@ fn busy_with(builder: BatcherBuilder<u32>) -> (Batcher<u32, u32>, Log, Gate, Tic
     (b, log, gate, first)
 }
 
+/// Batches are cut by size, by `max_delay` (an hour) or at shutdown only:
+/// `wait_when_idle` keeps an idle worker waiting too, so a test can queue a
+/// whole batch before anything runs.
 fn cfg() -> BatcherConfig {
     BatcherConfig {
         max_delay: LONG,
+        wait_when_idle: true,
         priority_aging: Duration::ZERO,
         ..BatcherConfig::default()
     }
@@ -99,6 +103,64 @@ fn now() -> BatcherConfig {
         max_delay: Duration::ZERO,
         ..cfg()
     }
+}
+
+#[test]
+fn an_idle_worker_runs_a_lone_request_at_once() {
+    // max_delay is an hour, but nothing is in flight: the request runs now.
+    let (b, log) = logging(
+        BatcherBuilder::new(BatcherConfig {
+            wait_when_idle: false,
+            ..cfg()
+        }),
+        None,
+    );
+    assert_eq!(get(b.submit(7).unwrap()), Ok(70));
+    assert_eq!(get(b.submit(8).unwrap()), Ok(80));
+    assert_eq!(*log.lock().unwrap(), vec![vec![7], vec![8]]);
+}
+
+#[test]
+fn requests_queued_behind_a_batch_in_flight_run_together_when_it_ends() {
+    // Request 0 holds the only worker; 1, 2 and 3 wait (max_delay is an hour
+    // and a batch is in flight), then run as one batch as soon as 0's ends.
+    let (b, log, gate, first) = busy(BatcherConfig {
+        wait_when_idle: false,
+        max_batch_size: 8,
+        ..cfg()
+    });
+    let tickets: Vec<_> = (1..=3).map(|i| b.submit(i).unwrap()).collect();
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        log.lock().unwrap().len(),
+        0,
+        "nothing else runs while 0 is in flight"
+    );
+    gate.open();
+    assert_eq!(get(first), Ok(0));
+    for (i, t) in (1..=3).zip(tickets) {
+        assert_eq!(get(t), Ok(i * 10));
+    }
+    assert_eq!(*log.lock().unwrap(), vec![vec![0], vec![1, 2, 3]]);
+}
+
+#[test]
+fn the_prepare_stage_runs_a_lone_request_at_once() {
+    let b = BatcherBuilder::<u32>::new(BatcherConfig {
+        wait_when_idle: false,
+        ..cfg()
+    })
+    .build_with_prepare(
+        |items: Vec<u32>| items,
+        |_| {
+            |xs: Vec<u32>| -> Vec<Result<u32, Infallible>> {
+                xs.into_iter().map(|x| Ok(x + 1)).collect()
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(get(b.submit(1).unwrap()), Ok(2));
+    assert_eq!(get(b.submit(2).unwrap()), Ok(3));
 }
 
 #[test]

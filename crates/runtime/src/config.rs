@@ -13,10 +13,14 @@ pub struct BatchSettings {
     /// Tokens per batch at most (the batcher's weight limit); the plan lowers
     /// it when memory is short. Default 4096.
     pub max_batch_tokens: u64,
-    /// How long the oldest request may wait for others to join its batch.
-    /// Default 4 ms.
+    /// How long the oldest request may wait for others to join its batch
+    /// while another batch is running. With nothing running a request runs
+    /// at once (unless `wait_when_idle`). Default 4 ms.
     #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub max_delay: Duration,
+    /// Wait `max_delay` for company even when the model is idle. Default
+    /// `false`: a lone request never waits.
+    pub wait_when_idle: bool,
     /// Requests waiting at most; beyond it `embed` answers `Overloaded`.
     /// Default 8192.
     pub max_queued: usize,
@@ -37,6 +41,7 @@ impl Default for BatchSettings {
             max_batch_size: 64,
             max_batch_tokens: 4096,
             max_delay: Duration::from_millis(4),
+            wait_when_idle: false,
             max_queued: 8192,
             bucket_tokens: None,
             workers: 1,

@@ -314,6 +314,7 @@ impl Registry {
                 .load(Ordering::Relaxed)
                 .max(model.max_tokens() as u64),
             max_delay: b.max_delay,
+            wait_when_idle: b.wait_when_idle,
             max_queued: b.max_queued,
             max_concurrent_batches: b.workers.max(1),
             thread_name: format!("snug-{name}"),
