@@ -435,7 +435,6 @@ fn sizes_and_embed_trait() {
 }
 
 #[test]
-#[ignore = "issue 14 goal, not met yet: the Q8_0 plan is 42.0 % of f32 resident (the goal is 40 %); run with --ignored"]
 fn q8_0_word_table_keeps_the_plan_under_40_percent_of_f32() {
     let f = MiniLm::load(dir(), &LoadOptions::default()).unwrap();
     let (worst, q) = min_cosine(&LoadOptions::uniform(Format::Q8_0));

@@ -18,8 +18,10 @@ use crate::{Error, Format, Result};
 /// The kernel computes exactly candle's Q8_0 arithmetic (activations
 /// quantized per block of 32 with an f16 scale, integer dot products, the
 /// two scales applied per block), so its results equal candle's to float
-/// rounding; it replaces candle's repacked copy with its own (counted by
-/// [`QLinear::resident_bytes`]).
+/// rounding. Its packed copy is the only copy of the weight such a layer
+/// keeps: candle's blocks are dropped once packed, and rebuilt from the
+/// packed copy, bit for bit, only if asked for ([`QLinear::weight`],
+/// [`QLinear::dequantize`]); see [`QLinear::resident_bytes`].
 pub fn int8_kernel_available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
@@ -27,11 +29,11 @@ pub fn int8_kernel_available() -> bool {
     })
 }
 
-/// The int8 kernel's copy of a Q8_0 weight, built on first use.
-#[derive(Debug, Default)]
+/// The int8 kernel's copy of a Q8_0 weight and of its bias.
+#[derive(Debug)]
 struct Int8Weight {
-    /// `None` inside: packing was not possible (the layer uses candle).
-    packed: OnceLock<Option<(PackedQ8, Option<Vec<f32>>)>>,
+    packed: PackedQ8,
+    bias: Option<Vec<f32>>,
 }
 
 /// A linear layer `y = x·Wᵀ + b` with `W` (`[out, in]`) stored as a candle
@@ -50,7 +52,9 @@ struct Int8Weight {
 /// per layer); other formats, and other CPUs, use candle's `QMatMul`.
 #[derive(Debug, Clone)]
 pub struct QLinear {
-    weight: QMatMul,
+    /// candle's copy of the weight. Empty while the int8 kernel holds the
+    /// only copy; filled from it on demand.
+    weight: OnceLock<QMatMul>,
     bias: Option<Tensor>,
     format: Format,
     out_dim: usize,
@@ -123,15 +127,64 @@ impl QLinear {
                 Some(b.to_dtype(DType::F32)?.contiguous()?)
             }
         };
-        let int8 = (format == Format::Q8_0 && int8_kernel_available())
-            .then(|| Arc::new(Int8Weight::default()));
-        Ok(QLinear {
-            weight,
+        let layer = QLinear {
+            weight: OnceLock::from(weight),
             bias,
             format,
             out_dim,
             in_dim,
-            int8,
+            int8: None,
+        };
+        Ok(if format == Format::Q8_0 && int8_kernel_available() {
+            layer.packed_int8()
+        } else {
+            layer
+        })
+    }
+
+    /// Packs the Q8_0 weight for the int8 kernel and drops candle's copy;
+    /// unchanged where packing is not possible (the layer stays on candle).
+    fn packed_int8(mut self) -> QLinear {
+        let Some(QMatMul::QTensor(q)) = self.weight.get() else {
+            return self;
+        };
+        let Ok(data) = q.data() else {
+            return self;
+        };
+        let Some(packed) = PackedQ8::from_q8_0(&data, self.out_dim, self.in_dim) else {
+            return self;
+        };
+        drop(data);
+        let bias = match &self.bias {
+            Some(b) => match b.to_vec1::<f32>() {
+                Ok(v) => Some(v),
+                Err(_) => return self,
+            },
+            None => None,
+        };
+        self.int8 = Some(Arc::new(Int8Weight { packed, bias }));
+        self.weight = OnceLock::new();
+        self
+    }
+
+    /// candle's copy of the weight, rebuilt from the int8 kernel's packed
+    /// copy when that is the only one (exactly: the packed copy holds the
+    /// same int8 values and f16 scales).
+    fn candle_weight(&self) -> &QMatMul {
+        self.weight.get_or_init(|| {
+            let int8 = self
+                .int8
+                .as_ref()
+                .expect("a QLinear holds candle's copy of its weight or the int8 kernel's");
+            let bytes = int8.packed.to_q8_0();
+            let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                candle_core::quantized::GgmlDType::Q8_0,
+                &bytes,
+                vec![self.out_dim, self.in_dim],
+                &candle_core::Device::Cpu,
+            )
+            .expect("Q8_0 blocks rebuilt from a packed weight have the weight's shape");
+            QMatMul::QTensor(Arc::new(q))
         })
     }
 
@@ -140,11 +193,14 @@ impl QLinear {
     /// use candle's `QMatMul` (which then builds its own repacked copy where
     /// it does so).
     pub fn with_int8_kernel(mut self, on: bool) -> QLinear {
-        self.int8 = if on && self.format == Format::Q8_0 && int8_kernel_available() {
-            self.int8.or_else(|| Some(Arc::new(Int8Weight::default())))
-        } else {
-            None
-        };
+        if on && self.format == Format::Q8_0 && int8_kernel_available() {
+            if self.int8.is_none() {
+                return self.packed_int8();
+            }
+        } else if self.int8.is_some() {
+            self.candle_weight();
+            self.int8 = None;
+        }
         self
     }
 
@@ -153,29 +209,10 @@ impl QLinear {
         self.int8.is_some()
     }
 
-    /// The int8 kernel's copy of the weight, packed on first use.
-    fn packed(&self) -> Option<&(PackedQ8, Option<Vec<f32>>)> {
-        let int8 = self.int8.as_ref()?;
-        int8.packed
-            .get_or_init(|| {
-                let QMatMul::QTensor(q) = &self.weight else {
-                    return None;
-                };
-                let data = q.data().ok()?;
-                let packed = PackedQ8::from_q8_0(&data, self.out_dim, self.in_dim)?;
-                let bias = match &self.bias {
-                    Some(b) => Some(b.to_vec1::<f32>().ok()?),
-                    None => None,
-                };
-                Some((packed, bias))
-            })
-            .as_ref()
-    }
-
     /// `x2` (`[rows, in]`, contiguous f32) times the weight on the int8
     /// kernel, bias included; `None` where it does not serve.
     fn int8_forward(&self, x2: &Tensor, rows: usize) -> Result<Option<Tensor>> {
-        let Some((packed, bias)) = self.packed() else {
+        let Some(Int8Weight { packed, bias }) = self.int8.as_deref() else {
             return Ok(None);
         };
         let y = {
@@ -210,9 +247,11 @@ impl QLinear {
         self.out_dim
     }
 
-    /// The weight as candle holds it.
+    /// The weight as candle holds it. For a layer on the int8 kernel this
+    /// rebuilds candle's copy from the packed one on first call (and keeps
+    /// it: [`Self::resident_bytes`] then counts both).
     pub fn weight(&self) -> &QMatMul {
-        &self.weight
+        self.candle_weight()
     }
 
     /// The f32 bias, if any.
@@ -233,14 +272,19 @@ impl QLinear {
         }
     }
 
-    /// Bytes the layer occupies after its first forwards: storage plus the
-    /// repacked copy kept for computing — the int8 kernel's (1.25 bytes per
-    /// weight, columns padded to 16, and a copy of the bias) when it serves,
-    /// otherwise the one candle keeps on this CPU (see
-    /// [`resident_weight_bytes`]).
+    /// Bytes the layer occupies after its first forwards. On the int8
+    /// kernel: its packed copy only (1.25 bytes per weight, columns padded to
+    /// 16) and the bias twice (the tensor and the kernel's copy), plus
+    /// candle's blocks if [`Self::weight`] rebuilt them. Otherwise: storage
+    /// plus the copy candle keeps on this CPU (see [`resident_weight_bytes`]).
     pub fn resident_bytes(&self) -> u64 {
         if self.int8.is_some() {
-            self.storage_bytes() + vnni::packed_bytes(self.out_dim, self.in_dim) + self.bias_bytes()
+            let rebuilt = if self.weight.get().is_some() {
+                self.format.bytes_for(self.out_dim * self.in_dim)
+            } else {
+                0
+            };
+            vnni::packed_bytes(self.out_dim, self.in_dim) + 2 * self.bias_bytes() + rebuilt
         } else {
             candle_resident_bytes(self.format, self.out_dim, self.in_dim) + self.bias_bytes()
         }
@@ -248,7 +292,7 @@ impl QLinear {
 
     /// The weight dequantized to an f32 `[out, in]` tensor.
     pub fn dequantize(&self) -> Result<Tensor> {
-        Ok(match &self.weight {
+        Ok(match self.candle_weight() {
             QMatMul::QTensor(q) => q.dequantize(&q.device())?,
             QMatMul::Tensor(t) => t.clone(),
             QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
@@ -273,7 +317,7 @@ impl QLinear {
         let y = match self.int8_forward(&x2, rows)? {
             Some(y) => y,
             None => {
-                let mut y = self.weight.forward(&x2)?;
+                let mut y = self.candle_weight().forward(&x2)?;
                 if let Some(b) = &self.bias {
                     y = y.broadcast_add(b)?;
                 }
@@ -411,19 +455,31 @@ mod tests {
         // Clones share the packed copy; other formats never take the kernel.
         let again = fast.clone();
         assert!(rel_rms(&again.forward(&x).unwrap(), &yf) == 0.0);
-        let f16 = QLinear::from_f32(w, None, Format::F16)
+        let f16 = QLinear::from_f32(w.clone(), None, Format::F16)
             .unwrap()
             .with_int8_kernel(true);
         assert!(!f16.int8_kernel());
-        // The packed copy is counted: 1.25 bytes per weight and the bias.
+        // The packed copy is the only copy of the weight kept: 1.25 bytes per
+        // weight, and the bias twice (tensor and kernel copy).
         if fast.int8_kernel() {
-            assert_eq!(
-                fast.resident_bytes(),
-                fast.storage_bytes() + 96 * 384 * 5 / 4 + 4 * 96
-            );
+            let fresh = QLinear::from_f32(w.clone(), Some(b.clone()), Format::Q8_0).unwrap();
+            assert_eq!(fresh.resident_bytes(), 96 * 384 * 5 / 4 + 2 * 4 * 96);
             assert_eq!(
                 crate::resident_weight_bytes(Format::Q8_0, 96, 384),
-                Format::Q8_0.bytes_for(96 * 384) + 96 * 384 * 5 / 4
+                96 * 384 * 5 / 4
+            );
+            // Asking for candle's weight rebuilds its blocks, bit for bit,
+            // and they are counted from then on.
+            let candle = QLinear::from_f32(w.clone(), Some(b.clone()), Format::Q8_0)
+                .unwrap()
+                .with_int8_kernel(false);
+            assert_eq!(
+                fresh.dequantize().unwrap().to_vec2::<f32>().unwrap(),
+                candle.dequantize().unwrap().to_vec2::<f32>().unwrap()
+            );
+            assert_eq!(
+                fresh.resident_bytes(),
+                96 * 384 * 5 / 4 + 2 * 4 * 96 + Format::Q8_0.bytes_for(96 * 384)
             );
         }
     }

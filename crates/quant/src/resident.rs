@@ -9,13 +9,14 @@ use crate::Format;
 /// Bytes an `[out, in]` weight stored in `format` occupies after its first
 /// forwards on this CPU: the stored blocks plus the repacked copy kept for
 /// computing. For Q8_0 where [`crate::int8_kernel_available`], that is the
-/// int8 kernel's copy (1.25 bytes per weight, output columns padded to 16;
-/// candle's copy is then never built); otherwise candle's (see
+/// int8 kernel's packed copy alone (1.25 bytes per weight, output columns
+/// padded to 16): the stored blocks are dropped once packed, and candle's
+/// copy is never built; otherwise candle's (see
 /// [`mem_budget::RepackRules`]). `format` should already be fitted ([`Format::fit`]). A bias is not
 /// included ([`crate::QLinear::resident_bytes`] adds it, and its copy).
 pub fn resident_weight_bytes(format: Format, out: usize, inp: usize) -> u64 {
     if format == Format::Q8_0 && crate::int8_kernel_available() {
-        return format.bytes_for(out * inp) + crate::vnni::packed_bytes(out, inp);
+        return crate::vnni::packed_bytes(out, inp);
     }
     candle_resident_bytes(format, out, inp)
 }

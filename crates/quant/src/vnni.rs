@@ -124,6 +124,28 @@ pub(crate) fn packed_bytes(n: usize, k: usize) -> u64 {
 }
 
 impl PackedQ8 {
+    /// candle's Q8_0 blocks again (`[n][k/32]` blocks of 34 bytes: the f16
+    /// scale, then 32 int8 values), exactly as [`Self::from_q8_0`] read
+    /// them: the scales came from f16, so they convert back without loss.
+    pub(crate) fn to_q8_0(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.n * self.nb * BLOCK_BYTES];
+        for col in 0..self.n {
+            let (g, c) = (col / 16, col % 16);
+            for b in 0..self.nb {
+                let blk = &mut out
+                    [(col * self.nb + b) * BLOCK_BYTES..(col * self.nb + b + 1) * BLOCK_BYTES];
+                let at = (g * self.nb + b) * 16 + c;
+                blk[..2]
+                    .copy_from_slice(&half::f16::from_f32(self.scales[at]).to_bits().to_le_bytes());
+                for q in 0..8 {
+                    let chunk = &self.w[(g * self.nb + b) * 8 + q].0;
+                    blk[2 + 4 * q..2 + 4 * q + 4].copy_from_slice(&chunk[4 * c..4 * c + 4]);
+                }
+            }
+        }
+        out
+    }
+
     /// Repacks candle's Q8_0 blocks (`[n][k/32]` blocks of 34 bytes, as
     /// `QTensor::data` gives them). `None` when the sizes do not match.
     pub(crate) fn from_q8_0(data: &[u8], n: usize, k: usize) -> Option<PackedQ8> {
@@ -630,6 +652,8 @@ mod tests {
         let p = PackedQ8::from_q8_0(&data, n, k).unwrap();
         let nb = k / QK;
         assert_eq!((p.groups, p.nb, p.bytes()), (2, nb, packed_bytes(n, k)));
+        // Unpacking gives candle's blocks back, byte for byte.
+        assert_eq!(p.to_q8_0(), data);
         for col in 0..32 {
             let (g, c) = (col / 16, col % 16);
             for b in 0..nb {
