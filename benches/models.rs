@@ -231,6 +231,27 @@ fn main() {
             m.weight_bytes() as f64 / 1048576.0, m.resident_bytes() as f64 / 1048576.0
         );
     }
+    // One sentence at a time: what a lone caller pays per request.
+    let m = MiniLm::load(&dir, &LoadOptions::uniform(Format::Q8_0)).unwrap();
+    m.embed_tokens(&tokens[..1]).unwrap();
+    let mut lat = Vec::with_capacity(one_n);
+    let t = Instant::now();
+    for tk in &tokens[..one_n] {
+        let s = Instant::now();
+        m.embed_tokens(std::slice::from_ref(tk)).unwrap();
+        lat.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    report(
+        "models Q8_0, one at a time",
+        one_n,
+        t.elapsed().as_secs_f64(),
+        None,
+    );
+    println!(
+        "    p50 {:.2} ms, p99 {:.2} ms per sentence",
+        snug::percentile(&lat, 50.0).unwrap_or(0.0),
+        snug::percentile(&lat, 99.0).unwrap_or(0.0)
+    );
     // Packing: unsorted batches cost the encoder no padding.
     let m = MiniLm::load(&dir, &LoadOptions::uniform(Format::Q8_0)).unwrap();
     m.embed_tokens(&tokens[..32]).unwrap();

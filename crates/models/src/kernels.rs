@@ -28,8 +28,16 @@ macro_rules! dispatch {
     }};
 }
 
-/// Rows per parallel task for the row-wise kernels.
+/// Rows per parallel task for the row-wise kernels, at most.
 const ROW_CHUNK: usize = 16;
+
+/// Rows per parallel task for `rows` rows: at most [`ROW_CHUNK`], and small
+/// enough that a short batch (one sentence of 20 tokens) still gives every
+/// thread about four tasks instead of leaving all but one idle.
+fn row_chunk(rows: usize) -> usize {
+    let tasks = 4 * rayon::current_num_threads().max(1);
+    rows.div_ceil(tasks).clamp(1, ROW_CHUNK)
+}
 
 /// `erf(x)`, max abs error below 5e-7 in f32 (Abramowitz & Stegun 7.1.26,
 /// 1.5e-7 in exact arithmetic, with a fast exp). Branch-free so that it
@@ -68,8 +76,9 @@ fn fast_exp(x: f32) -> f32 {
 /// `gelu(x + bias)` with the exact (erf) GELU, written into a new buffer.
 pub(crate) fn bias_gelu(x: &[f32], bias: &[f32], cols: usize) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(cols * ROW_CHUNK)
-        .zip(x.par_chunks(cols * ROW_CHUNK))
+    let chunk = row_chunk(x.len() / cols.max(1));
+    out.par_chunks_mut(cols * chunk)
+        .zip(x.par_chunks(cols * chunk))
         .for_each(|(o, x)| dispatch!(gelu_rows(o, x, bias, cols)));
     out
 }
@@ -101,12 +110,13 @@ pub(crate) fn add_layer_norm(
     let h = gamma.len();
     let rows = x.len() / h;
     let mut out = vec![0f32; rows * out_stride];
-    out.par_chunks_mut(out_stride * ROW_CHUNK)
+    let chunk = row_chunk(rows);
+    out.par_chunks_mut(out_stride * chunk)
         .enumerate()
         .for_each(|(c, o)| {
             let mut tmp = vec![0f32; h];
             for (r, orow) in o.chunks_exact_mut(out_stride).enumerate() {
-                let row = c * ROW_CHUNK + r;
+                let row = c * chunk + r;
                 let xr = &x[row * h..row * h + h];
                 let rr = &residual[row * res_stride..row * res_stride + h];
                 for i in 0..h {
@@ -241,12 +251,13 @@ pub(crate) fn embed(
 ) -> Vec<f32> {
     let h = t.gamma.len();
     let mut out = vec![0f32; ids.len() * out_stride];
-    out.par_chunks_mut(out_stride * ROW_CHUNK)
+    let chunk = row_chunk(ids.len());
+    out.par_chunks_mut(out_stride * chunk)
         .enumerate()
         .for_each(|(c, o)| {
             let mut tmp = vec![0f32; h];
             for (r, orow) in o.chunks_exact_mut(out_stride).enumerate() {
-                let k = c * ROW_CHUNK + r;
+                let k = c * chunk + r;
                 t.word.row_into(ids[k] as usize, &mut tmp);
                 let p = &t.position[positions[k] as usize * h..][..h];
                 let ty = &t.token_type[type_ids[k] as usize * h..][..h];
@@ -282,80 +293,84 @@ pub(crate) fn attention(
     let hidden = heads * head_dim;
     let w = 3 * hidden;
     let rows = qkv.len() / w;
+    // One task per sequence and head, so that a single sentence still
+    // spreads its heads over every thread; each task writes its own
+    // `len × head_dim` block, scattered into the rows afterwards.
+    let tasks: Vec<(usize, usize, usize)> = seqs
+        .iter()
+        .flat_map(|&(start, len)| (0..heads).map(move |hd| (start, len, hd)))
+        .collect();
+    let blocks: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(start, len, hd)| {
+            let mut o = vec![0f32; len * head_dim];
+            dispatch!(attend_head(&mut o, qkv, bias, start, len, hd, shape));
+            o
+        })
+        .collect();
     let mut out = vec![0f32; rows * out_stride];
-    // Split the output into one disjoint slice per sequence.
-    let mut parts: Vec<(&mut [f32], usize, usize)> = Vec::with_capacity(seqs.len());
-    let mut rest: &mut [f32] = &mut out;
-    let mut at = 0;
-    for &(start, len) in seqs {
-        let (_, tail) = std::mem::take(&mut rest).split_at_mut((start - at) * out_stride);
-        let (mine, tail) = tail.split_at_mut(len * out_stride);
-        parts.push((mine, start, len));
-        rest = tail;
-        at = start + len;
+    for (&(start, len, hd), o) in tasks.iter().zip(&blocks) {
+        let qo = hd * head_dim;
+        for i in 0..len {
+            out[(start + i) * out_stride + qo..][..head_dim]
+                .copy_from_slice(&o[i * head_dim..(i + 1) * head_dim]);
+        }
     }
-    parts
-        .into_par_iter()
-        .for_each(|(o, start, len)| dispatch!(attend(o, qkv, bias, start, len, shape, out_stride)));
     out
 }
 
-/// Attention of one sequence, all heads, into its output rows.
+/// Attention of one head of one sequence into `o` (`len × head_dim`).
 #[inline(always)]
-fn attend(
+fn attend_head(
     o: &mut [f32],
     qkv: &[f32],
     bias: &[f32],
     start: usize,
     len: usize,
+    hd: usize,
     shape: AttentionShape,
-    out_stride: usize,
 ) {
     let AttentionShape { heads, head_dim } = shape;
     let hidden = heads * head_dim;
     let w = 3 * hidden;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    {
-        let mut q = vec![0f32; len * head_dim];
-        let mut kt = vec![0f32; head_dim * len];
-        let mut v = vec![0f32; len * head_dim];
-        let mut s = vec![0f32; len];
-        for hd in 0..heads {
-            let qo = hd * head_dim;
-            let ko = hidden + qo;
-            let vo = 2 * hidden + qo;
-            for i in 0..len {
-                let row = &qkv[(start + i) * w..(start + i + 1) * w];
-                for d in 0..head_dim {
-                    q[i * head_dim + d] = (row[qo + d] + bias[qo + d]) * scale;
-                    kt[d * len + i] = row[ko + d] + bias[ko + d];
-                    v[i * head_dim + d] = row[vo + d] + bias[vo + d];
-                }
+    let mut q = vec![0f32; len * head_dim];
+    let mut kt = vec![0f32; head_dim * len];
+    let mut v = vec![0f32; len * head_dim];
+    let mut s = vec![0f32; len];
+    let qo = hd * head_dim;
+    let ko = hidden + qo;
+    let vo = 2 * hidden + qo;
+    for i in 0..len {
+        let row = &qkv[(start + i) * w..(start + i + 1) * w];
+        for d in 0..head_dim {
+            q[i * head_dim + d] = (row[qo + d] + bias[qo + d]) * scale;
+            kt[d * len + i] = row[ko + d] + bias[ko + d];
+            v[i * head_dim + d] = row[vo + d] + bias[vo + d];
+        }
+    }
+    for i in 0..len {
+        s.iter_mut().for_each(|x| *x = 0.0);
+        let qi = &q[i * head_dim..(i + 1) * head_dim];
+        for (d, &qd) in qi.iter().enumerate() {
+            let kr = &kt[d * len..(d + 1) * len];
+            for (sj, &k) in s.iter_mut().zip(kr) {
+                *sj += qd * k;
             }
-            for i in 0..len {
-                s.iter_mut().for_each(|x| *x = 0.0);
-                let qi = &q[i * head_dim..(i + 1) * head_dim];
-                for (d, &qd) in qi.iter().enumerate() {
-                    let kr = &kt[d * len..(d + 1) * len];
-                    for (sj, &k) in s.iter_mut().zip(kr) {
-                        *sj += qd * k;
-                    }
-                }
-                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for x in s.iter_mut() {
-                    *x = fast_exp(*x - max);
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
-                let orow = &mut o[i * out_stride + qo..i * out_stride + qo + head_dim];
-                for (j, &p) in s.iter().enumerate() {
-                    let p = p * inv;
-                    let vr = &v[j * head_dim..(j + 1) * head_dim];
-                    for (od, &vd) in orow.iter_mut().zip(vr) {
-                        *od += p * vd;
-                    }
-                }
+        }
+        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for x in s.iter_mut() {
+            *x = fast_exp(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        let orow = &mut o[i * head_dim..(i + 1) * head_dim];
+        for (j, &p) in s.iter().enumerate() {
+            let p = p * inv;
+            let vr = &v[j * head_dim..(j + 1) * head_dim];
+            for (od, &vd) in orow.iter_mut().zip(vr) {
+                *od += p * vd;
             }
         }
     }
