@@ -271,7 +271,7 @@ impl Runtime {
             default_model.get_or_insert(name);
         }
 
-        let gate = Arc::new(tier_router::LedgerGate::new(
+        let gate = Arc::new(crate::gate::LedgerGate::new(
             Arc::new(ledger.clone()),
             Arc::new(monitor.clone()),
         ));

@@ -47,8 +47,10 @@
 //! # Ok::<(), tier_router::Error>(())
 //! ```
 //!
-//! The crate has no feature flags. It uses no async runtime: backends are called on the
-//! caller's thread and retries sleep on it.
+//! The crate has no feature flags. It depends on no memory accountant: a program answers the
+//! [`MemoryGate`]'s two questions itself (the snug runtime's `LedgerGate` answers them from
+//! mem-budget's ledger and pressure monitor). It uses no async runtime: backends are called on
+//! the caller's thread and retries sleep on it.
 
 mod backend;
 mod breaker;
@@ -67,7 +69,7 @@ pub use breaker::{
 };
 pub use complexity::{Complexity, ComplexityConfig, TaskFeatures};
 pub use error::{BackendError, Error, ErrorKind};
-pub use pressure::{FixedGate, LedgerGate, MemoryGate, PressureLevel};
+pub use pressure::{FixedGate, MemoryGate, PressureLevel};
 pub use remote::{RemoteConfig, RemoteEmbedder};
 pub use retry::RetryConfig;
 pub use router::{
