@@ -32,6 +32,10 @@
 //!   on candle. Without it (`default-features = false`) the crate is the
 //!   building blocks alone — the ledger, the batcher, the cache, the pools,
 //!   the router, affinity and hardware detection — and compiles no candle.
+//! - `remote` (default): the router's remote tier (`tier-router/remote`, an
+//!   HTTP client on ureq) — `router::RemoteEmbedder`, and with `local` the
+//!   `RuntimeConfig::remote` field and `RuntimeBuilder::remote`, which add
+//!   an OpenAI-compatible embeddings server as a fallback tier.
 //!
 //! [`LedgerGate`] joins the ledger and the pressure monitor as the router's
 //! memory gate (with or without `local`).

@@ -10,6 +10,7 @@ use crate::backend::{Backend, Deadline};
 use crate::error::{BackendError, Error};
 
 /// Where the remote server is and how long to wait for it.
+#[cfg_attr(docsrs, doc(cfg(feature = "remote")))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RemoteConfig {
@@ -49,6 +50,7 @@ impl Default for RemoteConfig {
 /// Errors are mapped for the router: connection refused or reset, timeouts, HTTP 408, 429 and
 /// 5xx are transient (retried, then the next tier); other HTTP statuses, a malformed body or a
 /// response whose count or shape does not match the request are permanent.
+#[cfg_attr(docsrs, doc(cfg(feature = "remote")))]
 pub struct RemoteEmbedder {
     config: RemoteConfig,
     url: String,
