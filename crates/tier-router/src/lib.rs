@@ -75,7 +75,7 @@ pub use breaker::{
     Transition, TransitionReason,
 };
 pub use complexity::{Complexity, ComplexityConfig, TaskFeatures};
-pub use error::{BackendError, Error, ErrorKind};
+pub use error::{BackendError, Error, ErrorKind, Result};
 pub use pressure::{FixedGate, MemoryGate, PressureLevel};
 #[cfg(feature = "remote")]
 #[cfg_attr(docsrs, doc(cfg(feature = "remote")))]
