@@ -13,7 +13,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
 use crate::config::{BatcherConfig, ShutdownMode, Submit};
 use crate::queue::{Cut, Queue};
-use crate::stats::{BatchOutcome, Event, Stats};
+use crate::stats::{BatchOutcome, BatcherStats, Event};
 use crate::ticket::{Canceller, Slot, Ticket};
 use crate::Error;
 
@@ -741,7 +741,7 @@ impl<I, O, E> Batcher<I, O, E> {
     }
 
     /// A snapshot of the counters.
-    pub fn stats(&self) -> Stats {
+    pub fn stats(&self) -> BatcherStats {
         let s = &*self.shared;
         let (c, queued, queued_weight, max_batch_weight, mut times) = {
             let q = s.queue.lock();
@@ -776,7 +776,7 @@ impl<I, O, E> Batcher<I, O, E> {
                 Duration::from_nanos(times[rank - 1])
             }
         };
-        Stats {
+        BatcherStats {
             submitted,
             rejected,
             timed_out,

@@ -79,7 +79,7 @@ pub struct BatcherConfig {
     /// Default [`ShutdownMode::Drain`].
     pub on_shutdown: ShutdownMode,
     /// How many recent queue times are kept for the p50 / p99 in
-    /// [`Stats`](crate::Stats). Default 4096.
+    /// [`BatcherStats`](crate::BatcherStats). Default 4096.
     pub stats_window: usize,
     /// Prefix of the worker threads' names. Default `"batcher"`.
     pub thread_name: String,

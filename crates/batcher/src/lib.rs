@@ -65,5 +65,5 @@ pub use crate::continuous::{
     Scheduled, SequenceHandle, StepHandler,
 };
 pub use crate::error::Error;
-pub use crate::stats::{BatchOutcome, Event, Stats};
+pub use crate::stats::{BatchOutcome, BatcherStats, Event};
 pub use crate::ticket::Ticket;

@@ -9,7 +9,7 @@ use crate::config::Priority;
 /// A snapshot of a batcher's counters, from [`Batcher::stats`](crate::Batcher::stats).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[non_exhaustive]
-pub struct Stats {
+pub struct BatcherStats {
     /// Requests accepted by `submit`.
     pub submitted: u64,
     /// Requests refused with [`Error::Overloaded`](crate::Error::Overloaded).

@@ -32,6 +32,8 @@ struct Seen {
     max_batch: usize,
     steps_with_both: usize,
     overdrawn: bool,
+    /// Tokens decoded, by sequence id.
+    decoded: HashMap<usize, usize>,
 }
 
 struct Handler {
@@ -85,6 +87,7 @@ impl StepHandler for Handler {
                 panic!("poisoned sequence {}", b.seq.id);
             }
             b.seq.decode -= 1;
+            *self.seen.lock().decoded.entry(b.seq.id).or_default() += 1;
             out.push(if b.seq.decode == 0 {
                 Progress::Done
             } else {
@@ -264,12 +267,15 @@ fn prefill_is_chunked_beside_decodes() {
         ..ContinuousConfig::default()
     };
     let (eng, seen, rx) = engine(config, 100);
+    // `a` decodes until it is cancelled, so it is still running whatever the
+    // threads' timing when `b` joins (with a fixed length it could finish
+    // before `b` is admitted on a loaded machine).
     let a = eng
         .join(
             Seq {
                 id: 0,
                 prompt: 0,
-                decode: 200,
+                decode: usize::MAX,
                 poison: false,
                 room: 1,
             },
@@ -288,19 +294,22 @@ fn prefill_is_chunked_beside_decodes() {
             JoinOptions::default(),
         )
         .unwrap();
-    for _ in 0..2 {
-        rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    }
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 1);
+    a.cancel();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 0);
     drop((a, b));
     let seen = seen.lock();
+    assert_eq!(seen.exits[&0], vec![Exit::Cancelled]);
+    assert_eq!(seen.exits[&1], vec![Exit::Done]);
     assert!(
         seen.steps_with_both > 0,
         "no step held a decode and a prefill chunk"
     );
     assert!(seen.max_step_tokens <= 16);
+    assert_eq!(seen.decoded[&1], 1);
     let stats = eng.stats();
     assert_eq!(stats.prefill_tokens, 400);
-    assert_eq!(stats.decode_tokens, 201);
+    assert_eq!(stats.decode_tokens as usize, seen.decoded[&0] + 1);
 }
 
 #[test]

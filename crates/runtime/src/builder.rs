@@ -116,6 +116,8 @@ impl RuntimeBuilder {
     }
 
     /// A remote OpenAI-compatible embeddings server as a fallback tier.
+    #[cfg(feature = "remote")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "remote")))]
     pub fn remote(mut self, remote: tier_router::RemoteConfig) -> Self {
         self.config.remote = Some(remote);
         self
@@ -271,7 +273,7 @@ impl Runtime {
             default_model.get_or_insert(name);
         }
 
-        let gate = Arc::new(tier_router::LedgerGate::new(
+        let gate = Arc::new(crate::gate::LedgerGate::new(
             Arc::new(ledger.clone()),
             Arc::new(monitor.clone()),
         ));
@@ -303,6 +305,7 @@ impl Runtime {
                     .memory_bytes(memory),
             )?;
         }
+        #[cfg(feature = "remote")]
         if let Some(remote) = &config.remote {
             let client = tier_router::RemoteEmbedder::new(remote.clone())?;
             router.add_tier(tier_router::TierSpec::new(

@@ -95,7 +95,9 @@ pub struct RuntimeConfig {
     #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub monitor_interval: Duration,
     /// A remote OpenAI-compatible embeddings server to fall back to (or to
-    /// offload to under memory pressure). Default none.
+    /// offload to under memory pressure). Default none. (Feature `remote`.)
+    #[cfg(feature = "remote")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "remote")))]
     pub remote: Option<tier_router::RemoteConfig>,
     /// How long an `embed` call may take before local work is abandoned and
     /// the fallback tiers answer. Default 30 s.
@@ -130,6 +132,7 @@ impl Default for RuntimeConfig {
             emergency_min_interval: Duration::from_secs(10),
             pressure: mem_budget::PressureConfig::default(),
             monitor_interval: Duration::from_millis(500),
+            #[cfg(feature = "remote")]
             remote: None,
             request_timeout: Duration::from_secs(30),
             max_texts: 4096,

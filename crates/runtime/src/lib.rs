@@ -32,6 +32,13 @@
 //!   on candle. Without it (`default-features = false`) the crate is the
 //!   building blocks alone — the ledger, the batcher, the cache, the pools,
 //!   the router, affinity and hardware detection — and compiles no candle.
+//! - `remote` (default): the router's remote tier (`tier-router/remote`, an
+//!   HTTP client on ureq) — `router::RemoteEmbedder`, and with `local` the
+//!   `RuntimeConfig::remote` field and `RuntimeBuilder::remote`, which add
+//!   an OpenAI-compatible embeddings server as a fallback tier.
+//!
+//! [`LedgerGate`] joins the ledger and the pressure monitor as the router's
+//! memory gate (with or without `local`).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 /// Items that need the `local` feature (the `Runtime` and its models),
@@ -84,6 +91,9 @@ pub use crate::registry::ModelStatus;
 pub use crate::runtime::{Runtime, MINILM};
 pub use crate::status::{Status, Throttling};
 }
+
+mod gate;
+pub use crate::gate::{router_pressure, LedgerGate};
 
 /// CPU affinity (`affinity`).
 pub use affinity;

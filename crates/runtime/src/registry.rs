@@ -70,7 +70,7 @@ pub struct ModelStatus {
     /// Seconds since it last served.
     pub idle_secs: f64,
     /// Its batcher's statistics, when loaded.
-    pub batcher: Option<batcher::Stats>,
+    pub batcher: Option<batcher::BatcherStats>,
 }
 
 type Listener = Arc<dyn Fn(&LoadEvent) + Send + Sync>;

@@ -34,11 +34,15 @@ pub struct BreakerConfig {
     pub window: usize,
     /// Calls needed in the window before the failure rate is considered. Default 10.
     pub min_calls: usize,
-    /// How long the breaker stays open before admitting probes. Default 30 s.
+    /// How long the breaker stays open before admitting probes, in milliseconds in serde.
+    /// Default 30 s.
+    #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub open_for: Duration,
     /// Probes admitted when half-open; all must succeed to close. Default 1.
     pub half_open_probes: u32,
-    /// A successful call slower than this counts as a failure. Default `None` (off).
+    /// A successful call slower than this counts as a failure, in milliseconds in serde.
+    /// Default `None` (off).
+    #[serde(with = "serde_with::As::<Option<serde_with::DurationMilliSeconds<f64>>>")]
     pub slow_call: Option<Duration>,
 }
 
@@ -60,32 +64,32 @@ impl BreakerConfig {
     /// Checks the values.
     pub fn validate(&self) -> Result<(), Error> {
         if !(self.failure_rate > 0.0 && self.failure_rate <= 1.0) {
-            return Err(Error::InvalidConfig {
-                field: "breaker.failure_rate",
-                value: self.failure_rate.to_string(),
-                expected: "must be in (0, 1] (default 0.5)",
-            });
+            return Err(Error::invalid(
+                "breaker.failure_rate",
+                self.failure_rate,
+                "a share in (0, 1] (default 0.5)",
+            ));
         }
         if self.window == 0 {
-            return Err(Error::InvalidConfig {
-                field: "breaker.window",
-                value: "0".into(),
-                expected: "must be at least 1 (default 20)",
-            });
+            return Err(Error::invalid(
+                "breaker.window",
+                0,
+                "at least 1 (default 20)",
+            ));
         }
         if self.min_calls == 0 || self.min_calls > self.window {
-            return Err(Error::InvalidConfig {
-                field: "breaker.min_calls",
-                value: self.min_calls.to_string(),
-                expected: "must be between 1 and `window` (defaults 10 of 20)",
-            });
+            return Err(Error::invalid(
+                "breaker.min_calls",
+                self.min_calls,
+                "between 1 and `window` (defaults 10 of 20)",
+            ));
         }
         if self.half_open_probes == 0 {
-            return Err(Error::InvalidConfig {
-                field: "breaker.half_open_probes",
-                value: "0".into(),
-                expected: "must be at least 1 (default 1), or the breaker could never close",
-            });
+            return Err(Error::invalid(
+                "breaker.half_open_probes",
+                0,
+                "at least 1 (default 1), or the breaker could never close",
+            ));
         }
         Ok(())
     }
@@ -190,7 +194,9 @@ pub struct BreakerStats {
 pub struct Rejected {
     /// The breaker's state.
     pub state: BreakerState,
-    /// How long until the breaker admits a probe (`None` when half-open with its probes taken).
+    /// How long until the breaker admits a probe (`None` when half-open with its probes taken),
+    /// in milliseconds in serde.
+    #[serde(with = "serde_with::As::<Option<serde_with::DurationMilliSeconds<f64>>>")]
     pub retry_in: Option<Duration>,
 }
 

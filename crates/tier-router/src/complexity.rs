@@ -146,25 +146,25 @@ impl ComplexityConfig {
     /// Checks the values: weights finite, `tokens_per_point > 0`, thresholds ordered.
     pub fn validate(&self) -> Result<(), Error> {
         if !(self.output_tokens_per_point.is_finite() && self.output_tokens_per_point > 0.0) {
-            return Err(Error::InvalidConfig {
-                field: "complexity.output_tokens_per_point",
-                value: self.output_tokens_per_point.to_string(),
-                expected: "must be a finite number above 0 (default 32)",
-            });
+            return Err(Error::invalid(
+                "complexity.output_tokens_per_point",
+                self.output_tokens_per_point,
+                "a finite number above 0 (default 32)",
+            ));
         }
         if !self.difficulty_weight.is_finite() {
-            return Err(Error::InvalidConfig {
-                field: "complexity.difficulty_weight",
-                value: self.difficulty_weight.to_string(),
-                expected: "must be a finite number (default 10)",
-            });
+            return Err(Error::invalid(
+                "complexity.difficulty_weight",
+                self.difficulty_weight,
+                "a finite number (default 10)",
+            ));
         }
         if !(self.tokens_per_point.is_finite() && self.tokens_per_point > 0.0) {
-            return Err(Error::InvalidConfig {
-                field: "complexity.tokens_per_point",
-                value: self.tokens_per_point.to_string(),
-                expected: "must be a finite number above 0 (default 64)",
-            });
+            return Err(Error::invalid(
+                "complexity.tokens_per_point",
+                self.tokens_per_point,
+                "a finite number above 0 (default 64)",
+            ));
         }
         for (field, v) in [
             ("complexity.senior_grade_weight", self.senior_grade_weight),
@@ -180,26 +180,22 @@ impl ComplexityConfig {
             ),
         ] {
             if !v.is_finite() {
-                return Err(Error::InvalidConfig {
-                    field,
-                    value: v.to_string(),
-                    expected: "must be a finite number",
-                });
+                return Err(Error::invalid(field, v, "a finite number"));
             }
         }
         if self.small_max_tokens > self.medium_max_tokens {
-            return Err(Error::InvalidConfig {
-                field: "complexity.small_max_tokens",
-                value: self.small_max_tokens.to_string(),
-                expected: "must not exceed medium_max_tokens (defaults 512 and 2048)",
-            });
+            return Err(Error::invalid(
+                "complexity.small_max_tokens",
+                self.small_max_tokens,
+                "at most medium_max_tokens (defaults 512 and 2048)",
+            ));
         }
         if self.small_max_complexity > self.medium_max_complexity {
-            return Err(Error::InvalidConfig {
-                field: "complexity.small_max_complexity",
-                value: self.small_max_complexity.to_string(),
-                expected: "must not exceed medium_max_complexity (defaults 10 and 20)",
-            });
+            return Err(Error::invalid(
+                "complexity.small_max_complexity",
+                self.small_max_complexity,
+                "at most medium_max_complexity (defaults 10 and 20)",
+            ));
         }
         Ok(())
     }

@@ -10,15 +10,15 @@ use crate::router::Attempted;
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A configuration value is out of its allowed range.
-    #[error("invalid configuration: {field} = {value}; {expected}")]
+    /// A configuration value is out of its allowed range (built by [`Error::invalid`]).
+    #[error("invalid configuration: {field} = {value}: expected {expected}")]
     InvalidConfig {
         /// The field, e.g. `breaker.failure_rate`.
-        field: &'static str,
+        field: String,
         /// The value that was given, formatted.
         value: String,
         /// What the value must be, and what to do.
-        expected: &'static str,
+        expected: String,
     },
     /// No tier in the fallback chain served the request.
     #[error(
@@ -37,6 +37,24 @@ pub enum Error {
     )]
     NoBackends,
 }
+
+impl Error {
+    /// An [`Error::InvalidConfig`] for `field` holding `value`, which should be `expected`.
+    pub fn invalid(
+        field: impl Into<String>,
+        value: impl fmt::Display,
+        expected: impl Into<String>,
+    ) -> Error {
+        Error::InvalidConfig {
+            field: field.into(),
+            value: value.to_string(),
+            expected: expected.into(),
+        }
+    }
+}
+
+/// `std::result::Result` with this crate's [`Error`] by default.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Whether a failed call may succeed if it is tried again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

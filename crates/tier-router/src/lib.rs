@@ -14,9 +14,9 @@
 //!    the next, and the [`Served`] response records which tier served it and why the others
 //!    did not.
 //!
-//! [`RemoteEmbedder`] is an HTTP backend for OpenAI-compatible `/v1/embeddings` servers. A
-//! rule-based tier is any backend that never fails; the `models` crate's `RuleBasedEmbedder`
-//! (feature hashing) is the one the snug runtime uses.
+//! `RemoteEmbedder` (feature `remote`) is an HTTP backend for OpenAI-compatible
+//! `/v1/embeddings` servers. A rule-based tier is any backend that never fails; the `models`
+//! crate's `RuleBasedEmbedder` (feature hashing) is the one the snug runtime uses.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -47,14 +47,23 @@
 //! # Ok::<(), tier_router::Error>(())
 //! ```
 //!
-//! The crate has no feature flags. It uses no async runtime: backends are called on the
-//! caller's thread and retries sleep on it.
+//! The crate depends on no memory accountant: a program answers the [`MemoryGate`]'s two
+//! questions itself (the snug runtime's `LedgerGate` answers them from mem-budget's ledger and
+//! pressure monitor). It uses no async runtime: backends are called on the caller's thread and
+//! retries sleep on it.
+//!
+//! # Feature flags
+//!
+//! - `remote` (off by default): `RemoteConfig` and `RemoteEmbedder`, the blocking HTTP client
+//!   of the remote tier, on `ureq`. Without it the crate compiles no HTTP client.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backend;
 mod breaker;
 mod complexity;
 mod error;
 mod pressure;
+#[cfg(feature = "remote")]
 mod remote;
 mod retry;
 mod router;
@@ -66,8 +75,10 @@ pub use breaker::{
     Transition, TransitionReason,
 };
 pub use complexity::{Complexity, ComplexityConfig, TaskFeatures};
-pub use error::{BackendError, Error, ErrorKind};
-pub use pressure::{FixedGate, LedgerGate, MemoryGate, PressureLevel};
+pub use error::{BackendError, Error, ErrorKind, Result};
+pub use pressure::{FixedGate, MemoryGate, PressureLevel};
+#[cfg(feature = "remote")]
+#[cfg_attr(docsrs, doc(cfg(feature = "remote")))]
 pub use remote::{RemoteConfig, RemoteEmbedder};
 pub use retry::RetryConfig;
 pub use router::{

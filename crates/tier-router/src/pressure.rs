@@ -1,15 +1,42 @@
 //! What routing asks of the memory budget: the pressure level now, and whether a tier's
 //! memory fits now.
 //!
-//! This module is the single place where the router meets `mem-budget`.
+//! The router knows no memory accountant: a program answers these two questions through a
+//! [`MemoryGate`] of its own (the snug runtime's `LedgerGate` answers them from mem-budget's
+//! ledger and pressure monitor), or with a [`FixedGate`].
 
-use std::sync::Arc;
+use std::fmt;
 
-use mem_budget::{Category, MemoryLedger, PressureMonitor};
 use serde::{Deserialize, Serialize};
 
-/// How short memory is right now, from `Normal` to `Critical` (`mem-budget`'s levels).
-pub use mem_budget::PressureLevel;
+/// How short memory is right now, from `Normal` to `Critical`; the router orders its chain by
+/// it (see [`Router::route`](crate::Router::route)).
+///
+/// Serialized and displayed in lower case (`"normal"`, `"elevated"`, `"high"`, `"critical"`),
+/// as mem-budget's levels are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PressureLevel {
+    /// Memory is plentiful: local tiers first.
+    Normal,
+    /// Memory is getting short: accelerator and remote tiers before CPU-local ones.
+    Elevated,
+    /// Memory is short: as `Elevated`, and no CPU-local model that is not already loaded.
+    High,
+    /// Memory is nearly gone: only the rule-based tier serves.
+    Critical,
+}
+
+impl fmt::Display for PressureLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PressureLevel::Normal => "normal",
+            PressureLevel::Elevated => "elevated",
+            PressureLevel::High => "high",
+            PressureLevel::Critical => "critical",
+        })
+    }
+}
 
 /// The two questions the router asks of the memory budget before choosing a tier.
 pub trait MemoryGate: Send + Sync {
@@ -52,47 +79,28 @@ impl Default for FixedGate {
     }
 }
 
-/// The memory gate of a program that uses `mem-budget`: the pressure level is the monitor's
-/// last reading, and the free bytes are what the ledger could reserve now in `category`
-/// (`Category::Model` by default: a tier's memory is its model's).
-#[derive(Debug, Clone)]
-pub struct LedgerGate {
-    ledger: Arc<MemoryLedger>,
-    monitor: Arc<PressureMonitor>,
-    category: Category,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl LedgerGate {
-    /// A gate over `ledger` and `monitor`, asking for room in `Category::Model`.
-    pub fn new(ledger: Arc<MemoryLedger>, monitor: Arc<PressureMonitor>) -> Self {
-        Self {
-            ledger,
-            monitor,
-            category: Category::Model,
+    #[test]
+    fn levels_print_and_serialize_in_lower_case_in_order() {
+        let all = [
+            PressureLevel::Normal,
+            PressureLevel::Elevated,
+            PressureLevel::High,
+            PressureLevel::Critical,
+        ];
+        let names: Vec<String> = all.iter().map(|l| l.to_string()).collect();
+        assert_eq!(names, ["normal", "elevated", "high", "critical"]);
+        for (level, name) in all.iter().zip(&names) {
+            let json = serde_json::to_string(level).unwrap();
+            assert_eq!(json, format!("\"{name}\""));
+            assert_eq!(
+                serde_json::from_str::<PressureLevel>(&json).unwrap(),
+                *level
+            );
         }
-    }
-
-    /// Asks for room in `category` instead.
-    pub fn category(mut self, category: Category) -> Self {
-        self.category = category;
-        self
-    }
-}
-
-impl MemoryGate for LedgerGate {
-    fn pressure(&self) -> PressureLevel {
-        self.monitor.level()
-    }
-
-    /// What the ledger could reserve now; 0 when the ledger cannot read the machine's memory
-    /// (so that no new model is loaded blind).
-    fn available_bytes(&self) -> u64 {
-        match self.ledger.available_for(self.category) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(error = %e, "memory ledger unavailable; treating free memory as 0");
-                0
-            }
-        }
+        assert!(all.windows(2).all(|w| w[0] < w[1]));
     }
 }

@@ -10,6 +10,7 @@ use crate::backend::{Backend, Deadline};
 use crate::error::{BackendError, Error};
 
 /// Where the remote server is and how long to wait for it.
+#[cfg_attr(docsrs, doc(cfg(feature = "remote")))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RemoteConfig {
@@ -21,10 +22,12 @@ pub struct RemoteConfig {
     /// Environment variable holding the API key, sent as `Authorization: Bearer <key>`; read
     /// once when the backend is built. Unset variable: no header. Default `SNUG_REMOTE_API_KEY`.
     pub api_key_env: Option<String>,
-    /// Time allowed to open the TCP connection. Default 2 s.
+    /// Time allowed to open the TCP connection, in milliseconds in serde. Default 2 s.
+    #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub connect_timeout: Duration,
     /// Time allowed for the response to arrive, and again for its body; the request's
-    /// deadline shortens both. Default 30 s.
+    /// deadline shortens both. In milliseconds in serde. Default 30 s.
+    #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub read_timeout: Duration,
     /// Largest response body accepted. Default 64 MiB.
     pub max_response_bytes: u64,
@@ -49,6 +52,7 @@ impl Default for RemoteConfig {
 /// Errors are mapped for the router: connection refused or reset, timeouts, HTTP 408, 429 and
 /// 5xx are transient (retried, then the next tier); other HTTP statuses, a malformed body or a
 /// response whose count or shape does not match the request are permanent.
+#[cfg_attr(docsrs, doc(cfg(feature = "remote")))]
 pub struct RemoteEmbedder {
     config: RemoteConfig,
     url: String,
@@ -89,18 +93,18 @@ impl RemoteEmbedder {
     pub fn new(config: RemoteConfig) -> Result<Self, Error> {
         let base = config.base_url.trim_end_matches('/');
         if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(Error::InvalidConfig {
-                field: "remote.base_url",
-                value: config.base_url.clone(),
-                expected: "must start with http:// or https://, e.g. http://127.0.0.1:8080",
-            });
+            return Err(Error::invalid(
+                "remote.base_url",
+                &config.base_url,
+                "a URL starting with http:// or https://, e.g. http://127.0.0.1:8080",
+            ));
         }
         if config.connect_timeout.is_zero() || config.read_timeout.is_zero() {
-            return Err(Error::InvalidConfig {
-                field: "remote.connect_timeout / remote.read_timeout",
-                value: format!("{:?} / {:?}", config.connect_timeout, config.read_timeout),
-                expected: "must be above zero (defaults 2 s and 30 s)",
-            });
+            return Err(Error::invalid(
+                "remote.connect_timeout / remote.read_timeout",
+                format!("{:?} / {:?}", config.connect_timeout, config.read_timeout),
+                "both above zero (defaults 2 s and 30 s)",
+            ));
         }
         let url = if base.ends_with("/v1") {
             format!("{base}/embeddings")
@@ -249,5 +253,31 @@ impl Backend<[String], Vec<Vec<f32>>> for RemoteEmbedder {
 
     fn is_loaded(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_serialize_as_milliseconds_and_zero_is_refused() {
+        let json = serde_json::to_value(RemoteConfig::default()).unwrap();
+        assert_eq!(json["connect_timeout"], 2000.0);
+        assert_eq!(json["read_timeout"], 30_000.0);
+        let config: RemoteConfig =
+            serde_json::from_str(r#"{"base_url": "http://h:1", "read_timeout": 0}"#).unwrap();
+        assert_eq!(config.read_timeout, Duration::ZERO);
+        let e = RemoteEmbedder::new(config).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidConfig { field, .. } if field.contains("read_timeout")),
+            "{e}"
+        );
+        let e = RemoteEmbedder::new(RemoteConfig {
+            base_url: "ftp://h".into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("remote.base_url = ftp://h"), "{e}");
     }
 }

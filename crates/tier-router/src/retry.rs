@@ -18,9 +18,11 @@ use crate::error::Error;
 pub struct RetryConfig {
     /// Retries after the first attempt. Default 2 (three attempts in all); 0 turns retries off.
     pub max_retries: usize,
-    /// Delay before the first retry. Default 50 ms.
+    /// Delay before the first retry, in milliseconds in serde. Default 50 ms.
+    #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub initial_backoff: Duration,
-    /// Largest delay between attempts, before jitter. Default 1 s.
+    /// Largest delay between attempts, before jitter, in milliseconds in serde. Default 1 s.
+    #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
     pub max_backoff: Duration,
     /// Growth of the delay per retry. Default 2.
     pub factor: f32,
@@ -44,18 +46,18 @@ impl RetryConfig {
     /// Checks the values.
     pub fn validate(&self) -> Result<(), Error> {
         if !(self.factor.is_finite() && self.factor >= 1.0) {
-            return Err(Error::InvalidConfig {
-                field: "retry.factor",
-                value: self.factor.to_string(),
-                expected: "must be a finite number of at least 1 (default 2)",
-            });
+            return Err(Error::invalid(
+                "retry.factor",
+                self.factor,
+                "a finite number of at least 1 (default 2)",
+            ));
         }
         if self.max_backoff < self.initial_backoff {
-            return Err(Error::InvalidConfig {
-                field: "retry.max_backoff",
-                value: format!("{:?}", self.max_backoff),
-                expected: "must be at least initial_backoff (defaults 1 s and 50 ms)",
-            });
+            return Err(Error::invalid(
+                "retry.max_backoff",
+                format!("{:?}", self.max_backoff),
+                "at least initial_backoff (defaults 1 s and 50 ms)",
+            ));
         }
         Ok(())
     }

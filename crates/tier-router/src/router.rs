@@ -360,11 +360,11 @@ impl<Req: ?Sized, Resp> Router<Req, Resp> {
     /// of the same kind.
     pub fn add_tier(&mut self, spec: TierSpec<Req, Resp>) -> Result<(), Error> {
         if self.entries.iter().any(|e| e.name == spec.name) {
-            return Err(Error::InvalidConfig {
-                field: "tier.name",
-                value: spec.name,
-                expected: "must be unique among the router's tiers; register it under another name",
-            });
+            return Err(Error::invalid(
+                "tier.name",
+                spec.name,
+                "a name no other tier of the router has; register it under another name",
+            ));
         }
         let breaker_config = spec.breaker.unwrap_or_else(|| self.config.breaker.clone());
         let breaker = CircuitBreaker::new(spec.name.clone(), breaker_config)?;
@@ -692,4 +692,53 @@ struct Order {
     available: u64,
     chain: Vec<(usize, Role)>,
     skipped: Vec<Skipped>,
+}
+
+#[cfg(test)]
+mod serde_tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Durations serialize as milliseconds (numbers), never `{secs, nanos}` objects.
+    #[test]
+    fn durations_serialize_as_milliseconds() {
+        let config = RouterConfig {
+            breaker: BreakerConfig {
+                slow_call: Some(Duration::from_millis(250)),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["breaker"]["open_for"], 30_000.0);
+        assert_eq!(json["breaker"]["slow_call"], 250.0);
+        assert_eq!(json["retry"]["initial_backoff"], 50.0);
+        assert_eq!(json["retry"]["max_backoff"], 1000.0);
+        let back: RouterConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(back, config);
+
+        let off = serde_json::to_value(BreakerConfig::default()).unwrap();
+        assert!(off["slow_call"].is_null(), "{off}");
+        let rejected = Rejected {
+            state: crate::BreakerState::Open,
+            retry_in: Some(Duration::from_millis(120)),
+        };
+        assert_eq!(serde_json::to_value(rejected).unwrap()["retry_in"], 120.0);
+    }
+
+    #[test]
+    fn invalid_configuration_names_the_field_the_value_and_what_was_expected() {
+        let e = RetryConfig {
+            factor: 0.5,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid configuration: retry.factor = 0.5: expected a finite number of at least 1 (default 2)"
+        );
+        assert!(matches!(e, Error::InvalidConfig { ref field, .. } if field == "retry.factor"));
+    }
 }

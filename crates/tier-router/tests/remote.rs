@@ -6,7 +6,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{refused_url, within, Mode, TestServer};
+use common::server::{refused_url, Mode, TestServer};
+use common::within;
 use parking_lot::Mutex;
 use tier_router::{
     BackendError, BreakerConfig, BreakerState, Deadline, ErrorKind, FixedGate, GaveUp, Outcome,

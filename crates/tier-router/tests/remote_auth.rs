@@ -5,7 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{within, Mode, TestServer};
+use common::server::{Mode, TestServer};
+use common::within;
 use tier_router::{Deadline, RemoteConfig, RemoteEmbedder};
 
 #[test]

@@ -1,13 +1,15 @@
-//! Routing through mem-budget's real ledger and pressure monitor, fed by a fixture memory probe.
+//! Routing through mem-budget's real ledger and pressure monitor (the runtime's `LedgerGate`),
+//! fed by a fixture memory probe.
 
 use std::sync::Arc;
 
 use hw_detect::{HardwareClass, MemoryInfo, MemoryProbe};
 use mem_budget::{Budget, Category, MemoryLedger, PressureConfig, PressureMonitor, GIB, MIB};
 use parking_lot::Mutex;
+use runtime::{router_pressure, LedgerGate};
 use tier_router::{
-    BackendError, Deadline, LedgerGate, MemoryGate, PressureLevel, Router, RouterConfig,
-    SkipReason, TaskFeatures, Tier, TierSpec,
+    BackendError, Deadline, MemoryGate, PressureLevel, Router, RouterConfig, SkipReason,
+    TaskFeatures, Tier, TierSpec,
 };
 
 /// A machine whose available memory the test sets.
@@ -91,4 +93,23 @@ fn routing_follows_the_ledger_and_the_monitor() {
     let served = router.serve(&task, "q", Deadline::none()).unwrap();
     assert_eq!(served.tier, Tier::RuleBased);
     assert!(served.trail[0].to_string().contains("critical"));
+}
+
+#[test]
+fn every_budget_level_maps_to_the_router_level_of_the_same_name() {
+    use mem_budget::PressureLevel as BudgetLevel;
+    let pairs = [
+        (BudgetLevel::Normal, PressureLevel::Normal),
+        (BudgetLevel::Elevated, PressureLevel::Elevated),
+        (BudgetLevel::High, PressureLevel::High),
+        (BudgetLevel::Critical, PressureLevel::Critical),
+    ];
+    for (budget, router) in pairs {
+        assert_eq!(router_pressure(budget), router);
+        assert_eq!(budget.to_string(), router.to_string());
+        assert_eq!(
+            serde_json::to_value(budget).unwrap(),
+            serde_json::to_value(router).unwrap()
+        );
+    }
 }
