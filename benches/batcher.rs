@@ -23,7 +23,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use batcher::{Batcher, BatcherConfig};
+use batcher::{Batcher, BatcherBuilder, BatcherConfig};
 use criterion::{BenchmarkId, Criterion, Throughput};
 
 const OVERHEAD_N: usize = 4096;
@@ -52,15 +52,13 @@ fn batcher_with(
     max_batch_size: usize,
     handler: fn(Vec<u64>) -> Vec<Result<u64, Infallible>>,
 ) -> Batcher<u64, u64> {
-    Batcher::new(
-        BatcherConfig {
-            max_batch_size,
-            max_delay: Duration::ZERO,
-            max_queued: OVERHEAD_N * 2,
-            ..BatcherConfig::default()
-        },
-        handler,
-    )
+    BatcherBuilder::new(BatcherConfig {
+        max_batch_size,
+        max_delay: Duration::ZERO,
+        max_queued: OVERHEAD_N * 2,
+        ..BatcherConfig::default()
+    })
+    .build(|_| handler)
     .expect("valid config")
 }
 

@@ -5,7 +5,7 @@
 //! reported as bytes of weights read per second. Then the fork/join
 //! overhead of `ComputePool::run` against rayon.
 //!
-//! `flock /work/bench.lock cargo bench --bench gguf_kernels`
+//! `cargo bench --bench gguf_kernels`
 //! (`-- pool` for the pool only, `-- q4_1` for one type, ...)
 
 use std::time::Duration;

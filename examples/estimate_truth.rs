@@ -11,7 +11,7 @@
 //!   weights).
 //!
 //! ```text
-//! flock /work/bench.lock cargo run --release --example estimate_truth
+//! cargo run --release --example estimate_truth
 //! cargo run --release --example estimate_truth -- --formats q8_0 --batches 1,8 --words 20
 //! ```
 

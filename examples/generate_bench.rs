@@ -7,12 +7,12 @@
 //!
 //! Beside each model's row it runs the peer in the same run,
 //! `scripts/llama-bench.sh MODEL --json` (llama.cpp's `llama-bench`,
-//! `llama-batched-bench` and a peak-RSS run of `llama-perplexity -c 2048`,
-//! same threads), and prints llama.cpp's row and the ratio ours / theirs
+//! `llama-batched-bench`, and the peak RSS of `llama-batched-bench -c 2048
+//! -npp 2016 -ntg 32 -npl 1`, the same fill as ours; same threads), and prints llama.cpp's row and the ratio ours / theirs
 //! (`--no-peer` skips it; a failing peer fails the bench).
 //!
 //! ```text
-//! flock /work/bench.lock cargo run --release --example generate_bench
+//! cargo run --release --example generate_bench
 //! cargo run --release --example generate_bench -- --model gemma3-270m --reps 3
 //! ```
 

@@ -4,7 +4,7 @@
 //!
 //! ```sh
 //! bash scripts/fetch-model.sh smollm2-135m
-//! flock /work/bench.lock cargo run --release --example generate_e2e -- --clients 8,16
+//! cargo run --release --example generate_e2e -- --clients 8,16
 //! ```
 //!
 //! Both engines serve the same GGUF over HTTP with the same threads and

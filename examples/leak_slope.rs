@@ -6,7 +6,7 @@
 //! under 16 bytes per request.
 //!
 //! ```text
-//! flock /work/bench.lock cargo run --release --example leak_slope
+//! cargo run --release --example leak_slope
 //! cargo run --release --example leak_slope -- --requests 5000 --warmup 1000
 //! ```
 

@@ -8,7 +8,8 @@
 #   llama-bench -t 2 -p 128,512 -n 128                 (prefill 128 / 512, decode 1 sequence)
 #   llama-batched-bench -t 2 -c 8192 -b 2048 -ub 512 -npp 128 -ntg 128 -npl 1,4,8,16
 #                                                      (aggregate decode at 1 / 4 / 8 / 16 sequences)
-#   llama-perplexity -t 2 -c 2048 --chunks 1           (peak RSS at context 2048, under GNU time)
+#   llama-batched-bench -t 2 -c 2048 -npp 2016 -ntg 32 -npl 1
+#                                                      (peak RSS of one sequence filled to context 2048, under GNU time)
 # and prints a compact table of tokens/s, or with --json one JSON object:
 #   {"model", "file", "threads", "prefill_128", "prefill_512", "decode_1",
 #    "peak_rss_ctx2048_mib", "batched": {"1": {"prefill", "decode"}, "4": ..., "8": ..., "16": ...}}
@@ -63,13 +64,14 @@ printf 'llama-bench: %s: llama-batched-bench -t %s -c 8192 -b 2048 -ub 512 -npp 
     -npl 1,4,8,16 "${COMMON_REPACK[@]+"${COMMON_REPACK[@]}"}" --output-format jsonl >"$TMP/batched.out" 2>&1 || rc=$?
 [[ $rc == 0 ]] || die "llama-batched-bench failed: $(why "$rc" "$TMP/batched.out")"
 
-# Peak RSS with one sequence at context 2048 (f16 KV): llama-perplexity over
-# one 2048-token chunk of a text every Debian system has, under GNU time.
-TEXT="${LLAMA_RSS_TEXT:-/usr/share/common-licenses/GPL-3}"
-printf 'llama-bench: %s: llama-perplexity -t %s -c 2048 --chunks 1 (peak RSS)\n' "$MODEL" "$THREADS" >&2
-/usr/bin/time -f 'MAXRSS_KIB %M' -o "$TMP/rss.txt" "$BIN/llama-perplexity" -m "$PATH_GGUF" -t "$THREADS" -c 2048 \
-    --chunks 1 -f "$TEXT" "${COMMON_REPACK[@]+"${COMMON_REPACK[@]}"}" >"$TMP/ppl.out" 2>&1 || rc=$?
-[[ $rc == 0 ]] || die "llama-perplexity failed: $(why "$rc" "$TMP/ppl.out")"
+# Peak RSS with one sequence filled to context 2048 (f16 KV), as
+# generate_bench's own child does (a 2016-token prompt, then 32 tokens), under
+# GNU time. (Not llama-perplexity: it keeps the logits of every position,
+# 2048 x vocab floats, which no generation holds.)
+printf 'llama-bench: %s: llama-batched-bench -t %s -c 2048 -npp 2016 -ntg 32 -npl 1 (peak RSS)\n' "$MODEL" "$THREADS" >&2
+/usr/bin/time -f 'MAXRSS_KIB %M' -o "$TMP/rss.txt" "$BIN/llama-batched-bench" -m "$PATH_GGUF" -t "$THREADS" -c 2048 \
+    -b 2048 -ub 512 -npp 2016 -ntg 32 -npl 1 "${COMMON_REPACK[@]+"${COMMON_REPACK[@]}"}" >"$TMP/rss.out" 2>&1 || rc=$?
+[[ $rc == 0 ]] || die "llama-batched-bench (peak RSS) failed: $(why "$rc" "$TMP/rss.out")"
 
 python3 - "$TMP/bench.json" "$TMP/batched.out" "$MODEL" "$PATH_GGUF" "$THREADS" "$JSON" "$REPACK" "$TMP/rss.txt" <<'PY'
 import json, sys

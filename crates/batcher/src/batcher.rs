@@ -580,16 +580,6 @@ where
     O: Send + 'static,
     E: Send + 'static,
 {
-    /// Starts a batcher whose every worker runs a clone of `handler`
-    /// (weight 1 per request, one bucket). Use [`BatcherBuilder`] for a
-    /// weigher, buckets, a handler per worker or a prepare stage.
-    pub fn new<H>(config: BatcherConfig, handler: H) -> Result<Self, Error<E>>
-    where
-        H: FnMut(Vec<I>) -> Vec<Result<O, E>> + Send + Clone + 'static,
-    {
-        BatcherBuilder::new(config).build(|_| handler.clone())
-    }
-
     fn spawn(&self, name: String, f: impl FnOnce() + Send + 'static) -> Result<(), Error<E>> {
         match std::thread::Builder::new().name(name).spawn(f) {
             Ok(h) => {

@@ -440,17 +440,17 @@ fn max_batch_weight_can_be_lowered_at_run_time() {
 
 #[test]
 fn handler_panic_fails_its_batch_and_serving_continues() {
-    let b = Batcher::new(
-        BatcherConfig {
-            max_batch_size: 1,
-            max_delay: Duration::ZERO,
-            ..BatcherConfig::default()
-        },
+    let b = BatcherBuilder::new(BatcherConfig {
+        max_batch_size: 1,
+        max_delay: Duration::ZERO,
+        ..BatcherConfig::default()
+    })
+    .build(|_| {
         |batch: Vec<u32>| -> Vec<Result<u32, Infallible>> {
             assert!(!batch.contains(&13), "unlucky request");
             batch.into_iter().map(Ok).collect()
-        },
-    )
+        }
+    })
     .unwrap();
     let r = get(b.submit(13).unwrap());
     match r {
@@ -470,20 +470,20 @@ fn handler_panic_fails_its_batch_and_serving_continues() {
 
 #[test]
 fn wrong_result_count_fails_the_batch() {
-    let b = Batcher::new(
-        BatcherConfig {
-            max_batch_size: 1,
-            max_delay: Duration::ZERO,
-            ..BatcherConfig::default()
-        },
+    let b = BatcherBuilder::new(BatcherConfig {
+        max_batch_size: 1,
+        max_delay: Duration::ZERO,
+        ..BatcherConfig::default()
+    })
+    .build(|_| {
         |batch: Vec<u32>| -> Vec<Result<u32, Infallible>> {
             if batch.contains(&7) {
                 Vec::new()
             } else {
                 batch.into_iter().map(Ok).collect()
             }
-        },
-    )
+        }
+    })
     .unwrap();
     assert_eq!(
         get(b.submit(7).unwrap()),
@@ -500,13 +500,16 @@ fn wrong_result_count_fails_the_batch() {
 fn handler_errors_reach_their_own_request() {
     #[derive(Debug, PartialEq)]
     struct Odd(u32);
-    let b = Batcher::new(BatcherConfig::default(), |batch: Vec<u32>| {
-        batch
-            .into_iter()
-            .map(|x| if x % 2 == 1 { Err(Odd(x)) } else { Ok(x) })
-            .collect()
-    })
-    .unwrap();
+    let b = BatcherBuilder::new(BatcherConfig::default())
+        .build(|_| {
+            |batch: Vec<u32>| {
+                batch
+                    .into_iter()
+                    .map(|x| if x % 2 == 1 { Err(Odd(x)) } else { Ok(x) })
+                    .collect()
+            }
+        })
+        .unwrap();
     let ts: Vec<_> = (0..4).map(|x| b.submit(x).unwrap()).collect();
     let got: Vec<_> = ts.into_iter().map(get).collect();
     assert_eq!(
@@ -745,10 +748,11 @@ fn config_defaults_and_validation() {
         max_batch_size: 0,
         ..d
     };
-    let err = Batcher::new(bad, |xs: Vec<u32>| -> Vec<Result<u32, Infallible>> {
-        xs.into_iter().map(Ok).collect()
-    })
-    .unwrap_err();
+    let err = BatcherBuilder::new(bad)
+        .build(|_| {
+            |xs: Vec<u32>| -> Vec<Result<u32, Infallible>> { xs.into_iter().map(Ok).collect() }
+        })
+        .unwrap_err();
     assert!(err.to_string().contains("max_batch_size = 0"), "{err}");
 }
 

@@ -300,7 +300,7 @@ impl Runtime {
             } else {
                 0
             };
-            router.add_tier(
+            router = router.with_tier(
                 tier_router::TierSpec::new(model, tier_router::Tier::Small, Arc::new(backend))
                     .memory_bytes(memory),
             )?;
@@ -308,7 +308,7 @@ impl Runtime {
         #[cfg(feature = "remote")]
         if let Some(remote) = &config.remote {
             let client = tier_router::RemoteEmbedder::new(remote.clone())?;
-            router.add_tier(tier_router::TierSpec::new(
+            router = router.with_tier(tier_router::TierSpec::new(
                 "remote",
                 tier_router::Tier::Remote,
                 Arc::new(client),
@@ -321,7 +321,7 @@ impl Runtime {
             Vec<Vec<f32>>,
             tier_router::BackendError,
         > { Ok(texts.iter().map(|t| rule.embed_one(t)).collect()) };
-        router.add_tier(tier_router::TierSpec::new(
+        router = router.with_tier(tier_router::TierSpec::new(
             "rule-based",
             tier_router::Tier::RuleBased,
             Arc::new(rule_backend),

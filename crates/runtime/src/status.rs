@@ -19,7 +19,8 @@ pub struct Throttling {
 /// A snapshot of the runtime and the machine.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
-    /// CPU busy since the previous status, percent (unknown on the first).
+    /// CPU busy since the previous status (the first: since the runtime
+    /// started), percent; `None` only where `/proc/stat` cannot be read.
     pub cpu_percent: Option<f64>,
     /// Effective memory in use, percent.
     pub memory_percent: f64,

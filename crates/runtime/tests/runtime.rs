@@ -153,6 +153,17 @@ fn bad_requests_get_clear_errors() {
 }
 
 #[test]
+fn status_reports_cpu_as_a_number_from_the_first_call() {
+    let rt = minilm_runtime(config());
+    let first = rt.status();
+    let cpu = first.cpu_percent.expect("/proc/stat is readable here");
+    assert!((0.0..=100.0).contains(&cpu), "{cpu}");
+    let json = serde_json::to_value(&first).unwrap();
+    assert!(json["cpu_percent"].is_f64(), "{}", json["cpu_percent"]);
+    assert!(rt.status().cpu_percent.is_some());
+}
+
+#[test]
 fn a_budget_too_small_for_f32_loads_a_smaller_format() {
     let (c, cap) = f32_asked_under_a_cap_that_only_q8_fits();
     let rt = minilm_runtime(c);

@@ -26,17 +26,17 @@
 //! };
 //!
 //! let gate = Arc::new(FixedGate { pressure: PressureLevel::Normal, available_bytes: 1 << 30 });
-//! let mut router = Router::new(RouterConfig::default(), gate)?;
+//! let router = Router::new(RouterConfig::default(), gate)?;
 //! // A local tier whose model is down: it fails permanently.
 //! let broken = |_: &[String], _: Deadline| -> Result<Vec<Vec<f32>>, BackendError> {
 //!     Err(BackendError::permanent("model file missing"))
 //! };
-//! router.add_tier(TierSpec::new("minilm", Tier::Small, Arc::new(broken)).memory_bytes(100 << 20))?;
+//! let router = router.with_tier(TierSpec::new("minilm", Tier::Small, Arc::new(broken)).memory_bytes(100 << 20))?;
 //! // A rule-based tier: one vector per text, never fails.
 //! let rule = |texts: &[String], _: Deadline| -> Result<Vec<Vec<f32>>, BackendError> {
 //!     Ok(texts.iter().map(|t| vec![t.len() as f32; 8]).collect())
 //! };
-//! router.add_tier(TierSpec::new("hashing", Tier::RuleBased, Arc::new(rule)))?;
+//! let router = router.with_tier(TierSpec::new("hashing", Tier::RuleBased, Arc::new(rule)))?;
 //!
 //! let texts = vec!["hello world".to_string()];
 //! let served = router.serve(&TaskFeatures::with_tokens(3), &texts[..], Deadline::none())?;

@@ -319,7 +319,8 @@ pub struct Served<Resp> {
 }
 
 /// Routes tasks to tiers and serves them with breakers, retries and fallback. Share it between
-/// threads with an `Arc`; every method takes `&self` except [`Router::add_tier`].
+/// threads with an `Arc`; every method takes `&self` (tiers are registered before, with
+/// [`Router::with_tier`]).
 pub struct Router<Req: ?Sized, Resp> {
     config: RouterConfig,
     gate: Arc<dyn MemoryGate>,
@@ -356,9 +357,11 @@ impl<Req: ?Sized, Resp> Router<Req, Resp> {
         })
     }
 
-    /// Registers a tier. Names must be unique. Registration order breaks ties between tiers
-    /// of the same kind.
-    pub fn add_tier(&mut self, spec: TierSpec<Req, Resp>) -> Result<(), Error> {
+    /// The router with one more tier (the one way to register a tier:
+    /// `Router::new(..)?.with_tier(a)?.with_tier(b)?`). Names must be
+    /// unique. Registration order breaks ties between tiers of the same
+    /// kind.
+    pub fn with_tier(mut self, spec: TierSpec<Req, Resp>) -> Result<Self, Error> {
         if self.entries.iter().any(|e| e.name == spec.name) {
             return Err(Error::invalid(
                 "tier.name",
@@ -376,12 +379,6 @@ impl<Req: ?Sized, Resp> Router<Req, Resp> {
             backend: spec.backend,
             breaker,
         });
-        Ok(())
-    }
-
-    /// Builder-style [`Router::add_tier`].
-    pub fn with_tier(mut self, spec: TierSpec<Req, Resp>) -> Result<Self, Error> {
-        self.add_tier(spec)?;
         Ok(self)
     }
 
