@@ -9,10 +9,10 @@
 
 use std::sync::OnceLock;
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use quant::blocks::{ComputePool, PoolConfig, QMatrix};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// The pool every decoder matmul runs on (the physical cores by default).
 fn pool() -> &'static ComputePool {
@@ -44,22 +44,15 @@ impl std::fmt::Debug for Matrix {
 }
 
 impl Matrix {
-    pub(crate) fn new(name: &str, tensor: QTensor) -> Result<Matrix> {
-        let dims = tensor.shape().dims().to_vec();
-        if dims.len() != 2 {
-            return Err(Error::BadTensor {
-                name: name.into(),
-                reason: format!("expected a matrix, found shape {dims:?}"),
-            });
-        }
-        let q = QMatrix::from_qtensor(&tensor)?;
-        Ok(Matrix {
+    /// A matrix already in the kernels' layout.
+    pub(crate) fn from_qmatrix(name: &str, q: QMatrix) -> Matrix {
+        Matrix {
             name: name.into(),
-            dtype: tensor.dtype(),
+            dtype: q.dtype(),
+            rows: q.rows(),
+            cols: q.cols(),
             q,
-            rows: dims[0],
-            cols: dims[1],
-        })
+        }
     }
 
     /// Bytes held by the weights as the kernels keep them.

@@ -17,7 +17,7 @@ mod linear;
 mod ops;
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use buffer_pool::{BufferPool, BufferPoolConfig, NamedPool, NamedPoolConfig};
@@ -440,7 +440,18 @@ fn load_matrix(
         });
     }
     config::check_matmul_dtype(name, info.ggml_dtype, cols)?;
-    Matrix::new(name, read_tensor(content, reader, path, name)?)
+    // Straight from the file into the kernels' layout, a few MiB at a time:
+    // the stored copy of a large matrix (Gemma's 262k-row embedding) is never
+    // held whole beside the repacked one.
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    reader
+        .seek(SeekFrom::Start(content.tensor_data_offset + info.offset))
+        .map_err(io)?;
+    let q = quant::blocks::QMatrix::from_reader(info.ggml_dtype, rows, cols, reader)?;
+    Ok(Matrix::from_qmatrix(name, q))
 }
 
 fn load_vector(

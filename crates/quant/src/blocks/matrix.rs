@@ -206,6 +206,48 @@ impl QMatrix {
                 reason: format!("{} bytes of data, the shape needs {want}", data.len()),
             });
         }
+        let mut m = QMatrix::empty(ty, rows, cols);
+        m.append_rows(0, data);
+        Ok(m)
+    }
+
+    /// Repacks raw GGUF block data read from `reader` (exactly the tensor's
+    /// bytes, as [`from_raw`](Self::from_raw) takes them), a few MiB at a
+    /// time: the stored copy is never held whole beside the repacked one, so
+    /// loading a large matrix (a 262k-row embedding) peaks at its repacked
+    /// size, not twice it.
+    pub fn from_reader(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        reader: &mut impl std::io::Read,
+    ) -> Result<QMatrix> {
+        let ty = Ty::of(dtype)?;
+        check_shape(ty, rows, cols)?;
+        let row_bytes = cols / ty.block() * ty.stored();
+        let chunk_rows = ((4 << 20) / row_bytes.max(1)).clamp(1, rows.max(1));
+        let mut m = QMatrix::empty(ty, rows, cols);
+        let mut buf = vec![0u8; chunk_rows * row_bytes];
+        let mut row = 0;
+        while row < rows {
+            let r = chunk_rows.min(rows - row);
+            let part = &mut buf[..r * row_bytes];
+            reader.read_exact(part).map_err(|e| Error::BlockData {
+                dtype: format!("{dtype:?}"),
+                rows,
+                cols,
+                reason: format!("reading rows {row}..{}: {e}", row + r),
+            })?;
+            m.append_rows(row, part);
+            row += r;
+        }
+        Ok(m)
+    }
+
+    /// A matrix with no rows stored yet, its buffers reserved for `rows`.
+    fn empty(ty: Ty, rows: usize, cols: usize) -> QMatrix {
+        let nb = cols / ty.block();
+        let blocks = rows * nb;
         let mut m = QMatrix {
             ty,
             rows,
@@ -218,18 +260,55 @@ impl QMatrix {
             f: Vec::new(),
             kernel: Kernel::detect(),
         };
+        match ty {
+            Ty::F32 => m.f.reserve(blocks),
+            Ty::F16 => m.d.reserve(blocks),
+            Ty::Q4_0 | Ty::Q4_1 => {
+                m.qs.reserve(blocks * 16);
+                m.d.reserve(blocks);
+                if ty == Ty::Q4_1 {
+                    m.m.reserve(blocks);
+                }
+            }
+            Ty::Q5_0 => {
+                m.qs.reserve(blocks * 16);
+                m.qh = vec![0; blocks * 4];
+                m.d.reserve(blocks);
+            }
+            Ty::Q8_0 => {
+                m.qs.reserve(blocks * 32);
+                m.d.reserve(blocks);
+            }
+            Ty::Q4K => {
+                m.qs.reserve(blocks * 128);
+                m.sc.reserve(blocks * 16);
+                m.d.reserve(blocks);
+                m.m.reserve(blocks);
+            }
+            Ty::Q6K => {
+                m.qs.reserve(blocks * 128);
+                m.qh.reserve(blocks * 64);
+                m.sc.reserve(blocks * 16);
+                m.d.reserve(blocks);
+            }
+        }
+        m
+    }
+
+    /// Appends whole stored rows starting at row `row0` (rows must come in
+    /// order; `data` holds whole rows).
+    fn append_rows(&mut self, row0: usize, data: &[u8]) {
         let h = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
+        let (ty, nb) = (self.ty, self.cols / self.ty.block());
+        let m = self;
         let blocks = data.chunks_exact(ty.stored());
         match ty {
             Ty::F32 => {
-                m.f = blocks
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
+                m.f.extend(blocks.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
             }
-            Ty::F16 => m.d = blocks.map(|b| h(b, 0)).collect(),
+            Ty::F16 => m.d.extend(blocks.map(|b| h(b, 0))),
             Ty::Q4_0 | Ty::Q4_1 => {
                 let off = if ty == Ty::Q4_1 { 4 } else { 2 };
-                m.qs.reserve(rows * nb * 16);
                 for b in blocks {
                     m.d.push(h(b, 0));
                     if ty == Ty::Q4_1 {
@@ -239,12 +318,10 @@ impl QMatrix {
                 }
             }
             Ty::Q5_0 => {
-                m.qs.reserve(rows * nb * 16);
-                m.qh = vec![0; rows * nb * 4];
                 for (i, b) in blocks.enumerate() {
                     m.d.push(h(b, 0));
                     m.qs.extend_from_slice(&b[6..22]);
-                    let (row, blk) = (i / nb, i % nb);
+                    let (row, blk) = (row0 + i / nb, i % nb);
                     let bits = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
                     let qh = &mut m.qh[row * nb * 4..(row + 1) * nb * 4];
                     if blk < nb / 4 * 4 {
@@ -267,15 +344,12 @@ impl QMatrix {
                 }
             }
             Ty::Q8_0 => {
-                m.qs.reserve(rows * nb * 32);
                 for b in blocks {
                     m.d.push(h(b, 0));
                     m.qs.extend(b[2..34].iter().map(|&v| v ^ 0x80));
                 }
             }
             Ty::Q4K => {
-                m.qs.reserve(rows * nb * 128);
-                m.sc.reserve(rows * nb * 16);
                 for b in blocks {
                     m.d.push(h(b, 0));
                     m.m.push(h(b, 2));
@@ -290,9 +364,6 @@ impl QMatrix {
                 }
             }
             Ty::Q6K => {
-                m.qs.reserve(rows * nb * 128);
-                m.qh.reserve(rows * nb * 64);
-                m.sc.reserve(rows * nb * 16);
                 for b in blocks {
                     m.qs.extend_from_slice(&b[0..128]);
                     m.qh.extend_from_slice(&b[128..192]);
@@ -301,7 +372,6 @@ impl QMatrix {
                 }
             }
         }
-        Ok(m)
     }
 
     /// The GGUF type of the weights.
