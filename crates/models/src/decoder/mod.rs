@@ -443,13 +443,26 @@ fn load_matrix(
     // Straight from the file into the kernels' layout, a few MiB at a time:
     // the stored copy of a large matrix (Gemma's 262k-row embedding) is never
     // held whole beside the repacked one.
-    let io = |source| Error::Io {
+    let bad = |reason: String| Error::Gguf {
         path: path.to_path_buf(),
-        source,
+        source: candle_core::Error::Msg(reason),
     };
+    let start = content.tensor_data_offset + info.offset;
+    let bytes = (rows * cols / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
+    let len = reader
+        .get_ref()
+        .metadata()
+        .map_err(|e| bad(format!("cannot read the file's size: {e}")))?
+        .len();
+    if start + bytes > len {
+        return Err(bad(format!(
+            "tensor {name} needs bytes {start}..{}, but the file is {len} bytes (truncated?)",
+            start + bytes
+        )));
+    }
     reader
-        .seek(SeekFrom::Start(content.tensor_data_offset + info.offset))
-        .map_err(io)?;
+        .seek(SeekFrom::Start(start))
+        .map_err(|e| bad(format!("seeking to tensor {name} at byte {start}: {e}")))?;
     let q = quant::blocks::QMatrix::from_reader(info.ggml_dtype, rows, cols, reader)?;
     Ok(Matrix::from_qmatrix(name, q))
 }
