@@ -223,8 +223,19 @@ impl PressureMonitor {
     /// A monitor of this machine: `hw_detect::Detector` for memory, and
     /// `/proc/stat` and `/sys/class/thermal` below `/`.
     pub fn for_this_machine(config: PressureConfig) -> PressureMonitor {
+        PressureMonitor::with_machine_readers(Arc::new(Detector::new()), config)
+    }
+
+    /// A monitor of `probe`'s memory readings, with this machine's CPU-load
+    /// and thermal readers (`/proc/stat` and `/sys/class/thermal` below
+    /// `/`): for a program whose memory comes from its own probe (a budget,
+    /// a container's limit) while CPU and heat are the machine's.
+    pub fn with_machine_readers(
+        probe: Arc<dyn MemoryProbe>,
+        config: PressureConfig,
+    ) -> PressureMonitor {
         PressureMonitor::with_readers(
-            Arc::new(Detector::new()),
+            probe,
             config,
             Some(CpuLoadReader::with_root("/")),
             Some(ThermalReader::with_root("/")),

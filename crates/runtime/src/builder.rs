@@ -152,11 +152,9 @@ impl Runtime {
         // CPU load and thermal zones are the machine's, whatever probe
         // reports memory: without these readers `status().cpu_percent`
         // would stay empty and `cpu_maxed` / `thermal_likely` never fire.
-        let monitor = mem_budget::PressureMonitor::with_readers(
+        let monitor = mem_budget::PressureMonitor::with_machine_readers(
             Arc::clone(&probe),
             config.pressure.clone(),
-            Some(hw_detect::CpuLoadReader::with_root("/")),
-            Some(hw_detect::ThermalReader::with_root("/")),
         );
         if let Err(e) = monitor.check_now() {
             tracing::warn!(error = %e, "first pressure reading failed");
