@@ -607,6 +607,110 @@ where
         self.submit_inner(item, options, None)
     }
 
+    /// Submits several requests at once, with the same options: they are
+    /// queued together under one lock, so the worker sees all of them when
+    /// it cuts its next batch (a caller's texts batch together instead of
+    /// the first running alone while the rest are still being queued). All
+    /// or nothing: if one is heavier than the batch weight limit
+    /// ([`Error::TooHeavy`]) or the queue lacks room for all of them
+    /// ([`Error::Overloaded`]), none is queued. Tickets come back in the
+    /// order of `items`.
+    ///
+    /// ```
+    /// use batcher::{BatcherBuilder, BatcherConfig, Submit};
+    ///
+    /// let sizes = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    /// let seen = std::sync::Arc::clone(&sizes);
+    /// let b = BatcherBuilder::new(BatcherConfig::default())
+    ///     .build(move |_worker| {
+    ///         let seen = std::sync::Arc::clone(&seen);
+    ///         move |batch: Vec<u32>| -> Vec<Result<u32, std::convert::Infallible>> {
+    ///             seen.lock().push(batch.len());
+    ///             batch.iter().map(|x| Ok(x * 2)).collect()
+    ///         }
+    ///     })
+    ///     .unwrap();
+    /// let tickets = b.submit_all_with([1, 2, 3], Submit::default()).unwrap();
+    /// let out: Vec<u32> = tickets.into_iter().map(|t| t.wait().unwrap()).collect();
+    /// assert_eq!(out, [2, 4, 6]);
+    /// assert_eq!(*sizes.lock(), [3]); // one batch of all three
+    /// ```
+    pub fn submit_all_with(
+        &self,
+        items: impl IntoIterator<Item = I>,
+        options: Submit,
+    ) -> Result<Vec<Ticket<O, E>>, Error<E>> {
+        let s = &*self.shared;
+        let items: Vec<(I, u64, u64)> = items
+            .into_iter()
+            .map(|item| {
+                let weight = s.weigher.weigh(&item);
+                let bucket = s.bucket_of.as_ref().map_or(0, |f| f(&item));
+                (item, weight, bucket)
+            })
+            .collect();
+        let total: u64 = items.iter().map(|i| i.1).fold(0, u64::saturating_add);
+        let mut q = s.queue.lock();
+        if q.closed {
+            return Err(Error::ShutDown);
+        }
+        if let Some(&(_, weight, _)) = items.iter().find(|i| i.1 > q.max_batch_weight) {
+            return Err(Error::TooHeavy {
+                weight,
+                max_batch_weight: q.max_batch_weight,
+            });
+        }
+        let fits_weight = q.weight.saturating_add(total) <= s.cfg.max_queued_weight;
+        if q.live.saturating_add(items.len()) > s.cfg.max_queued || !fits_weight {
+            q.counters.rejected += items.len() as u64;
+            return Err(Error::Overloaded {
+                queued: q.live,
+                queued_weight: q.weight,
+                max_queued: s.cfg.max_queued,
+                max_queued_weight: s.cfg.max_queued_weight,
+            });
+        }
+        let now = Instant::now();
+        let mut wake = (false, false);
+        let mut queued = Vec::with_capacity(items.len());
+        for (item, weight, bucket) in items {
+            let id = q.next_id;
+            q.next_id += 1;
+            let slot = Arc::new(Slot::new(
+                id,
+                bucket,
+                options.priority.0,
+                weight,
+                now,
+                options.deadline,
+            ));
+            let w = q.push(item, Arc::clone(&slot), &s.cfg);
+            wake = (wake.0 || w.worker, wake.1 || w.reaper);
+            queued.push((id, weight, slot));
+        }
+        let live = q.live;
+        drop(q);
+        if wake.0 {
+            s.work.notify_one();
+        }
+        if wake.1 {
+            s.reaper.notify_one();
+        }
+        let canceller: Arc<dyn Canceller<O, E>> = Arc::clone(&self.shared) as _;
+        Ok(queued
+            .into_iter()
+            .map(|(id, weight, slot)| {
+                s.emit(|| Event::Queued {
+                    request: id,
+                    priority: options.priority,
+                    weight,
+                    queued: live,
+                });
+                Ticket::new(slot, Arc::clone(&canceller))
+            })
+            .collect())
+    }
+
     /// Like [`submit_with`](Self::submit_with), but waits up to `timeout`
     /// for room in the queue before failing with [`Error::Overloaded`].
     pub fn submit_timeout(

@@ -362,10 +362,14 @@ pub struct MiniLmMemory {
     /// ([`quant::resident_weight_bytes`]), the word table (f32 or Q8_0 rows),
     /// and the f32 position and type tables, biases and norms.
     pub weights: u64,
-    /// Peak bytes while loading: the pages of the memory-mapped file (all of
-    /// it is read once), the weights built so far, and the f32 copies in
-    /// flight (the word table while it is quantized, or one layer's fused
-    /// projection, its padded copy and the quantizer's input).
+    /// Peak bytes while loading, the larger of two phases: the word table
+    /// (its pages of the memory-mapped file, the f32 copy read from them and
+    /// its Q8_0 rows when quantized), and the last layer (every page of the
+    /// file, the weights, and the most f32 bytes one matrix has in flight:
+    /// the fused projection's parts and concatenation, a padded copy beside
+    /// the matrix and its zeros, or the quantizer's input beside the copy it
+    /// builds) — less candle's repacked copies, which the first forwards
+    /// build once the file is unmapped — or the weights with those copies.
     pub load_peak: u64,
     /// Activation bytes per token of a batch at its peak inside a layer: the
     /// attention output (hidden stride wide), the FFN's intermediate and its
@@ -416,7 +420,10 @@ impl MiniLm {
         };
         let f32b = |n: usize| 4 * n as u64;
         let mut linear = 0u64;
-        let mut largest_f32 = 0u64;
+        // The f32 bytes in flight while one matrix is built, beside the
+        // weights: what `load` allocates for it, step by step.
+        let mut in_flight = 0u64;
+        let mut copies = 0u64;
         for layer in 0..l {
             let n = |r: &str| format!("encoder.layer.{layer}.{r}.weight");
             let qkv = [
@@ -428,6 +435,9 @@ impl MiniLm {
             .map(|r| fmt_of(n(r)))
             .min()
             .unwrap_or(Format::F32);
+            // The fused projection: its three parts and their concatenation
+            // live together.
+            in_flight = in_flight.max(2 * f32b(3 * h * h));
             let parts = [
                 (qkv, 3 * h, stride),
                 (fmt_of(n("attention.output.dense")), h, stride),
@@ -435,8 +445,27 @@ impl MiniLm {
                 (fmt_of(n("output.dense")), h, i),
             ];
             for (f, out, inp) in parts {
-                linear += quant::resident_weight_bytes(f.fit(inp), out, inp);
-                largest_f32 = largest_f32.max(f32b(out * inp));
+                let fmt = f.fit(inp);
+                let resident = quant::resident_weight_bytes(fmt, out, inp);
+                // candle builds its repacked copies on the first forwards,
+                // after the file is unmapped; the int8 kernel's packed copy
+                // is built here.
+                copies += resident.saturating_sub(
+                    if fmt == Format::Q8_0 && quant::int8_kernel_available() {
+                        resident
+                    } else {
+                        fmt.bytes_for(out * inp).min(resident)
+                    },
+                );
+                if inp == stride && stride > h {
+                    // Padding: the matrix, the zeros and the padded copy.
+                    in_flight = in_flight
+                        .max(f32b(out * h) + f32b(out * (stride - h)) + f32b(out * stride));
+                }
+                linear += resident;
+                // Quantizing: the (padded) f32 input, and the format's copy
+                // being built beside the one it is made from.
+                in_flight = in_flight.max(f32b(out * inp) + resident);
             }
         }
         let word = match options.word_embedding_format() {
@@ -446,14 +475,17 @@ impl MiniLm {
         let small = f32b(c.max_position_embeddings * h + c.type_vocab_size * h + 2 * h)
             + l as u64 * f32b(3 * h + h + 2 * h + i + h + 2 * h);
         let weights = linear + word + small;
-        // Loading: the word table first (its f32 copy, and its Q8_0 rows when
-        // quantized), then the layers; the file's pages stay mapped until
-        // the end. A layer's fused projection exists as its three parts, the
-        // concatenation and the padded copy at once.
+        // Loading reads the file through a read-only mapping: its pages
+        // become resident as tensors are read and stay so until the end.
+        // First the word table: its pages, the f32 copy read from them and,
+        // when quantized, its Q8_0 rows (the f32 copy goes before the layers
+        // are read). Then the layers: by the last one every page of the file
+        // is resident beside the weights and one matrix's bytes in flight.
         let word_f32 = f32b(c.vocab_size * h);
-        let word_phase = word_f32 + if word == word_f32 { 0 } else { word };
-        let layer_phase = weights + 3 * largest_f32;
-        let load_peak = file_bytes + word_phase.max(layer_phase);
+        let word_phase = 2 * word_f32 + if word == word_f32 { 0 } else { word };
+        let layer_phase = file_bytes + weights - copies + in_flight;
+        // The first forwards then add candle's copies; the mapping is gone.
+        let load_peak = word_phase.max(layer_phase).max(weights);
         Ok(MiniLmMemory {
             weights,
             load_peak,

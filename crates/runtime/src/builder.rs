@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 
 use crate::config::RuntimeConfig;
 use crate::embed::{LocalBackend, CACHE_ENTRY_BYTES};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{MiniLmFacts, MiniLmVariants, ModelSpec};
 use crate::plan::initial_plan;
 use crate::registry::Registry;
@@ -158,6 +158,21 @@ impl Runtime {
         );
         if let Err(e) = monitor.check_now() {
             tracing::warn!(error = %e, "first pressure reading failed");
+        }
+        // Freed activations go back to the OS (see `release_freed_memory`):
+        // set before any model buffer is allocated.
+        const MAX_MMAP_THRESHOLD: usize = 32 << 20;
+        if config.release_freed_memory {
+            if config.mmap_threshold == 0 || config.mmap_threshold > MAX_MMAP_THRESHOLD {
+                return Err(Error::invalid(
+                    "mmap_threshold",
+                    config.mmap_threshold.to_string(),
+                    format!("1..={MAX_MMAP_THRESHOLD} bytes (malloc's limit)"),
+                ));
+            }
+            if !crate::cleanup::fix_mmap_threshold(config.mmap_threshold) {
+                tracing::debug!("malloc's mmap threshold is not settable here");
+            }
         }
 
         // The bundled MiniLM (from the builder, or found on disk) and what it

@@ -53,6 +53,26 @@ pub(crate) fn release_to_os() {
     }
 }
 
+/// Fixes malloc's mmap threshold (and its trim threshold) at `bytes`, so that
+/// every allocation at least that large is mapped on its own and unmapped when
+/// freed; glibc otherwise raises the threshold after each large free. Returns
+/// whether the allocator took the setting.
+pub(crate) fn fix_mmap_threshold(bytes: usize) -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let Ok(v) = libc::c_int::try_from(bytes) else {
+            return false;
+        };
+        // SAFETY: mallopt only sets glibc's own parameters under its lock.
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, v) == 1 && libc::mallopt(libc::M_TRIM_THRESHOLD, v) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = bytes;
+        false
+    }
+}
+
 impl Runtime {
     /// Frees what can be freed now: pauses warm-ups, clears the cache,
     /// shrinks the pool to 25%, unloads idle unpinned models and returns

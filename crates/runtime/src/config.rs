@@ -113,6 +113,20 @@ pub struct RuntimeConfig {
     pub complexity: tier_router::ComplexityConfig,
     /// `max_tokens` of one generation at most. Default 4096.
     pub max_generate_tokens: usize,
+    /// Return freed activation buffers to the OS at once (Linux with glibc):
+    /// the runtime fixes malloc's mmap threshold at
+    /// [`RuntimeConfig::mmap_threshold`] bytes, so every buffer at least that
+    /// large is its own mapping, unmapped when freed. Without it glibc raises
+    /// the threshold after the first large free, later batches' buffers come
+    /// from the heap, and freed ones stay resident: peak RSS then exceeds
+    /// the bytes live by 10–80% and varies from run to run, so no estimate
+    /// can be both close and never below. The setting is process-wide (it is
+    /// malloc's); a program that tunes malloc itself turns this off. Default
+    /// `true`; no effect on other platforms.
+    pub release_freed_memory: bool,
+    /// The mmap threshold of [`RuntimeConfig::release_freed_memory`] in bytes.
+    /// Default 128 KiB (glibc's own starting value).
+    pub mmap_threshold: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -139,6 +153,8 @@ impl Default for RuntimeConfig {
             max_text_bytes: 256 * 1024,
             complexity: tier_router::ComplexityConfig::default(),
             max_generate_tokens: 4096,
+            release_freed_memory: true,
+            mmap_threshold: 32 * 1024,
         }
     }
 }

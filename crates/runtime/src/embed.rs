@@ -76,10 +76,9 @@ impl Runtime {
         }
         let loaded = self.name_errors(inner.registry.get(model))?;
         let tokens = loaded.model.tokenize(texts)?;
-        let tickets = tokens
-            .into_iter()
-            .map(|t| loaded.batcher.submit(t))
-            .collect::<std::result::Result<Vec<_>, _>>()
+        let tickets = loaded
+            .batcher
+            .submit_all_with(tokens, batcher::Submit::default())
             .map_err(|e| Error::Backend(e.to_string()))?;
         let mut vectors = Vec::with_capacity(tickets.len());
         for t in tickets {
@@ -353,14 +352,13 @@ impl tier_router::Backend<[String], Vec<Vec<f32>>> for LocalBackend {
         if let Some(at) = deadline.instant() {
             submit = submit.deadline(at);
         }
-        let mut tickets = Vec::with_capacity(tokens.len());
-        for t in tokens {
-            match loaded.batcher.submit_with(t, submit) {
-                Ok(ticket) => tickets.push(ticket),
-                // Dropping the tickets taken so far cancels them.
-                Err(e) => return Err(BackendError::transient(e.to_string())),
-            }
-        }
+        // All of the request's texts are queued at once, so they batch
+        // together as the estimate assumes (not the first alone while the
+        // rest are still being queued).
+        let tickets = loaded
+            .batcher
+            .submit_all_with(tokens, submit)
+            .map_err(|e| BackendError::transient(e.to_string()))?;
         let out = scratch.as_mut_slice_f32();
         for (i, ticket) in tickets.into_iter().enumerate() {
             let v = ticket.wait().map_err(|e| match e {

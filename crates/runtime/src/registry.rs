@@ -274,10 +274,14 @@ impl Registry {
             self.emit(LoadEvent::Warming {
                 model: spec.name.clone(),
             });
-            // One forward builds candle's repacked weights now, not on the
-            // first user request.
-            let warm = model.tokenize(&["warm up"])?;
-            model.embed_tokens(&warm)?;
+            // Forwards build candle's repacked weights now, not on the first
+            // user request: one of a few tokens (GEMV paths) and one of more
+            // than 32 rows (the batched paths, which build their own copies).
+            let long = ["warm up the batched paths"; 8].join(" ");
+            for text in ["warm up", long.as_str()] {
+                let warm = model.tokenize(&[text])?;
+                model.embed_tokens(&warm)?;
+            }
             let batcher = self.start_batcher(&spec.name, Arc::clone(&model))?;
             let resident = model.resident_bytes();
             self.emit(LoadEvent::Ready {
