@@ -341,6 +341,11 @@ fn bench_config() -> RuntimeConfig {
     if let Ok(w) = std::env::var("SNUG_BATCH_WORKERS") {
         c.batch.workers = w.parse().unwrap_or(1);
     }
+    // `SNUG_RELEASE_FREED_MEMORY=0` leaves malloc's mmap threshold as glibc
+    // moves it, to measure what fixing it costs.
+    if std::env::var("SNUG_RELEASE_FREED_MEMORY").as_deref() == Ok("0") {
+        c.release_freed_memory = false;
+    }
     c
 }
 

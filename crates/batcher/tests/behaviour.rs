@@ -776,3 +776,52 @@ fn error_messages_name_value_limit_and_remedy() {
         "{m}"
     );
 }
+
+#[test]
+fn submit_all_queues_a_caller_s_requests_as_one_batch_or_none_of_them() {
+    // An idle worker with no delay: requests submitted one by one can be cut
+    // as the first arrives; submitted together they are one batch.
+    let (b, log) = logging(
+        BatcherBuilder::new(BatcherConfig {
+            wait_when_idle: false,
+            max_batch_size: 8,
+            ..now()
+        }),
+        None,
+    );
+    let tickets = b.submit_all_with([1, 2, 3, 4], Submit::default()).unwrap();
+    let out: Vec<u32> = tickets.into_iter().map(|t| get(t).unwrap()).collect();
+    assert_eq!(out, [10, 20, 30, 40]);
+    assert_eq!(*log.lock().unwrap(), vec![vec![1, 2, 3, 4]]);
+
+    // All or nothing: three requests do not fit a queue of two behind a busy
+    // worker, so none is queued and the queue still takes two.
+    let (b, log, gate, first) = busy(BatcherConfig {
+        max_queued: 2,
+        ..now()
+    });
+    let r = b.submit_all_with([1, 2, 3], Submit::default());
+    assert!(
+        matches!(
+            r,
+            Err(Error::Overloaded {
+                queued: 0,
+                max_queued: 2,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(b.stats().rejected, 3);
+    let tickets = b.submit_all_with([5, 6], Submit::default()).unwrap();
+    gate.open();
+    assert_eq!(get(first), Ok(0));
+    let out: Vec<u32> = tickets.into_iter().map(|t| get(t).unwrap()).collect();
+    assert_eq!(out, [50, 60]);
+    assert!(!log
+        .lock()
+        .unwrap()
+        .iter()
+        .flatten()
+        .any(|&x| x == 1 || x == 2 || x == 3));
+}

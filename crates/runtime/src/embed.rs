@@ -405,7 +405,9 @@ pub(crate) fn largest_batch(lens: &[u64], batch_tokens: u64, batch_size: usize) 
 
 /// Bytes a request adds at its peak: the activations of its largest batch,
 /// plus what the runtime holds for the whole request: each text's tokens
-/// (ids and type ids, 8 bytes a token), two copies of the texts (the misses
+/// (ids and type ids, 8 bytes a token), the tokenizer's encodings of all of
+/// them ([`ENCODING_BYTES_PER_TOKEN`]: freed before the forward, but their
+/// heap pages stay resident beneath it), two copies of the texts (the misses
 /// and the cache keys), and per text four copies of its answer (the
 /// batcher's, the pooled scratch, the returned vector, the cached one) with
 /// the cache's per-entry overhead.
@@ -420,10 +422,17 @@ pub(crate) fn request_bytes(
     let all_tokens: u64 = lens.iter().sum();
     let n = lens.len() as u64;
     memory.batch_bytes(tokens, texts)
-        + 8 * all_tokens
+        + (8 + ENCODING_BYTES_PER_TOKEN) * all_tokens
         + 2 * text_bytes
         + n * (4 * memory.per_text + CACHE_ENTRY_BYTES)
 }
+
+/// Heap bytes per token of a `tokenizers::Encoding`, at most: seven
+/// vectors with a token's entry in each (ids 4, type ids 4, the token's
+/// `String` 24, word 8, offsets 16, two masks 4 + 4: 64 bytes), at up to
+/// twice their length as they grow, and the token's text in the smallest
+/// heap chunk (32 bytes for up to 24 bytes of text).
+pub(crate) const ENCODING_BYTES_PER_TOKEN: u64 = 2 * 64 + 32;
 
 /// The cache's weigher charges this per entry beyond key and vector.
 pub(crate) const CACHE_ENTRY_BYTES: u64 = 96;

@@ -525,3 +525,38 @@ fn the_estimate_needs_no_loaded_model_and_grows_with_the_batch() {
     assert_eq!(many.texts, 64);
     assert!(many.longest > one.longest);
 }
+
+#[test]
+fn an_mmap_threshold_malloc_cannot_take_is_refused_with_its_limit() {
+    for bad in [0, 64 << 20] {
+        let r = Runtime::builder()
+            .config(RuntimeConfig {
+                mmap_threshold: bad,
+                ..config()
+            })
+            .without_local_model()
+            .build();
+        match r {
+            Err(runtime::Error::InvalidConfig {
+                field,
+                value,
+                expected,
+            }) => {
+                assert_eq!(field, "mmap_threshold");
+                assert_eq!(value, bad.to_string());
+                assert!(expected.contains("33554432"), "{expected}");
+            }
+            other => panic!("mmap_threshold {bad}: expected InvalidConfig, got {other:?}"),
+        }
+    }
+    // Turned off, the threshold is not used, so it is not checked.
+    Runtime::builder()
+        .config(RuntimeConfig {
+            release_freed_memory: false,
+            mmap_threshold: 0,
+            ..config()
+        })
+        .without_local_model()
+        .build()
+        .unwrap();
+}
