@@ -238,7 +238,8 @@ fn main() -> Result<(), AnyError> {
             "--format".into(),
             f.clone(),
         ])?;
-        report(format!("load {f}"), &c);
+        let label = runtime::variant_label(f.parse()?);
+        report(format!("load {label}"), &c);
         for &w in &args.words {
             for &b in &args.batches {
                 let c = run_child(&[
@@ -251,7 +252,7 @@ fn main() -> Result<(), AnyError> {
                     "--word-count".into(),
                     w.to_string(),
                 ])?;
-                report(format!("{f} {b} x {w} words"), &c);
+                report(format!("{label} {b} x {w} words"), &c);
             }
         }
     }

@@ -43,6 +43,7 @@ pub mod chat;
 pub mod decoder;
 mod error;
 mod gguf_path;
+mod int4_plan;
 mod kernels;
 mod minilm;
 mod rule;
@@ -53,6 +54,9 @@ use std::path::{Path, PathBuf};
 
 pub use crate::decoder::{Decoder, DecoderConfig, DecoderEstimate};
 pub use crate::error::{Error, Result};
+pub use crate::int4_plan::{
+    minilm_int4_plan, minilm_sensitivities, INT4_PLAN_CANDIDATES, MINILM_INT4_PLAN_MIX,
+};
 pub use crate::minilm::{
     BertConfig, LoadOptions, MiniLm, MiniLmMemory, MiniLmTokenizer, Profile, Tokens,
 };

@@ -82,8 +82,8 @@ pub use crate::generation::{
     Served, Timings, Usage,
 };
 pub use crate::model::{
-    minilm_estimate, tokenizer_bytes, EmbeddingModel, LoadContext, LoadEvent, MiniLmEstimate,
-    MiniLmVariants, ModelSpec, Tokens, Variant,
+    minilm_estimate, minilm_options, tokenizer_bytes, variant_label, EmbeddingModel, LoadContext,
+    LoadEvent, MiniLmEstimate, MiniLmVariants, ModelSpec, Tokens, Variant, INT4_PLAN_MIX,
 };
 pub use crate::models_file::{EmbeddingEntry, ModelsFile};
 pub use crate::plan::Plan;

@@ -240,14 +240,101 @@ pub fn tokenizer_bytes(dir: &Path) -> Result<u64> {
     Ok(bytes)
 }
 
+/// How far the INT4 plan may go from the uniform Q4_K size towards the
+/// uniform Q8_0 size of MiniLM's linear weights
+/// ([`models::MINILM_INT4_PLAN_MIX`], where the procedure that chose it is
+/// described).
+pub const INT4_PLAN_MIX: f64 = models::MINILM_INT4_PLAN_MIX;
+
+/// The load options the runtime uses for MiniLM in `format`: every linear
+/// weight in `format`, except Q4_K, which is the *layer-wise INT4 plan*:
+/// quant's planner keeps the weights Q4_K hurts most in Q6_K or Q8_0
+/// ([`INT4_PLAN_MIX`]). The plan is calibrated once per model file (a few
+/// seconds, one weight in f32 at a time) and kept in memory and in
+/// `$SNUG_CACHE_DIR` (default `$XDG_CACHE_HOME/snug`, else `~/.cache/snug`)
+/// under `plans/`, keyed by the file's size and modification time; where the
+/// cache cannot be written, it is calibrated again in the next process.
+pub fn minilm_options(dir: &Path, format: quant::Format) -> Result<models::LoadOptions> {
+    if format != quant::Format::Q4_K {
+        return Ok(models::LoadOptions::uniform(format));
+    }
+    type Plans = Mutex<std::collections::HashMap<PathBuf, models::LoadOptions>>;
+    static PLANS: std::sync::OnceLock<Plans> = std::sync::OnceLock::new();
+    let plans = PLANS.get_or_init(Default::default);
+    let mut plans = plans.lock();
+    if let Some(o) = plans.get(dir) {
+        return Ok(o.clone());
+    }
+    let weights = dir.join("model.safetensors");
+    let meta = std::fs::metadata(&weights).map_err(|e| {
+        Error::InvalidInput(format!("cannot read {}: {e}", weights.display()))
+    })?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let file = cache_dir().map(|d| {
+        d.join("plans").join(format!(
+            "minilm-int4-{}-{mtime}-{INT4_PLAN_MIX}.json",
+            meta.len()
+        ))
+    });
+    let cached = file
+        .as_ref()
+        .and_then(|f| std::fs::read(f).ok())
+        .and_then(|b| serde_json::from_slice::<std::collections::BTreeMap<String, quant::Format>>(&b).ok());
+    let options = match cached {
+        Some(plan) => models::LoadOptions {
+            plan,
+            ..models::LoadOptions::uniform(quant::Format::Q4_K)
+        },
+        None => {
+            let started = std::time::Instant::now();
+            let sens = models::minilm_sensitivities(dir)?;
+            let options = models::minilm_int4_plan(&sens, INT4_PLAN_MIX)?;
+            tracing::info!(dir = %dir.display(), millis = started.elapsed().as_millis() as u64, "INT4 plan calibrated");
+            if let Some(f) = &file {
+                if let Err(e) = write_atomically(f, &serde_json::to_vec(&options.plan).unwrap_or_default()) {
+                    tracing::debug!(error = %e, path = %f.display(), "INT4 plan not cached");
+                }
+            }
+            options
+        }
+    };
+    plans.insert(dir.to_path_buf(), options.clone());
+    Ok(options)
+}
+
+/// `$SNUG_CACHE_DIR`, else `$XDG_CACHE_HOME/snug`, else `~/.cache/snug`.
+fn cache_dir() -> Option<PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("SNUG_CACHE_DIR")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("snug")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache").join("snug")))
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("plan"),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Estimates a MiniLM variant in `format` with batches of up to
-/// `batch_tokens` tokens, from the model directory's headers.
+/// `batch_tokens` tokens, from the model directory's headers (and, for
+/// Q4_K, the INT4 plan: [`minilm_options`]).
 pub fn minilm_estimate(
     dir: &Path,
     format: quant::Format,
     batch_tokens: u64,
 ) -> Result<MiniLmEstimate> {
-    let memory = models::MiniLm::memory(dir, &models::LoadOptions::uniform(format))?;
+    let memory = models::MiniLm::memory(dir, &minilm_options(dir, format)?)?;
     let activations = memory.batch_bytes(batch_tokens.max(1), 1);
     let overhead = tokenizer_bytes(dir)?;
     let total = memory.load_peak.max(memory.weights + activations) + overhead;
@@ -277,7 +364,7 @@ impl MiniLmFacts {
     pub(crate) fn new(dir: PathBuf, formats: &[quant::Format]) -> Result<Self> {
         let mut memory: Option<models::MiniLmMemory> = None;
         for &f in formats {
-            let m = models::MiniLm::memory(&dir, &models::LoadOptions::uniform(f))?;
+            let m = models::MiniLm::memory(&dir, &minilm_options(&dir, f)?)?;
             memory = Some(match memory {
                 None => m,
                 Some(first) if m.per_token > first.per_token => models::MiniLmMemory {
@@ -311,6 +398,15 @@ impl MiniLmFacts {
     }
 }
 
+/// The label of the runtime's MiniLM variant in `format`: the format's
+/// name, or `int4-plan` for Q4_K ([`minilm_options`]).
+pub fn variant_label(format: quant::Format) -> String {
+    match format {
+        quant::Format::Q4_K => "int4-plan".to_string(),
+        f => f.to_string(),
+    }
+}
+
 impl MiniLmVariants {
     /// The registration of all-MiniLM-L6-v2 under `name`.
     pub fn spec(&self, name: &str) -> Result<ModelSpec> {
@@ -325,11 +421,11 @@ impl MiniLmVariants {
         for &format in &self.formats {
             let estimate = minilm_estimate(&self.dir, format, self.batch_tokens)?.total;
             let dir = self.dir.clone();
-            variants.push(Variant::new(format.to_string(), estimate, move |ctx| {
+            let options = minilm_options(&dir, format)?;
+            variants.push(Variant::new(variant_label(format), estimate, move |ctx| {
                 if format != quant::Format::F32 {
                     ctx.quantizing();
                 }
-                let options = models::LoadOptions::uniform(format);
                 let model = models::MiniLm::load(&dir, &options)?;
                 Ok(Arc::new(model) as Arc<dyn EmbeddingModel>)
             }));

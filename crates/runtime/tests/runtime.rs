@@ -507,7 +507,7 @@ fn a_small_container_loads_the_model_by_need_not_by_class_ratio() {
                 <= free
         })
         .unwrap();
-    assert_eq!(variant, expected.to_string());
+    assert_eq!(variant, runtime::variant_label(expected));
 }
 
 #[test]
