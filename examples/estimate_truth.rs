@@ -129,6 +129,9 @@ fn runtime(format: &str) -> Result<Runtime, AnyError> {
         // The largest cases take longer than the default 30 s; a timeout
         // would hand them to the fallback tier.
         request_timeout: std::time::Duration::from_secs(900),
+        // `SNUG_RELEASE_FREED_MEMORY=0` leaves malloc's threshold as glibc
+        // moves it, to see what the estimates meet without the fix.
+        release_freed_memory: std::env::var("SNUG_RELEASE_FREED_MEMORY").as_deref() != Ok("0"),
         ..RuntimeConfig::default()
     };
     Ok(Runtime::builder()

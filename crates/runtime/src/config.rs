@@ -125,7 +125,9 @@ pub struct RuntimeConfig {
     /// `true`; no effect on other platforms.
     pub release_freed_memory: bool,
     /// The mmap threshold of [`RuntimeConfig::release_freed_memory`] in bytes.
-    /// Default 128 KiB (glibc's own starting value).
+    /// Default 1 MiB: single texts and small batches stay on the heap, where
+    /// a freed buffer is reused at no cost; see `docs/runtime.md` for what
+    /// lower and higher values gave.
     pub mmap_threshold: usize,
 }
 
@@ -154,7 +156,7 @@ impl Default for RuntimeConfig {
             complexity: tier_router::ComplexityConfig::default(),
             max_generate_tokens: 4096,
             release_freed_memory: true,
-            mmap_threshold: 32 * 1024,
+            mmap_threshold: 1024 * 1024,
         }
     }
 }
