@@ -140,6 +140,9 @@ pub(crate) struct Tuning {
     /// Probability that a rejected candidate requested again while the
     /// ghost remembers it enters main directly.
     pub(crate) ghost: f64,
+    /// Most the window moves towards `window_share` on this tuning, as a
+    /// share of the capacity.
+    pub(crate) step: f64,
 }
 
 impl Default for Tuning {
@@ -149,15 +152,17 @@ impl Default for Tuning {
             tie: 0.0,
             aging: crate::sketch::DEFAULT_AGING,
             ghost: 1.0,
+            step: TUNING_STEP,
         }
     }
 }
 
-/// Most a new [`Tuning`] moves the window at once, as a share of capacity.
-const TUNING_STEP: f64 = 0.05;
+/// Most a new [`Tuning`] moves the window at once by default, as a share of
+/// capacity.
+pub(crate) const TUNING_STEP: f64 = 0.05;
 
 /// Starting share of the window in admission mode (Caffeine: 1%).
-const INITIAL_WINDOW: f64 = 0.01;
+pub(crate) const INITIAL_WINDOW: f64 = 0.01;
 /// Share of the main space kept for the protected segment (Caffeine: 80%).
 const PROTECTED_SHARE: f64 = 0.80;
 
@@ -571,7 +576,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
     /// ghost's use and the aging period at once, the window moved towards its target by at most
     /// 5 % of the capacity (each new tuning moves it one step further).
     pub(crate) fn tune(&mut self, tuning: Tuning) {
-        self.apply(tuning, TUNING_STEP);
+        self.apply(tuning, tuning.step);
     }
 
     /// Applies `tuning`, moving the window by at most `max_step` of the
