@@ -574,7 +574,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
 
     /// Applies a tuning from the miniature simulations: the tie rule, the
     /// ghost's use and the aging period at once, the window moved towards its target by at most
-    /// 5 % of the capacity (each new tuning moves it one step further).
+    /// the tuning's step (each new tuning moves it one step further).
     pub(crate) fn tune(&mut self, tuning: Tuning) {
         self.apply(tuning, tuning.step);
     }

@@ -22,7 +22,10 @@
 //! temperature of half the scores' noise (the square root of the best
 //! score). A clear winner gets its setting; near ties blend, so the real
 //! cache does not flap between settings whose difference is noise. The
-//! window moves at most 5 % of the capacity per period. The first period
+//! window moves 5 % of the capacity per period towards the blend's share,
+//! faster (doubling up to 40 %) only after two periods in a row whose own
+//! hits back that direction by a clear margin, so a sustained change is
+//! followed within a few periods and a passing phase is not. The first period
 //! only fills the miniatures (none of them has hits to tell the settings
 //! apart), so its blend, an even mix of every setting, is not published.
 
