@@ -15,9 +15,10 @@ pub enum Policy {
     /// replace the main space's eviction candidate, and a candidate that
     /// lost and is requested again soon after (its hash is remembered, up to
     /// half the entry count) enters the main space directly. One key in up
-    /// to sixteen (chosen by hash) is also replayed through thirteen small
+    /// to sixteen (chosen by hash) is also replayed through nineteen small
     /// caches, one per setting of the window's size, the tie rule and the
-    /// sketch's aging plus one close to plain LRU, and the real cache follows the settings that hit
+    /// main space's (the sketch's aging, the protected segment's share) plus
+    /// one close to plain LRU, and the real cache follows the settings that hit
     /// most, so workloads that favour recency get a large window and ones
     /// that favour frequency a small one. This bookkeeping lies outside the
     /// weight bound (measured: about 1 MiB of RSS at 10,000 entries, 14 MiB
