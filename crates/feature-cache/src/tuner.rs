@@ -1,16 +1,16 @@
 //! Miniature simulations that tune W-TinyLFU to the workload.
 //!
 //! A share of the keys (at most one in sixteen), chosen by hash, is replayed
-//! through nineteen small caches of the same policy: eighteen, one per
+//! through thirteen small caches of the same policy: twelve, one per
 //! setting of three knobs: the window's share of the capacity (1 %, 30 %,
-//! 60 %), the main space's setting (the sketch's aging period, 10 or 20 × the
-//! entry count, with a protected segment of 80 % of the main space, or aging
-//! 10 with a protected segment of 95 %), and how lenient admission is:
+//! 60 %), the main space's setting (the sketch's aging period of 20 × the
+//! entry count with a protected segment of 80 % of the main space, or aging
+//! 10 × with a protected segment of 95 %), and how lenient admission is:
 //! *strict* (a candidate whose frequency estimate ties the victim's is
 //! rejected, and the ghost of rejected candidates is ignored) or *lenient*
 //! (ties are admitted, and a rejected candidate that returns while the ghost
 //! remembers it enters main directly). Strict admission holds a loop larger
-//! than the cache; lenient admission follows recency. The nineteenth has a
+//! than the cache; lenient admission follows recency. The thirteenth has a
 //! 99 % window with lenient admission (close to plain LRU), for workloads
 //! whose past frequency misleads (a drifting hot set). A miniature holds the
 //! same share of the capacity as the share of keys it sees, so it behaves as
@@ -44,11 +44,11 @@ const WINDOWS: [f64; 3] = [0.01, 0.30, 0.60];
 /// remembered rejected candidate enter main.
 const ADMISSIONS: [(f64, f64); 2] = [(0.0, 0.0), (1.0, 1.0)];
 /// The main space's settings as (sketch aging period, in multiples of the
-/// entry count; protected segment's share of the main space): Caffeine's
-/// (10, 80 %), a longer memory (20, 80 %) and a larger protected segment
-/// (10, 95 %), which holds more of the frequent set when the cache is
-/// large next to it.
-const MAINS: [(f64, f64); 3] = [(10.0, 0.80), (20.0, 0.80), (10.0, 0.95)];
+/// entry count; protected segment's share of the main space): a longer
+/// memory than Caffeine's with its protected share (20, 80 %), or Caffeine's
+/// aging with a larger protected segment (10, 95 %), which holds more of the
+/// frequent set when the cache is large next to it.
+const MAINS: [(f64, f64); 2] = [(20.0, 0.80), (10.0, 0.95)];
 /// One more miniature beside the grid: a window of 99 % with lenient
 /// admission, close to plain LRU. When recency predicts reuse and past
 /// frequency does not (a drifting hot set, a sudden change of workload),
@@ -334,7 +334,7 @@ mod tests {
     fn too_small_caches_are_not_tuned() {
         assert!(Tuner::new(100, 100).is_none());
         let t = Tuner::new(10_000, 10_000).expect("large enough");
-        assert_eq!(t.minis.len(), 19);
+        assert_eq!(t.minis.len(), 13);
         assert_eq!(t.period, 625);
         // One key in sixteen is sampled.
         let sampled = (0..80_000u64)
@@ -346,29 +346,29 @@ mod tests {
     #[test]
     fn blend_follows_a_clear_winner_and_mixes_ties() {
         let mut t = Tuner::new(100_000, 100_000).expect("large enough");
-        t.scores = vec![100.0; 19];
-        t.scores[16] = 1000.0; // window 60 %, lenient admission, aging 20
+        t.scores = vec![100.0; 13];
+        t.scores[10] = 1000.0; // window 60 %, lenient admission, aging 20
         let clear = t.blend();
         assert!((clear.window_share - 0.6).abs() < 1e-6, "{clear:?}");
         assert!((clear.tie - 1.0).abs() < 1e-6);
         assert!((clear.ghost - 1.0).abs() < 1e-6);
         assert!((clear.aging - 20.0).abs() < 1e-6);
         assert!((clear.protected - 0.8).abs() < 1e-6);
-        t.scores[18] = 1000.0; // the recency setting ties the winner
+        t.scores[12] = 1000.0; // the recency setting ties the winner
         let pair = t.blend();
         assert!((pair.window_share - 0.795).abs() < 1e-6, "{pair:?}");
-        t.scores[14] = 2000.0; // window 60 %, strict admission, protected 95 %
+        t.scores[9] = 2000.0; // window 60 %, strict admission, protected 95 %
         let protect = t.blend();
         assert!((protect.protected - 0.95).abs() < 1e-6, "{protect:?}");
         assert!(protect.tie.abs() < 1e-6 && (protect.aging - 10.0).abs() < 1e-6);
-        t.scores = vec![500.0; 19];
+        t.scores = vec![500.0; 13];
         let even = t.blend();
-        let mean_window = (WINDOWS.iter().sum::<f64>() * 6.0 + 0.99) / 19.0;
+        let mean_window = (WINDOWS.iter().sum::<f64>() * 4.0 + 0.99) / 13.0;
         assert!((even.window_share - mean_window).abs() < 1e-9, "{even:?}");
-        assert!((even.tie - 10.0 / 19.0).abs() < 1e-9);
-        assert!((even.ghost - 10.0 / 19.0).abs() < 1e-9);
-        assert!((even.aging - 250.0 / 19.0).abs() < 1e-9);
-        assert!((even.protected - 16.1 / 19.0).abs() < 1e-9);
+        assert!((even.tie - 7.0 / 13.0).abs() < 1e-9);
+        assert!((even.ghost - 7.0 / 13.0).abs() < 1e-9);
+        assert!((even.aging - 190.0 / 13.0).abs() < 1e-9);
+        assert!((even.protected - 11.3 / 13.0).abs() < 1e-9);
     }
 
     #[test]
