@@ -84,6 +84,8 @@ pub(crate) struct Shard<K: Hash + Eq, V> {
     climbing: bool,
     /// Probability of admitting a candidate whose estimate ties the victim's.
     tie: f64,
+    /// Share of the main space kept for the protected segment.
+    protected_share: f64,
     /// Probability that a candidate the ghost remembers enters main.
     ghost_use: f64,
     rng: u64,
@@ -140,6 +142,11 @@ pub(crate) struct Tuning {
     /// Probability that a rejected candidate requested again while the
     /// ghost remembers it enters main directly.
     pub(crate) ghost: f64,
+    /// Most the window moves towards `window_share` on this tuning, as a
+    /// share of the capacity.
+    pub(crate) step: f64,
+    /// Share of the main space kept for the protected segment.
+    pub(crate) protected: f64,
 }
 
 impl Default for Tuning {
@@ -149,17 +156,20 @@ impl Default for Tuning {
             tie: 0.0,
             aging: crate::sketch::DEFAULT_AGING,
             ghost: 1.0,
+            step: TUNING_STEP,
+            protected: PROTECTED_SHARE,
         }
     }
 }
 
-/// Most a new [`Tuning`] moves the window at once, as a share of capacity.
-const TUNING_STEP: f64 = 0.05;
+/// Most a new [`Tuning`] moves the window at once by default, as a share of
+/// capacity.
+pub(crate) const TUNING_STEP: f64 = 0.05;
 
 /// Starting share of the window in admission mode (Caffeine: 1%).
-const INITIAL_WINDOW: f64 = 0.01;
+pub(crate) const INITIAL_WINDOW: f64 = 0.01;
 /// Share of the main space kept for the protected segment (Caffeine: 80%).
-const PROTECTED_SHARE: f64 = 0.80;
+pub(crate) const PROTECTED_SHARE: f64 = 0.80;
 
 impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
     /// A shard of `capacity` weight units. With `admission`, W-TinyLFU whose
@@ -190,6 +200,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
             step: 0.0,
             climbing: climb,
             tie: 0.0,
+            protected_share: PROTECTED_SHARE,
             ghost_use: 1.0,
             rng: 0x9e37_79b9_7f4a_7c15,
             tuning_generation: 0,
@@ -205,7 +216,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
             let cap = self.capacity as f64;
             self.window_max = ((cap * INITIAL_WINDOW) as u64).max(1).min(self.capacity);
             let main = self.capacity - self.window_max;
-            self.protected_max = (main as f64 * PROTECTED_SHARE) as u64;
+            self.protected_max = (main as f64 * self.protected_share) as u64;
             self.step = -STEP_PERCENT * cap;
         } else {
             self.window_max = self.capacity;
@@ -569,9 +580,9 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
 
     /// Applies a tuning from the miniature simulations: the tie rule, the
     /// ghost's use and the aging period at once, the window moved towards its target by at most
-    /// 5 % of the capacity (each new tuning moves it one step further).
+    /// the tuning's step (each new tuning moves it one step further).
     pub(crate) fn tune(&mut self, tuning: Tuning) {
-        self.apply(tuning, TUNING_STEP);
+        self.apply(tuning, tuning.step);
     }
 
     /// Applies `tuning`, moving the window by at most `max_step` of the
@@ -582,6 +593,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
         }
         self.tie = tuning.tie;
         self.ghost_use = tuning.ghost;
+        self.protected_share = tuning.protected;
         if let Some(s) = &mut self.sketch {
             s.set_aging(tuning.aging);
         }
@@ -598,7 +610,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
     fn set_window(&mut self, size: u64) {
         self.window_max = size.clamp(1, self.capacity.max(1));
         self.protected_max =
-            (self.capacity.saturating_sub(self.window_max) as f64 * PROTECTED_SHARE) as u64;
+            (self.capacity.saturating_sub(self.window_max) as f64 * self.protected_share) as u64;
         self.demote_protected_overflow();
         while self.window_weight > self.window_max {
             let Some((k, e)) = self.window.pop_lru() else {
@@ -731,5 +743,31 @@ mod tests {
     fn a_rejected_candidate_that_returns_enters_main() {
         assert_eq!(returning_candidate(true), Some(Region::Probation));
         assert_eq!(returning_candidate(false), Some(Region::Window));
+    }
+
+    #[test]
+    fn the_tuning_sizes_the_protected_segment() {
+        let mut s: Shard<u64, ()> = Shard::new(1_000, true, false, true, 1_000);
+        let tuning = Tuning {
+            window_share: 0.2,
+            protected: 0.95,
+            ..Tuning::default()
+        };
+        s.fix(tuning);
+        assert_eq!(s.window_max, 200);
+        assert!(
+            (759..=760).contains(&s.protected_max),
+            "{}",
+            s.protected_max
+        );
+        s.fix(Tuning {
+            protected: 0.8,
+            ..tuning
+        });
+        assert!(
+            (639..=640).contains(&s.protected_max),
+            "{}",
+            s.protected_max
+        );
     }
 }

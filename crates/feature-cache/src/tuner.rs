@@ -1,9 +1,11 @@
 //! Miniature simulations that tune W-TinyLFU to the workload.
 //!
-//! A share of the keys (at most one in sixteen), chosen by hash, is replayed through thirteen
-//! small caches of the same policy: twelve, one per setting of three knobs: the
-//! window's share of the capacity (1 %, 30 %, 60 %), the sketch's aging
-//! period (10 or 20 × the entry count), and how lenient admission is:
+//! A share of the keys (at most one in sixteen), chosen by hash, is replayed
+//! through thirteen small caches of the same policy: twelve, one per
+//! setting of three knobs: the window's share of the capacity (1 %, 30 %,
+//! 60 %), the main space's setting (the sketch's aging period of 20 × the
+//! entry count with a protected segment of 80 % of the main space, or aging
+//! 10 × with a protected segment of 95 %), and how lenient admission is:
 //! *strict* (a candidate whose frequency estimate ties the victim's is
 //! rejected, and the ghost of rejected candidates is ignored) or *lenient*
 //! (ties are admitted, and a rejected candidate that returns while the ghost
@@ -22,7 +24,10 @@
 //! temperature of half the scores' noise (the square root of the best
 //! score). A clear winner gets its setting; near ties blend, so the real
 //! cache does not flap between settings whose difference is noise. The
-//! window moves at most 5 % of the capacity per period. The first period
+//! window moves 5 % of the capacity per period towards the blend's share,
+//! faster (doubling up to 40 %) only after two periods in a row whose own
+//! hits back that direction by a clear margin, so a sustained change is
+//! followed within a few periods and a passing phase is not. The first period
 //! only fills the miniatures (none of them has hits to tell the settings
 //! apart), so its blend, an even mix of every setting, is not published.
 
@@ -38,8 +43,12 @@ const WINDOWS: [f64; 3] = [0.01, 0.30, 0.60];
 /// the victim and ignores the ghost; lenient admits ties and lets a
 /// remembered rejected candidate enter main.
 const ADMISSIONS: [(f64, f64); 2] = [(0.0, 0.0), (1.0, 1.0)];
-/// Sketch aging periods, in multiples of the entry count.
-const AGINGS: [f64; 2] = [10.0, 20.0];
+/// The main space's settings as (sketch aging period, in multiples of the
+/// entry count; protected segment's share of the main space): a longer
+/// memory than Caffeine's with its protected share (20, 80 %), or Caffeine's
+/// aging with a larger protected segment (10, 95 %), which holds more of the
+/// frequent set when the cache is large next to it.
+const MAINS: [(f64, f64); 2] = [(20.0, 0.80), (10.0, 0.95)];
 /// One more miniature beside the grid: a window of 99 % with lenient
 /// admission, close to plain LRU. When recency predicts reuse and past
 /// frequency does not (a drifting hot set, a sudden change of workload),
@@ -51,6 +60,8 @@ const RECENCY: Tuning = Tuning {
     tie: 1.0,
     aging: 10.0,
     ghost: 1.0,
+    step: 1.0,
+    protected: crate::policy::PROTECTED_SHARE,
 };
 /// Entries a miniature holds at most.
 const MINI_ENTRIES: u64 = 8192;
@@ -63,6 +74,18 @@ const MIN_MINI_ENTRIES: u64 = 16;
 const DECAY: f64 = 0.9;
 /// Softmax temperature, in units of the score's noise.
 const TEMPERATURE: f64 = 0.5;
+/// Most the window moves per period, as a share of the capacity, unless
+/// the evidence is sustained (see [`Tuner::step`]).
+pub(crate) const TUNING_STEP: f64 = crate::policy::TUNING_STEP;
+/// The share of the best miniature's hits in a period that a move of the
+/// window must promise for that period to count as evidence for it.
+const MOMENTUM_ENTER: f64 = 0.08;
+/// The promise that keeps an established streak of evidence going.
+const MOMENTUM_STAY: f64 = 0.04;
+/// Periods of evidence in a row before the step grows.
+const MOMENTUM_PERIODS: u64 = 2;
+/// The largest step, as a share of the capacity.
+const MOMENTUM_MAX_STEP: f64 = 0.4;
 /// Periods whose blend is not published (the miniatures are filling).
 const WARM_UP_PERIODS: u64 = 1;
 const SAMPLE_SALT: u64 = 0x6a09_e667_f3bc_c909;
@@ -80,6 +103,12 @@ pub(crate) struct Tuner {
     /// Periods ended so far.
     periods: u64,
     removed: Removed<u64, ()>,
+    /// The window share the real shards hold after the tunings published
+    /// so far (each moved it towards its target by at most its step).
+    window: f64,
+    /// Each miniature's hits in the period that just ended.
+    last: Vec<f64>,
+    streak: u64,
 }
 
 impl Tuner {
@@ -96,12 +125,14 @@ impl Tuner {
         let mut settings = Vec::new();
         for window_share in WINDOWS {
             for (tie, ghost) in ADMISSIONS {
-                for aging in AGINGS {
+                for (aging, protected) in MAINS {
                     settings.push(Tuning {
                         window_share,
                         tie,
                         aging,
                         ghost,
+                        step: 1.0,
+                        protected,
                     });
                 }
             }
@@ -126,6 +157,9 @@ impl Tuner {
             period: mini_entries,
             periods: 0,
             removed: Vec::new(),
+            window: crate::policy::INITIAL_WINDOW,
+            last: vec![0.0; n],
+            streak: 0,
         })
     }
 
@@ -169,13 +203,97 @@ impl Tuner {
             return None;
         }
         self.seen = 0;
-        for (score, hits) in self.scores.iter_mut().zip(&mut self.hits) {
+        for ((score, hits), last) in self
+            .scores
+            .iter_mut()
+            .zip(&mut self.hits)
+            .zip(&mut self.last)
+        {
             *score = *score * DECAY + *hits as f64;
+            *last = *hits as f64;
             *hits = 0;
         }
         self.periods += 1;
         // The first period fills the miniatures; its blend says nothing.
-        (self.periods > WARM_UP_PERIODS).then(|| self.blend())
+        if self.periods <= WARM_UP_PERIODS {
+            return None;
+        }
+        let mut tuning = self.blend();
+        tuning.step = self.step(tuning.window_share);
+        let now = self.window;
+        self.window = now + (tuning.window_share - now).clamp(-tuning.step, tuning.step);
+        Some(tuning)
+    }
+
+    /// The best score at each window share of the grid, as (share, score),
+    /// by share.
+    fn curve(&self, scores: &[f64]) -> Vec<(f64, f64)> {
+        let mut curve: Vec<(f64, f64)> = Vec::new();
+        for (t, &s) in self.settings.iter().zip(scores) {
+            match curve.iter_mut().find(|(w, _)| *w == t.window_share) {
+                Some((_, best)) => *best = best.max(s),
+                None => curve.push((t.window_share, s)),
+            }
+        }
+        curve.sort_by(|a, b| a.0.total_cmp(&b.0));
+        curve
+    }
+
+    /// The score the curve gives the window share `w` (linear between the
+    /// grid's shares).
+    fn score_at(curve: &[(f64, f64)], w: f64) -> f64 {
+        let mut prev = curve[0];
+        if w <= prev.0 {
+            return prev.1;
+        }
+        for &(x, y) in &curve[1..] {
+            if w <= x {
+                return prev.1 + (y - prev.1) * (w - prev.0) / (x - prev.0);
+            }
+            prev = (x, y);
+        }
+        prev.1
+    }
+
+    /// How far the window may move on this tuning, towards `target`.
+    ///
+    /// The window moves by [`TUNING_STEP`] unless the period that just
+    /// ended is itself clear evidence for the move: its own hits (not the
+    /// decayed scores) put the best window share on the same side of the
+    /// window as the blend's target, and promise more than
+    /// [`MOMENTUM_ENTER`] of the best miniature's hits over the window the
+    /// shards hold now. After [`MOMENTUM_PERIODS`] such periods in a row the
+    /// step doubles with each further one (while the promise stays above
+    /// [`MOMENTUM_STAY`]), up to [`MOMENTUM_MAX_STEP`]; any other period
+    /// starts the count again. A workload whose need is sustained (a
+    /// drifting hot set, a switch to another workload) is followed within
+    /// a few periods; a phase that one or two periods contradict moves the
+    /// window at the slow rate, so the cache does not trade its frequent
+    /// set for a phase that is already over.
+    fn step(&mut self, target: f64) -> f64 {
+        let raw = self.curve(&self.last);
+        let (best_share, best) =
+            raw.iter()
+                .copied()
+                .fold((0.0, 0.0), |a, c| if c.1 > a.1 { c } else { a });
+        let promise = if best > 0.0 {
+            (best - Self::score_at(&raw, self.window)) / best
+        } else {
+            0.0
+        };
+        let agrees = (target - self.window).signum() == (best_share - self.window).signum()
+            && target != self.window;
+        let sustained = self.streak >= MOMENTUM_PERIODS && promise > MOMENTUM_STAY;
+        self.streak = if agrees && (promise > MOMENTUM_ENTER || sustained) {
+            self.streak + 1
+        } else {
+            0
+        };
+        if self.streak < MOMENTUM_PERIODS {
+            return TUNING_STEP;
+        }
+        let doublings = (self.streak - MOMENTUM_PERIODS + 1).min(16) as i32;
+        (TUNING_STEP * 2f64.powi(doublings)).min(MOMENTUM_MAX_STEP)
     }
 
     /// The settings weighted by a softmax of their scores.
@@ -201,6 +319,8 @@ impl Tuner {
             tie: mix(|t| t.tie),
             aging: mix(|t| t.aging),
             ghost: mix(|t| t.ghost),
+            step: crate::policy::TUNING_STEP,
+            protected: mix(|t| t.protected),
         }
     }
 }
@@ -227,15 +347,20 @@ mod tests {
     fn blend_follows_a_clear_winner_and_mixes_ties() {
         let mut t = Tuner::new(100_000, 100_000).expect("large enough");
         t.scores = vec![100.0; 13];
-        t.scores[11] = 1000.0; // window 60 %, lenient admission, aging 20
+        t.scores[10] = 1000.0; // window 60 %, lenient admission, aging 20
         let clear = t.blend();
         assert!((clear.window_share - 0.6).abs() < 1e-6, "{clear:?}");
         assert!((clear.tie - 1.0).abs() < 1e-6);
         assert!((clear.ghost - 1.0).abs() < 1e-6);
         assert!((clear.aging - 20.0).abs() < 1e-6);
+        assert!((clear.protected - 0.8).abs() < 1e-6);
         t.scores[12] = 1000.0; // the recency setting ties the winner
         let pair = t.blend();
         assert!((pair.window_share - 0.795).abs() < 1e-6, "{pair:?}");
+        t.scores[9] = 2000.0; // window 60 %, strict admission, protected 95 %
+        let protect = t.blend();
+        assert!((protect.protected - 0.95).abs() < 1e-6, "{protect:?}");
+        assert!(protect.tie.abs() < 1e-6 && (protect.aging - 10.0).abs() < 1e-6);
         t.scores = vec![500.0; 13];
         let even = t.blend();
         let mean_window = (WINDOWS.iter().sum::<f64>() * 4.0 + 0.99) / 13.0;
@@ -243,6 +368,7 @@ mod tests {
         assert!((even.tie - 7.0 / 13.0).abs() < 1e-9);
         assert!((even.ghost - 7.0 / 13.0).abs() < 1e-9);
         assert!((even.aging - 190.0 / 13.0).abs() < 1e-9);
+        assert!((even.protected - 11.3 / 13.0).abs() < 1e-9);
     }
 
     #[test]
@@ -348,6 +474,76 @@ mod tests {
             last.window_share > 0.9 && last.tie > 0.9,
             "the tuning did not follow the drifting hot set: {last:?}, scores {:?}",
             t.scores
+        );
+    }
+
+    /// The last period's hits: `recency` for the 99 % window's setting,
+    /// `other` for every other one.
+    fn last_period(t: &mut Tuner, other: f64, recency: f64) {
+        for (h, setting) in t.last.iter_mut().zip(&t.settings) {
+            *h = if setting.window_share > 0.9 {
+                recency
+            } else {
+                other
+            };
+        }
+    }
+
+    #[test]
+    fn the_step_grows_only_while_each_period_is_evidence_for_the_move() {
+        let mut t = Tuner::new(100_000, 100_000).expect("large enough");
+        // One period whose own hits favour the 99 % window by half is not
+        // enough; the second in a row doubles the step, and every further
+        // one doubles it again up to the largest step.
+        last_period(&mut t, 500.0, 1_000.0);
+        let steps: Vec<f64> = (0..5).map(|_| t.step(0.99)).collect();
+        assert_eq!(steps, vec![0.05, 0.1, 0.2, 0.4, 0.4]);
+        // A period of near ties (2 % apart) ends the streak.
+        last_period(&mut t, 980.0, 1_000.0);
+        assert_eq!(t.step(0.99), TUNING_STEP);
+        last_period(&mut t, 500.0, 1_000.0);
+        assert_eq!(t.step(0.99), TUNING_STEP);
+        assert_eq!(t.step(0.99), 0.1);
+        // Once established, a smaller promise (6 %) keeps it going.
+        last_period(&mut t, 940.0, 1_000.0);
+        assert_eq!(t.step(0.99), 0.2);
+        // A period whose hits point the other way than the blend's target
+        // (the decayed scores still favour a large window, the last period
+        // a small one) is no evidence, however large its promise.
+        last_period(&mut t, 1_000.0, 500.0);
+        assert_eq!(t.step(0.99), TUNING_STEP);
+        assert_eq!(t.step(0.99), TUNING_STEP);
+    }
+
+    #[test]
+    fn a_drifting_hot_set_moves_the_window_within_a_few_periods() {
+        // The workload of the test above: the recency setting wins every
+        // period, so after two periods of evidence the window moves faster
+        // than 5 % of the capacity per period. At 5 % it would need 18
+        // published periods to grow from 1 % to 90 %.
+        let clock = SystemClock;
+        let mut t = Tuner::new(8_000, 8_000).expect("large enough");
+        let mut reached = None;
+        for i in 0..30 * 8_000u64 {
+            let r = fmix64(i ^ 0x5eed);
+            let key = if r % 100 < 85 {
+                i / 4 + (r >> 32) % 4_000
+            } else {
+                (1 << 40) + (r >> 32) % 400_000
+            };
+            let hash = fmix64(key);
+            if Tuner::sampled(hash, t.threshold())
+                && t.record(hash, 1, &clock).is_some()
+                && t.window > 0.9
+                && reached.is_none()
+            {
+                reached = Some(t.periods);
+            }
+        }
+        let reached = reached.expect("the window never reached 90 %");
+        assert!(
+            reached <= 12,
+            "the window reached 90 % after {reached} periods"
         );
     }
 }
