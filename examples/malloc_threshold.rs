@@ -31,7 +31,11 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Thresholds to compare, in bytes (mmap and trim threshold alike).
-    #[arg(long, value_delimiter = ',', default_value = "32768,262144,1048576,33554432")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "32768,262144,1048576,33554432"
+    )]
     thresholds: Vec<i32>,
 }
 
