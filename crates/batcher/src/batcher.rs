@@ -674,17 +674,7 @@ where
         let mut wake = (false, false);
         let mut queued = Vec::with_capacity(items.len());
         for (item, weight, bucket) in items {
-            let id = q.next_id;
-            q.next_id += 1;
-            let slot = Arc::new(Slot::new(
-                id,
-                bucket,
-                options.priority.0,
-                weight,
-                now,
-                options.deadline,
-            ));
-            let w = q.push(item, Arc::clone(&slot), &s.cfg);
+            let (id, slot, w) = enqueue(&mut q, &s.cfg, item, weight, bucket, &options, now);
             wake = (wake.0 || w.worker, wake.1 || w.reaper);
             queued.push((id, weight, slot));
         }
@@ -765,17 +755,15 @@ where
                 }
             }
         }
-        let id = q.next_id;
-        q.next_id += 1;
-        let slot = Arc::new(Slot::new(
-            id,
-            bucket,
-            options.priority.0,
+        let (id, slot, wake) = enqueue(
+            &mut q,
+            &s.cfg,
+            item,
             weight,
+            bucket,
+            &options,
             Instant::now(),
-            options.deadline,
-        ));
-        let wake = q.push(item, Arc::clone(&slot), &s.cfg);
+        );
         let queued = q.live;
         drop(q);
         if wake.worker {
@@ -793,6 +781,30 @@ where
         let canceller: Arc<dyn Canceller<O, E>> = Arc::clone(&self.shared) as _;
         Ok(Ticket::new(slot, canceller))
     }
+}
+
+/// Queues one request under the queue's lock: its id, its slot and whom to wake.
+fn enqueue<I, O, E>(
+    q: &mut Queue<I, O, E>,
+    cfg: &BatcherConfig,
+    item: I,
+    weight: u64,
+    bucket: u64,
+    options: &Submit,
+    now: Instant,
+) -> (u64, Arc<Slot<O, E>>, crate::queue::Wake) {
+    let id = q.next_id;
+    q.next_id += 1;
+    let slot = Arc::new(Slot::new(
+        id,
+        bucket,
+        options.priority.0,
+        weight,
+        now,
+        options.deadline,
+    ));
+    let wake = q.push(item, Arc::clone(&slot), cfg);
+    (id, slot, wake)
 }
 
 impl<I, O, E> Batcher<I, O, E> {
