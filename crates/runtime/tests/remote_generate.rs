@@ -1,0 +1,446 @@
+//! The remote generation tier against a real HTTP server on 127.0.0.1: an
+//! axum fake of an OpenAI-compatible `/v1/chat/completions` that streams
+//! server-sent events. Streaming, usage and finish reason; the server
+//! killed (requests fall to the rule-based tier, the breaker opens and then
+//! skips the tier without connecting); the server back on the same port
+//! (a probe after the cool-down closes the breaker); a stream that breaks
+//! after some text (finish reason `error`, the text kept).
+
+use std::net::{SocketAddr, TcpListener};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::header;
+use axum::response::Response;
+use axum::routing::post;
+use parking_lot::Mutex;
+use runtime::router::{BreakerConfig, BreakerState, RemoteChatConfig, Tier};
+use runtime::{
+    FinishReason, GenerateRequest, GenerationEvent, ModelKind, RemoteGenerationConfig, Runtime,
+    RuntimeConfig, AUTO, RULE_BASED,
+};
+use serde_json::{json, Value};
+
+const MODEL: &str = "fake-chat";
+const PIECES: [&str; 3] = ["Hel", "lo, ", "world!"];
+const LIMIT: Duration = Duration::from_secs(30);
+const OPEN_FOR: Duration = Duration::from_millis(600);
+
+/// What the fake server streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A role chunk, the three pieces, `finish_reason: "length"`, a usage
+    /// chunk (7 prompt, 3 completion tokens), `data: [DONE]`.
+    Ok,
+    /// As `Ok`, 200 ms between pieces.
+    Slow,
+    /// The three pieces, then the body fails: the connection is cut.
+    BreakAfterPieces,
+    /// HTTP 503 before any stream.
+    Unavailable,
+}
+
+#[derive(Debug)]
+struct Shared {
+    mode: Mutex<Mode>,
+    requests: AtomicU64,
+    bodies: Mutex<Vec<Value>>,
+}
+
+/// The fake server; stops (its port closed) when dropped.
+struct FakeServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl FakeServer {
+    fn start(mode: Mode) -> FakeServer {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), mode)
+    }
+
+    /// On `addr` (a port used before: retried briefly while the old
+    /// listener is being closed).
+    fn start_on(addr: SocketAddr, mode: Mode) -> FakeServer {
+        let t = Instant::now();
+        let listener = loop {
+            match TcpListener::bind(addr) {
+                Ok(l) => break l,
+                Err(e) if t.elapsed() < Duration::from_secs(5) => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("bind {addr}: {e}"),
+            }
+        };
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            mode: Mutex::new(mode),
+            requests: AtomicU64::new(0),
+            bodies: Mutex::new(Vec::new()),
+        });
+        let app = axum::Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .with_state(shared.clone());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+        FakeServer {
+            addr,
+            shared,
+            runtime: Some(runtime),
+        }
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    fn last_body(&self) -> Value {
+        self.shared
+            .bodies
+            .lock()
+            .last()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            // Waits for the tasks (the listener among them) to be dropped,
+            // so that the port is closed when this returns.
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+fn chunk(delta: Value, finish: Option<&str>) -> Bytes {
+    let v = json!({
+        "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    });
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+async fn chat(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+    s.requests.fetch_add(1, Ordering::SeqCst);
+    s.bodies
+        .lock()
+        .push(serde_json::from_slice(&body).unwrap_or_default());
+    let mode = *s.mode.lock();
+    if mode == Mode::Unavailable {
+        return Response::builder()
+            .status(503)
+            .body(Body::from("{\"error\": \"loading\"}"))
+            .unwrap();
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let pace = Duration::from_millis(if mode == Mode::Slow { 200 } else { 5 });
+    tokio::spawn(async move {
+        let _ = tx
+            .send(Ok(chunk(json!({"role": "assistant", "content": ""}), None)))
+            .await;
+        for p in PIECES {
+            tokio::time::sleep(pace).await;
+            let _ = tx.send(Ok(chunk(json!({ "content": p }), None))).await;
+        }
+        tokio::time::sleep(pace).await;
+        if mode == Mode::BreakAfterPieces {
+            let _ = tx.send(Err(std::io::Error::other("told to break"))).await;
+            return;
+        }
+        let _ = tx.send(Ok(chunk(json!({}), Some("length")))).await;
+        let usage = json!({
+            "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
+            "choices": [],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+        });
+        let _ = tx.send(Ok(Bytes::from(format!("data: {usage}\n\n")))).await;
+        let _ = tx.send(Ok(Bytes::from("data: [DONE]\n\n"))).await;
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(Body::from_stream(Chan(rx)))
+        .unwrap()
+}
+
+/// The receiving end of a channel as a body stream.
+struct Chan(tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>);
+
+impl futures_core::Stream for Chan {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+fn remote_config(base_url: String) -> RemoteGenerationConfig {
+    RemoteGenerationConfig {
+        server: RemoteChatConfig {
+            base_url,
+            model: MODEL.into(),
+            api_key_env: None,
+            connect_timeout: Duration::from_millis(500),
+            read_timeout: Duration::from_secs(2),
+            ..RemoteChatConfig::default()
+        },
+        breaker: BreakerConfig {
+            failures: 3,
+            open_for: OPEN_FOR,
+            ..BreakerConfig::default()
+        },
+    }
+}
+
+/// A runtime with no local model: the remote, then the rule-based tier.
+fn runtime_for(base_url: String) -> Runtime {
+    Runtime::builder()
+        .config(RuntimeConfig {
+            configure_global_pool: false,
+            ..RuntimeConfig::default()
+        })
+        .without_local_model()
+        .remote_generation(remote_config(base_url))
+        .build()
+        .unwrap()
+}
+
+fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(LIMIT) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("test body did not finish within {LIMIT:?}")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("test body panicked"),
+    }
+}
+
+#[test]
+fn the_remote_streams_its_text_finish_reason_and_usage() {
+    within(|| {
+        let server = FakeServer::start(Mode::Ok);
+        let rt = runtime_for(server.base_url());
+        let generation = rt
+            .generate(AUTO, GenerateRequest::chat("Say hello.").max_tokens(5))
+            .unwrap();
+        assert_eq!(generation.served().tier, Tier::Remote);
+        assert_eq!(generation.served().model, MODEL);
+        assert!(generation.served().trail.is_empty());
+        let mut deltas = Vec::new();
+        let mut finals = Vec::new();
+        for e in generation {
+            match e {
+                GenerationEvent::Delta { text, tokens } => {
+                    assert!(finals.is_empty(), "a delta after the final event");
+                    assert!(tokens.is_empty());
+                    deltas.push(text);
+                }
+                GenerationEvent::Finished(f) => finals.push(f),
+            }
+        }
+        assert_eq!(deltas, PIECES);
+        assert_eq!(finals.len(), 1);
+        let f = &finals[0];
+        assert_eq!(f.reason, FinishReason::Length, "{f:?}");
+        assert_eq!(f.error, None);
+        assert_eq!((f.usage.prompt_tokens, f.usage.completion_tokens), (7, 3));
+        assert_eq!(f.served.tier, Tier::Remote);
+        let ttft = f.timings.time_to_first_token_ms.unwrap();
+        assert!(
+            ttft >= f.timings.queued_ms && f.timings.total_ms >= ttft,
+            "{f:?}"
+        );
+        // What went over the wire.
+        let body = server.last_body();
+        assert_eq!(body["model"], MODEL);
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["max_tokens"], 5);
+        assert_eq!(
+            body["messages"],
+            json!([{"role": "user", "content": "Say hello."}])
+        );
+
+        // By the remote's name, and a text prompt as one user message.
+        let c = rt
+            .generate(MODEL, GenerateRequest::text("Once upon a time"))
+            .unwrap()
+            .wait();
+        assert_eq!(c.text, PIECES.concat());
+        assert_eq!(c.finished.served.model, MODEL);
+        assert_eq!(
+            server.last_body()["messages"],
+            json!([{"role": "user", "content": "Once upon a time"}])
+        );
+        assert_eq!(server.requests(), 2);
+
+        // Listed, named in unknown-model errors, its breaker in the status.
+        assert!(rt.models().iter().any(|m| m.name == MODEL
+            && m.kind == ModelKind::Generative
+            && m.tier == Some(Tier::Remote)));
+        let e = rt
+            .generate("nope", GenerateRequest::chat("hi"))
+            .unwrap_err();
+        assert!(e.to_string().contains(MODEL), "{e}");
+        let status = rt.status();
+        let b = status
+            .breakers
+            .iter()
+            .find(|b| b.tier == Tier::Remote && b.serves == ModelKind::Generative)
+            .expect("the remote generation breaker in status");
+        assert_eq!(b.name, MODEL);
+        assert_eq!(b.breaker.state, BreakerState::Closed);
+        assert_eq!(b.breaker.successes, 2);
+    });
+}
+
+#[test]
+fn a_killed_remote_falls_to_rule_based_opens_the_breaker_and_closes_after_a_probe() {
+    within(|| {
+        let server = FakeServer::start(Mode::Ok);
+        let addr = server.addr;
+        let rt = runtime_for(server.base_url());
+        let c = rt
+            .generate(AUTO, GenerateRequest::chat("hi"))
+            .unwrap()
+            .wait();
+        assert_eq!(c.finished.served.tier, Tier::Remote);
+
+        // Killed: each request fails to connect and falls to the rule-based
+        // tier with the reason, until the breaker opens.
+        drop(server);
+        let breaker = rt.remote_generation_breaker().unwrap();
+        for k in 1..=3 {
+            let c = rt
+                .generate(AUTO, GenerateRequest::chat("hi"))
+                .unwrap()
+                .wait();
+            let served = &c.finished.served;
+            assert_eq!(served.tier, Tier::RuleBased, "request {k}");
+            assert_eq!(served.model, RULE_BASED);
+            assert_eq!(served.trail.len(), 1, "{:?}", served.trail);
+            let why = &served.trail[0];
+            assert!(why.starts_with(&format!("remote {MODEL}: ")), "{why}");
+            assert!(why.contains(&addr.to_string()), "{why}");
+            assert!(!why.contains("circuit"), "{why}");
+            assert!(c.text.contains(why.as_str()), "{}", c.text);
+        }
+        assert_eq!(breaker.state(), BreakerState::Open);
+        let admitted = breaker.stats().admitted;
+        assert_eq!(breaker.stats().failures, 3);
+
+        // Back on the same port, but the breaker is open: skipped without a
+        // connection attempt.
+        let server = FakeServer::start_on(addr, Mode::Ok);
+        let c = rt
+            .generate(AUTO, GenerateRequest::chat("hi"))
+            .unwrap()
+            .wait();
+        assert_eq!(c.finished.served.tier, Tier::RuleBased);
+        let why = &c.finished.served.trail[0];
+        assert!(why.contains("skipped, circuit open"), "{why}");
+        assert_eq!(breaker.stats().admitted, admitted);
+        assert_eq!(server.requests(), 0);
+
+        // After the cool-down a probe goes through and closes the breaker.
+        std::thread::sleep(OPEN_FOR + Duration::from_millis(50));
+        let c = rt
+            .generate(AUTO, GenerateRequest::chat("hi"))
+            .unwrap()
+            .wait();
+        assert_eq!(c.finished.served.tier, Tier::Remote, "{:?}", c.finished);
+        assert_eq!(c.text, PIECES.concat());
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        assert_eq!(server.requests(), 1);
+        let c = rt
+            .generate(AUTO, GenerateRequest::chat("hi"))
+            .unwrap()
+            .wait();
+        assert_eq!(c.finished.served.tier, Tier::Remote);
+    });
+}
+
+#[test]
+fn a_stream_broken_after_some_text_ends_with_error_and_keeps_the_text() {
+    within(|| {
+        let server = FakeServer::start(Mode::BreakAfterPieces);
+        let rt = runtime_for(server.base_url());
+        let generation = rt.generate(AUTO, GenerateRequest::chat("hi")).unwrap();
+        assert_eq!(generation.served().tier, Tier::Remote);
+        let c = generation.wait();
+        assert_eq!(c.text, PIECES.concat());
+        let f = &c.finished;
+        assert_eq!(f.reason, FinishReason::Error, "{f:?}");
+        let e = f.error.as_deref().unwrap();
+        assert!(e.contains("after 3 text piece(s)"), "{e}");
+        assert!(e.contains(&server.addr.to_string()), "{e}");
+        assert_eq!(f.served.tier, Tier::Remote);
+        let stats = rt.remote_generation_breaker().unwrap().stats();
+        assert_eq!((stats.failures, stats.successes), (1, 0));
+    });
+}
+
+#[test]
+fn an_http_error_before_the_stream_falls_to_the_next_tier() {
+    within(|| {
+        let server = FakeServer::start(Mode::Unavailable);
+        let rt = runtime_for(server.base_url());
+        let c = rt
+            .generate(AUTO, GenerateRequest::chat("hi"))
+            .unwrap()
+            .wait();
+        assert_eq!(c.finished.served.tier, Tier::RuleBased);
+        let why = &c.finished.served.trail[0];
+        assert!(why.contains("HTTP 503") && why.contains("loading"), "{why}");
+        assert_eq!(server.requests(), 1);
+        assert_eq!(rt.remote_generation_breaker().unwrap().stats().failures, 1);
+    });
+}
+
+#[test]
+fn cancelling_a_remote_generation_ends_it_with_cancelled() {
+    within(|| {
+        let server = FakeServer::start(Mode::Slow);
+        let rt = runtime_for(server.base_url());
+        let mut generation = rt.generate(AUTO, GenerateRequest::chat("hi")).unwrap();
+        // The first piece is there when `generate` returns.
+        match generation.next() {
+            Some(GenerationEvent::Delta { text, .. }) => assert_eq!(text, PIECES[0]),
+            other => panic!("{other:?}"),
+        }
+        generation.cancel();
+        let c = generation.wait();
+        assert_eq!(
+            c.finished.reason,
+            FinishReason::Cancelled,
+            "{:?}",
+            c.finished
+        );
+        // Cancelled while the second piece was on its way: the text is the
+        // first piece's (read before the cancel).
+        assert_eq!(c.text, PIECES[0]);
+        assert_eq!(c.finished.served.tier, Tier::Remote);
+    });
+}
