@@ -444,3 +444,71 @@ fn cancelling_a_remote_generation_ends_it_with_cancelled() {
         assert_eq!(c.finished.served.tier, Tier::Remote);
     });
 }
+
+/// A machine whose memory reads as `available` of 16 GiB.
+#[derive(Debug)]
+struct Machine(u64);
+
+impl runtime::hw::MemoryProbe for Machine {
+    fn memory(&self) -> runtime::hw::Result<runtime::hw::MemoryInfo> {
+        Ok(runtime::hw::MemoryInfo::new(16 << 30, self.0, 0, 0, None))
+    }
+}
+
+/// A runtime with SmolLM2-135M registered as the small tier beside the
+/// remote, on a machine with `available` bytes free, its KV budget
+/// `kv_budget_bytes`.
+fn runtime_with_local(base_url: String, available: u64, kv_budget_bytes: usize) -> Runtime {
+    let mut spec = runtime::GenerativeSpec::fetched("smollm2-135m", Tier::Small)
+        .unwrap_or_else(|e| panic!("{e}"));
+    spec.decoder.kv_budget_bytes = kv_budget_bytes;
+    Runtime::builder()
+        .config(RuntimeConfig {
+            configure_global_pool: false,
+            ..RuntimeConfig::default()
+        })
+        .memory_probe(Arc::new(Machine(available)))
+        .without_local_model()
+        .generative(spec)
+        .remote_generation(remote_config(base_url))
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn local_tiers_come_first_under_normal_pressure_and_the_remote_first_under_pressure() {
+    within(|| {
+        let server = FakeServer::start(Mode::Ok);
+        // Normal pressure (25% used): the local tier is tried first; the
+        // request's KV cannot fit its 64 KiB KV budget, so the remote
+        // serves, the local tier's reason in the trail.
+        let rt = runtime_with_local(server.base_url(), 12 << 30, 64 << 10);
+        assert_eq!(rt.status().pressure, runtime::PressureLevel::Normal);
+        let c = rt
+            .generate(AUTO, GenerateRequest::chat("hi"))
+            .unwrap()
+            .wait();
+        assert_eq!(c.finished.served.tier, Tier::Remote, "{:?}", c.finished);
+        let trail = &c.finished.served.trail;
+        assert_eq!(trail.len(), 1, "{trail:?}");
+        assert!(trail[0].starts_with("small smollm2-135m: "), "{trail:?}");
+        drop(rt);
+
+        // High pressure (87.5% used): the remote first; the local tier is
+        // not touched.
+        let rt = runtime_with_local(server.base_url(), 2 << 30, 256 << 20);
+        assert_eq!(rt.status().pressure, runtime::PressureLevel::High);
+        let c = rt
+            .generate(AUTO, GenerateRequest::chat("hi"))
+            .unwrap()
+            .wait();
+        assert_eq!(c.finished.served.tier, Tier::Remote, "{:?}", c.finished);
+        assert!(c.finished.served.trail.is_empty(), "{:?}", c.finished);
+        assert_eq!(c.text, PIECES.concat());
+        let generative = rt.status().generative;
+        assert!(
+            generative.iter().all(|g| g.state == "unloaded"),
+            "{generative:?}"
+        );
+    });
+}
