@@ -512,3 +512,63 @@ fn local_tiers_come_first_under_normal_pressure_and_the_remote_first_under_press
         );
     });
 }
+
+/// The manual check against a real engine (not run in CI): llama.cpp's
+/// `llama-server` serving Gemma-3-270M, as docs/runtime.md describes:
+///
+/// ```text
+/// BIN=$(bash scripts/llama-cpp.sh --print)
+/// "$BIN/llama-server" -m models/gemma3-270m/gemma-3-270m-q4_k_m.gguf -c 2048 --host 127.0.0.1 --port 8091 &
+/// SNUG_LLAMA_SERVER=http://127.0.0.1:8091 cargo test --release -p runtime --test remote_generate -- --ignored
+/// ```
+#[test]
+#[ignore = "needs llama-server running: SNUG_LLAMA_SERVER=http://127.0.0.1:8091 (see docs/runtime.md)"]
+fn llama_server_streams_through_the_remote_tier() {
+    let url = std::env::var("SNUG_LLAMA_SERVER").unwrap_or_else(|_| {
+        panic!(
+            "set SNUG_LLAMA_SERVER to a running llama-server's URL (binaries: bash scripts/llama-cpp.sh --print)"
+        )
+    });
+    let mut config = remote_config(url);
+    config.server.model = "gemma3-270m".into();
+    config.server.read_timeout = Duration::from_secs(60);
+    let rt = Runtime::builder()
+        .config(RuntimeConfig {
+            configure_global_pool: false,
+            ..RuntimeConfig::default()
+        })
+        .without_local_model()
+        .remote_generation(config)
+        .build()
+        .unwrap();
+    let mut generation = rt
+        .generate(
+            AUTO,
+            GenerateRequest::chat("The capital of France is").max_tokens(8),
+        )
+        .unwrap();
+    assert_eq!(generation.served().tier, Tier::Remote);
+    let mut deltas = 0;
+    let mut text = String::new();
+    let finished = loop {
+        match generation.next() {
+            Some(GenerationEvent::Delta { text: t, .. }) => {
+                deltas += 1;
+                text.push_str(&t);
+            }
+            Some(GenerationEvent::Finished(f)) => break f,
+            None => panic!("no final event"),
+        }
+    };
+    eprintln!("{deltas} deltas: {text:?}; {finished:?}");
+    assert!(deltas > 1, "streamed in pieces: {deltas}");
+    // What the text says is the model's business (Gemma-3-270M is a base
+    // model); that it came, in pieces, with the server's counts is ours.
+    assert!(!text.trim().is_empty(), "{text:?}");
+    assert!(
+        matches!(finished.reason, FinishReason::Stop | FinishReason::Length),
+        "{finished:?}"
+    );
+    assert!(finished.usage.completion_tokens > 0 && finished.usage.completion_tokens <= 8);
+    assert!(finished.usage.prompt_tokens > 5, "{finished:?}");
+}
