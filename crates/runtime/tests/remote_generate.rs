@@ -519,7 +519,7 @@ fn local_tiers_come_first_under_normal_pressure_and_the_remote_first_under_press
 /// ```text
 /// BIN=$(bash scripts/llama-cpp.sh --print)
 /// "$BIN/llama-server" -m models/gemma3-270m/gemma-3-270m-q4_k_m.gguf -c 2048 --host 127.0.0.1 --port 8091 &
-/// SNUG_LLAMA_SERVER=http://127.0.0.1:8091 cargo test --release -p runtime --test remote_generate -- --ignored
+/// SNUG_LLAMA_SERVER=http://127.0.0.1:8091 cargo test --workspace --release --test remote_generate -- --ignored
 /// ```
 #[test]
 #[ignore = "needs llama-server running: SNUG_LLAMA_SERVER=http://127.0.0.1:8091 (see docs/runtime.md)"]
