@@ -195,6 +195,14 @@ impl Run {
         let deadline = self.deadline.map_or(Deadline::none(), Deadline::at);
         let mut stream = match tier.client.stream(&self.request, deadline) {
             Ok(s) => s,
+            Err(_) if self.deadline.is_some_and(|d| Instant::now() >= d) => {
+                // The request's own deadline cut the exchange short: it
+                // ends so, and says nothing of the server's health.
+                permit.success();
+                let _ = tx.send(Ok(()));
+                self.finish(FinishReason::Deadline, None, Usage::default(), None, None);
+                return;
+            }
             Err(e) => {
                 record_start_error(permit, &e);
                 let _ = tx.send(Err(e.to_string()));
@@ -304,13 +312,25 @@ impl Run {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
         });
+        self.finish(reason, failure, usage, Some(answered), first);
+    }
+
+    /// Sends the final event.
+    fn finish(
+        &self,
+        reason: FinishReason,
+        error: Option<String>,
+        usage: Usage,
+        answered: Option<Instant>,
+        first: Option<Instant>,
+    ) {
         let now = Instant::now();
         self.sink.send(GenerationEvent::Finished(Finished {
             reason,
-            error: failure,
+            error,
             usage,
             timings: Timings {
-                queued_ms: self.ms(answered),
+                queued_ms: self.ms(answered.unwrap_or(now)),
                 time_to_first_token_ms: first.map(|t| self.ms(t)),
                 total_ms: self.ms(now),
             },

@@ -445,6 +445,32 @@ fn cancelling_a_remote_generation_ends_it_with_cancelled() {
     });
 }
 
+#[test]
+fn a_deadline_passing_mid_stream_ends_it_with_deadline() {
+    within(|| {
+        let server = FakeServer::start(Mode::Slow);
+        let rt = runtime_for(server.base_url());
+        // The first piece comes at 200 ms, the second at 400 ms: the
+        // deadline falls between them.
+        let mut req = GenerateRequest::chat("hi");
+        req.deadline = Some(Duration::from_millis(300));
+        let generation = rt.generate(AUTO, req).unwrap();
+        assert_eq!(generation.served().tier, Tier::Remote);
+        let c = generation.wait();
+        assert_eq!(
+            c.finished.reason,
+            FinishReason::Deadline,
+            "{:?}",
+            c.finished
+        );
+        assert_eq!(c.text, PIECES[0]);
+        assert_eq!(c.finished.error, None);
+        // The deadline is the request's, not the server's failure.
+        let stats = rt.remote_generation_breaker().unwrap().stats();
+        assert_eq!((stats.failures, stats.successes), (0, 1));
+    });
+}
+
 /// A machine whose memory reads as `available` of 16 GiB.
 #[derive(Debug)]
 struct Machine(u64);
