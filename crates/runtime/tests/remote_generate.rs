@@ -43,6 +43,8 @@ enum Mode {
     BreakAfterPieces,
     /// HTTP 503 before any stream.
     Unavailable,
+    /// HTTP 400 before any stream.
+    BadRequest,
 }
 
 #[derive(Debug)]
@@ -108,6 +110,10 @@ impl FakeServer {
         format!("http://{}", self.addr)
     }
 
+    fn set_mode(&self, mode: Mode) {
+        *self.shared.mode.lock() = mode;
+    }
+
     fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::SeqCst)
     }
@@ -146,11 +152,20 @@ async fn chat(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
         .lock()
         .push(serde_json::from_slice(&body).unwrap_or_default());
     let mode = *s.mode.lock();
-    if mode == Mode::Unavailable {
-        return Response::builder()
-            .status(503)
-            .body(Body::from("{\"error\": \"loading\"}"))
-            .unwrap();
+    match mode {
+        Mode::Unavailable => {
+            return Response::builder()
+                .status(503)
+                .body(Body::from("{\"error\": \"loading\"}"))
+                .unwrap()
+        }
+        Mode::BadRequest => {
+            return Response::builder()
+                .status(400)
+                .body(Body::from("{\"error\": \"max_tokens too large\"}"))
+                .unwrap()
+        }
+        _ => {}
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let pace = Duration::from_millis(if mode == Mode::Slow { 200 } else { 5 });
@@ -403,7 +418,7 @@ fn a_stream_broken_after_some_text_ends_with_error_and_keeps_the_text() {
 }
 
 #[test]
-fn an_http_error_before_the_stream_falls_to_the_next_tier() {
+fn http_errors_before_the_stream_fall_to_the_next_tier() {
     within(|| {
         let server = FakeServer::start(Mode::Unavailable);
         let rt = runtime_for(server.base_url());
@@ -415,7 +430,24 @@ fn an_http_error_before_the_stream_falls_to_the_next_tier() {
         let why = &c.finished.served.trail[0];
         assert!(why.contains("HTTP 503") && why.contains("loading"), "{why}");
         assert_eq!(server.requests(), 1);
-        assert_eq!(rt.remote_generation_breaker().unwrap().stats().failures, 1);
+        let stats = rt.remote_generation_breaker().unwrap().stats();
+        assert_eq!((stats.failures, stats.successes), (1, 0));
+
+        // A 4xx refusal falls to the next tier too, but the server is up:
+        // the breaker does not count it as a failure.
+        server.set_mode(Mode::BadRequest);
+        let c = rt
+            .generate(AUTO, GenerateRequest::chat("hi"))
+            .unwrap()
+            .wait();
+        assert_eq!(c.finished.served.tier, Tier::RuleBased);
+        let why = &c.finished.served.trail[0];
+        assert!(
+            why.contains("HTTP 400") && why.contains("max_tokens too large"),
+            "{why}"
+        );
+        let stats = rt.remote_generation_breaker().unwrap().stats();
+        assert_eq!((stats.failures, stats.successes), (1, 1));
     });
 }
 
