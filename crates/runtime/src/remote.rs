@@ -93,9 +93,6 @@ impl RemoteTier {
         trail: Vec<String>,
         started: Instant,
     ) -> std::result::Result<Generation, String> {
-        if let Err(r) = self.breaker.check_at(Instant::now()) {
-            return Err(format!("skipped, {r}"));
-        }
         let served = Served {
             tier: Tier::Remote,
             model: self.model().to_string(),
@@ -185,6 +182,9 @@ impl Run {
 
     fn run(self, tx: mpsc::SyncSender<Start>) {
         let tier = Arc::clone(&self.tier);
+        // Admission is asked here, where the permit can live as long as the
+        // stream; an open breaker rejects (and counts the rejection) before
+        // any connection.
         let permit = match tier.breaker.try_acquire() {
             Ok(p) => p,
             Err(r) => {

@@ -377,6 +377,7 @@ fn a_killed_remote_falls_to_rule_based_opens_the_breaker_and_closes_after_a_prob
         let why = &c.finished.served.trail[0];
         assert!(why.contains("skipped, circuit open"), "{why}");
         assert_eq!(breaker.stats().admitted, admitted);
+        assert_eq!(breaker.stats().rejected, 1);
         assert_eq!(server.requests(), 0);
 
         // After the cool-down a probe goes through and closes the breaker.
