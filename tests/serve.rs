@@ -364,6 +364,12 @@ fn unknown_models_full_queues_health_and_metrics() {
         text.contains("snug_ledger_reserved_bytes{category=\"model\"}"),
         "{text}"
     );
+    assert!(
+        text.contains(
+            "snug_breaker_state{serves=\"embedding\",tier=\"rule-based\",name=\"rule-based\"} 0"
+        ),
+        "{text}"
+    );
     // Every sample line is `name{labels} number` or `name number`.
     for l in text.lines().filter(|l| !l.starts_with('#')) {
         let v = l.rsplit(' ').next().unwrap();
