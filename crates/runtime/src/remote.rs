@@ -52,6 +52,8 @@ pub struct RemoteGenerationConfig {
     /// and broken streams count as failures; an HTTP 4xx answer (the server
     /// is up, the request was refused) does not. tier-router's defaults:
     /// open after 3 failures in a row, closed again by one probe after 30 s.
+    /// An outcome is recorded when the stream ends, so `slow_call` (off by
+    /// default) would time whole generations: leave it off here.
     pub breaker: BreakerConfig,
 }
 
