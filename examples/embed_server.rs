@@ -42,7 +42,7 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    if let Err(e) = main_loop::run(args.addr, args.port, args.config, !args.no_model) {
+    if let Err(e) = main_loop::run(args.addr, args.port, args.config, !args.no_model, None) {
         eprintln!("embed_server: error: {e}");
         std::process::exit(1);
     }

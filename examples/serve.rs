@@ -15,6 +15,10 @@
 //! Without `--config` it serves MiniLM (embeddings) and whichever of
 //! SmolLM2-135M (small tier) and Gemma-3-270M (medium tier) are fetched;
 //! `--config FILE` names the models instead (see `runtime::ModelsFile`).
+//! `--remote URL [--remote-model NAME]` adds an OpenAI-compatible chat
+//! server (llama.cpp's `llama-server`, vLLM, another snug server) as the
+//! remote generation tier (docs/serve.md has a manual check against
+//! `llama-server`).
 //! Every answer says which tier and model served it (`snug` in the body,
 //! `x-snug-tier` and `x-snug-model` headers).
 //!
@@ -46,14 +50,35 @@ struct Args {
     /// instead of the fetched defaults.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Serve no local model (the rule-based tiers only).
+    /// Serve no local model (the remote and rule-based tiers only).
     #[arg(long)]
     no_model: bool,
+    /// An OpenAI-compatible chat server (e.g. llama.cpp's llama-server at
+    /// http://127.0.0.1:8081) as a generation tier: after the local models
+    /// (before them under memory pressure), behind a circuit breaker.
+    #[arg(long, value_name = "URL")]
+    remote: Option<String>,
+    /// The model name sent to the --remote server, and listed for it.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "remote",
+        requires = "remote"
+    )]
+    remote_model: String,
 }
 
 fn main() {
     let args = Args::parse();
-    if let Err(e) = main_loop::run(args.addr, args.port, args.config, !args.no_model) {
+    let remote = args.remote.map(|base_url| runtime::RemoteGenerationConfig {
+        server: runtime::router::RemoteChatConfig {
+            base_url,
+            model: args.remote_model,
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    if let Err(e) = main_loop::run(args.addr, args.port, args.config, !args.no_model, remote) {
         eprintln!("serve: error: {e}");
         let mut source = e.source();
         while let Some(s) = source {

@@ -4,7 +4,8 @@
 //! `scripts/openai-client.sh`) lists models, streams a chat and embeds;
 //! the SSE chunk format and `[DONE]`; a disconnect mid-stream cancels the
 //! sequence; unknown models answer 404 `model_not_found`; a full queue
-//! answers 429 with `Retry-After`; `/health` and `/metrics`.
+//! answers 429 with `Retry-After`; `/health` and `/metrics`; another
+//! runtime streaming from this server as its remote generation tier.
 
 #[path = "../examples/embed_server/app.rs"]
 mod app;
@@ -363,6 +364,12 @@ fn unknown_models_full_queues_health_and_metrics() {
         text.contains("snug_ledger_reserved_bytes{category=\"model\"}"),
         "{text}"
     );
+    assert!(
+        text.contains(
+            "snug_breaker_state{serves=\"embedding\",tier=\"rule-based\",name=\"rule-based\"} 0"
+        ),
+        "{text}"
+    );
     // Every sample line is `name{labels} number` or `name number`.
     for l in text.lines().filter(|l| !l.starts_with('#')) {
         let v = l.rsplit(' ').next().unwrap();
@@ -405,4 +412,68 @@ fn embeddings_by_name_with_the_real_minilm() {
     // The real model: the two weather questions are close, the guitar far.
     assert!(cos(&vecs[0], &vecs[1]) > 0.7, "{}", cos(&vecs[0], &vecs[1]));
     assert!(cos(&vecs[0], &vecs[2]) < 0.3, "{}", cos(&vecs[0], &vecs[2]));
+}
+
+#[test]
+fn another_runtime_streams_from_this_server_as_its_remote_tier() {
+    // This server: SmolLM2 behind snug's OpenAI API.
+    let rt = runtime::Runtime::builder()
+        .config(config())
+        .without_local_model()
+        .generative(smol())
+        .build()
+        .unwrap();
+    let server = Server::start(app::app(rt));
+    // A second runtime with no local model, this server as its remote tier.
+    let client = runtime::Runtime::builder()
+        .config(config())
+        .without_local_model()
+        .remote_generation(runtime::RemoteGenerationConfig {
+            server: runtime::router::RemoteChatConfig {
+                base_url: server.url("/v1"),
+                model: SMOL.into(),
+                api_key_env: None,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let mut generation = client
+        .generate(
+            runtime::AUTO,
+            runtime::GenerateRequest::chat("What is the capital of France? Answer with one word.")
+                .max_tokens(12),
+        )
+        .unwrap();
+    assert_eq!(generation.served().tier, runtime::router::Tier::Remote);
+    assert_eq!(generation.served().model, SMOL);
+    let mut deltas = 0;
+    let mut text = String::new();
+    let finished = loop {
+        match generation.next().expect("a final event") {
+            runtime::GenerationEvent::Delta { text: t, .. } => {
+                deltas += 1;
+                text.push_str(&t);
+            }
+            runtime::GenerationEvent::Finished(f) => break f,
+        }
+    };
+    // SmolLM2's greedy answer, streamed piece by piece through the server's
+    // SSE chunks, with its finish reason and token counts.
+    assert!(text.contains("Paris"), "{text:?}");
+    assert!(deltas > 1, "{deltas} deltas");
+    assert!(
+        matches!(
+            finished.reason,
+            runtime::FinishReason::Stop | runtime::FinishReason::Length
+        ),
+        "{finished:?}"
+    );
+    let usage = finished.usage;
+    assert!(
+        (1..=12).contains(&usage.completion_tokens) && usage.prompt_tokens > 5,
+        "{finished:?}"
+    );
+    assert_eq!(finished.served.tier, runtime::router::Tier::Remote);
 }

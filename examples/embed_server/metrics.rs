@@ -151,6 +151,29 @@ pub(crate) async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         }
         family(
             &mut out,
+            "snug_breaker_state",
+            "gauge",
+            "Circuit breaker of each tier: 0 closed, 1 half-open, 2 open.",
+        );
+        for b in &s.breakers {
+            let v = match b.breaker.state {
+                runtime::router::BreakerState::Closed => 0,
+                runtime::router::BreakerState::HalfOpen => 1,
+                runtime::router::BreakerState::Open => 2,
+            };
+            let serves = match b.serves {
+                runtime::ModelKind::Embedding => "embedding",
+                runtime::ModelKind::Generative => "generative",
+            };
+            let _ = writeln!(
+                out,
+                "snug_breaker_state{{serves=\"{serves}\",tier=\"{}\",name=\"{}\"}} {v}",
+                b.tier,
+                label(&b.name)
+            );
+        }
+        family(
+            &mut out,
             "snug_cache_hits_total",
             "counter",
             "Embedding cache hits.",

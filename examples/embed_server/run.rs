@@ -35,8 +35,12 @@ async fn shutdown_signal() {
 pub(crate) fn build_runtime(
     config: Option<PathBuf>,
     local: bool,
+    remote: Option<runtime::RemoteGenerationConfig>,
 ) -> Result<runtime::Runtime, Box<dyn std::error::Error>> {
     let mut builder = runtime::Runtime::builder();
+    if let Some(remote) = remote {
+        builder = builder.remote_generation(remote);
+    }
     if !local {
         builder = builder.without_local_model();
     } else if let Some(path) = config {
@@ -58,14 +62,16 @@ pub(crate) fn build_runtime(
     Ok(builder.build()?)
 }
 
-/// Serves until Ctrl-C or SIGTERM.
+/// Serves until Ctrl-C or SIGTERM; `remote` adds a remote chat server as
+/// a generation tier.
 pub(crate) fn run(
     addr: IpAddr,
     port: u16,
     config: Option<PathBuf>,
     local: bool,
+    remote: Option<runtime::RemoteGenerationConfig>,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let rt = build_runtime(config, local)?;
+    let rt = build_runtime(config, local, remote)?;
     eprintln!("plan:\n{}", rt.plan());
     let names: Vec<String> = rt.models().into_iter().map(|m| m.name).collect();
     eprintln!("models: {}", names.join(", "));

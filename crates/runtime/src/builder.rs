@@ -123,6 +123,15 @@ impl RuntimeBuilder {
         self
     }
 
+    /// A remote OpenAI-compatible chat server (`/v1/chat/completions`,
+    /// streamed) as a generation tier, e.g. llama.cpp's `llama-server`.
+    #[cfg(feature = "remote")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "remote")))]
+    pub fn remote_generation(mut self, remote: crate::remote::RemoteGenerationConfig) -> Self {
+        self.config.remote_generation = Some(remote);
+        self
+    }
+
     /// Detects, plans and starts the runtime.
     pub fn build(self) -> Result<Runtime> {
         Runtime::start(self)
@@ -335,6 +344,11 @@ impl Runtime {
                 Arc::new(client),
             ))?;
         }
+        #[cfg(feature = "remote")]
+        let remote_generation = match &config.remote_generation {
+            Some(r) => Some(Arc::new(crate::remote::RemoteTier::new(r)?)),
+            None => None,
+        };
         let rule = models::RuleBasedEmbedder::default();
         let rule_backend = move |texts: &[String],
                                  _d: tier_router::Deadline|
@@ -358,6 +372,8 @@ impl Runtime {
             cache,
             pool,
             router,
+            #[cfg(feature = "remote")]
+            remote_generation,
             default_model,
             dim,
             facts,

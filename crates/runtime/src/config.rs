@@ -99,6 +99,13 @@ pub struct RuntimeConfig {
     #[cfg(feature = "remote")]
     #[cfg_attr(docsrs, doc(cfg(feature = "remote")))]
     pub remote: Option<tier_router::RemoteConfig>,
+    /// A remote OpenAI-compatible chat server as a generation tier: after
+    /// the local decoders (before them under memory pressure), before the
+    /// rule-based tier, guarded by a circuit breaker. Default none.
+    /// (Feature `remote`.)
+    #[cfg(feature = "remote")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "remote")))]
+    pub remote_generation: Option<crate::remote::RemoteGenerationConfig>,
     /// How long an `embed` call may take before local work is abandoned and
     /// the fallback tiers answer. Default 30 s.
     #[serde(with = "serde_with::As::<serde_with::DurationMilliSeconds<f64>>")]
@@ -150,6 +157,8 @@ impl Default for RuntimeConfig {
             monitor_interval: Duration::from_millis(500),
             #[cfg(feature = "remote")]
             remote: None,
+            #[cfg(feature = "remote")]
+            remote_generation: None,
             request_timeout: Duration::from_secs(30),
             max_texts: 4096,
             max_text_bytes: 256 * 1024,

@@ -1,7 +1,8 @@
 //! Serving generation: [`Runtime::generate`] picks the tier (a named model,
 //! or by complexity for [`AUTO`]), admits the sequence into that decoder's
-//! step loop, and falls to the next tier with the reason when a tier cannot
-//! serve; the rule-based tier answers last with a labelled degraded answer.
+//! step loop (or streams it from the remote tier), and falls to the next
+//! tier with the reason when a tier cannot serve; the rule-based tier
+//! answers last with a labelled degraded answer.
 
 use std::time::Instant;
 
@@ -66,13 +67,31 @@ impl Runtime {
                     tier: Some(tier),
                 }),
         );
+        #[cfg(feature = "remote")]
+        if let Some(r) = &self.inner.remote_generation {
+            if !v.iter().any(|m| m.name == r.model()) {
+                v.push(ModelInfo {
+                    name: r.model().to_string(),
+                    kind: ModelKind::Generative,
+                    tier: Some(tier_router::Tier::Remote),
+                });
+            }
+        }
         v
+    }
+
+    /// Whether a remote generation tier is configured.
+    fn has_remote_generation(&self) -> bool {
+        #[cfg(feature = "remote")]
+        return self.inner.remote_generation.is_some();
+        #[cfg(not(feature = "remote"))]
+        false
     }
 
     /// The error for a name no model has, listing the names that exist.
     pub(crate) fn unknown(&self, name: &str) -> Error {
         let mut known: Vec<String> = self.models().into_iter().map(|m| m.name).collect();
-        if !self.inner.decoders.names().is_empty() {
+        if !self.inner.decoders.names().is_empty() || self.has_remote_generation() {
             known.push(AUTO.to_string());
         }
         Error::unknown_model(name, known)
@@ -102,6 +121,19 @@ impl Runtime {
     /// next with the reason; the rule-based tier answers last, labelled as
     /// degraded. Errors: an unknown model, invalid input, or a full queue
     /// ([`Error::Overloaded`]).
+    ///
+    /// With a remote tier ([`RuntimeConfig::remote_generation`], feature
+    /// `remote`), the order is: under `Normal` pressure the local tiers
+    /// first, then the remote, then the rule-based tier; under `Elevated`,
+    /// `High` or `Critical` pressure (the pressure monitor's level, as for
+    /// embeddings) the remote first, as it takes no local memory. A named
+    /// local model is tried first whatever the pressure, then the remote;
+    /// the remote's model name asks for the remote alone. The remote tier
+    /// is skipped while its breaker is open (the reason in the trail), and
+    /// a request it fails before its first text falls to the next tier; the
+    /// call returns once the remote's first text has arrived.
+    ///
+    /// [`RuntimeConfig::remote_generation`]: crate::RuntimeConfig
     pub fn generate(&self, model: &str, req: GenerateRequest) -> Result<Generation> {
         let started = Instant::now();
         let decoders = &self.inner.decoders;
@@ -120,6 +152,8 @@ impl Runtime {
             .validate()
             .map_err(|e| Error::InvalidInput(format!("sampling: {e}")))?;
         let tiers = decoders.tiers();
+        let remote = self.has_remote_generation();
+        let remote_name = self.remote_generation_name();
         let chain: Vec<(String, tier_router::Tier)> = if model == AUTO {
             let words = prompt_words(&req.prompt);
             let want = self.generation_complexity(&req, words).tier;
@@ -129,11 +163,35 @@ impl Runtime {
             chain
         } else if let Some(t) = tiers.iter().find(|(n, _)| n == model) {
             vec![t.clone()]
+        } else if remote && remote_name.as_deref() == Some(model) {
+            Vec::new()
         } else {
             return Err(self.unknown(model));
         };
+        let mut steps: Vec<Step> = chain
+            .into_iter()
+            .map(|(name, tier)| Step::Local(name, tier))
+            .collect();
+        if remote {
+            let level = self.inner.monitor.level();
+            let pressured = level != mem_budget::PressureLevel::Normal;
+            if model == AUTO && pressured {
+                steps.insert(0, Step::Remote);
+            } else {
+                steps.push(Step::Remote);
+            }
+        }
         let mut trail = Vec::new();
-        for (name, tier) in chain {
+        for step in steps {
+            let (name, tier) = match step {
+                Step::Local(name, tier) => (name, tier),
+                Step::Remote => {
+                    if let Some(g) = self.try_remote(&req, &mut trail, started) {
+                        return Ok(g);
+                    }
+                    continue;
+                }
+            };
             let loaded = match decoders.get(&name) {
                 Ok(l) => l,
                 Err(e) => {
@@ -181,6 +239,45 @@ impl Runtime {
             trail.push("no generative model is registered".into());
         }
         Ok(rule_based(&req, trail, started))
+    }
+}
+
+/// One tier of a generation's chain.
+enum Step {
+    /// A registered decoder.
+    Local(String, tier_router::Tier),
+    /// The remote generation tier.
+    Remote,
+}
+
+impl Runtime {
+    fn remote_generation_name(&self) -> Option<String> {
+        #[cfg(feature = "remote")]
+        return self
+            .inner
+            .remote_generation
+            .as_ref()
+            .map(|r| r.model().to_string());
+        #[cfg(not(feature = "remote"))]
+        None
+    }
+
+    /// Streams `req` from the remote tier, or records why it did not serve.
+    #[cfg_attr(not(feature = "remote"), allow(unused_variables))]
+    fn try_remote(
+        &self,
+        req: &GenerateRequest,
+        trail: &mut Vec<String>,
+        started: Instant,
+    ) -> Option<Generation> {
+        #[cfg(feature = "remote")]
+        if let Some(r) = &self.inner.remote_generation {
+            match r.start(req, trail.clone(), started) {
+                Ok(g) => return Some(g),
+                Err(reason) => trail.push(format!("remote {}: {reason}", r.model())),
+            }
+        }
+        None
     }
 }
 

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -158,7 +159,8 @@ pub struct Finished {
     pub reason: FinishReason,
     /// The error, when `reason` is `error` (or `memory`, with the numbers).
     pub error: Option<String>,
-    /// Token counts.
+    /// Token counts (the remote tier's are the server's `usage`, zero when
+    /// it reports none).
     pub usage: Usage,
     /// Timings.
     pub timings: Timings,
@@ -177,7 +179,8 @@ pub enum GenerationEvent {
     Delta {
         /// Text safe to show.
         text: String,
-        /// The token ids generated since the previous delta.
+        /// The token ids generated since the previous delta (empty from
+        /// the remote and rule-based tiers, which send text only).
         tokens: Vec<u32>,
     },
     /// The end.
@@ -207,7 +210,8 @@ impl EventSink {
 pub struct Completion {
     /// The text generated.
     pub text: String,
-    /// The token ids generated.
+    /// The token ids generated (none from the remote tier, whose server
+    /// sends text only).
     pub tokens: Vec<u32>,
     /// How it ended.
     pub finished: Finished,
@@ -220,6 +224,7 @@ pub struct Generation {
     rx: mpsc::Receiver<GenerationEvent>,
     waker: Arc<Mutex<Option<Waker>>>,
     handle: Option<batcher::SequenceHandle>,
+    cancel_flag: Option<Arc<AtomicBool>>,
     served: Served,
     done: bool,
     text: String,
@@ -249,6 +254,7 @@ impl Generation {
                 rx,
                 waker,
                 handle: None,
+                cancel_flag: None,
                 served,
                 done: false,
                 text: String::new(),
@@ -262,6 +268,13 @@ impl Generation {
         self.handle = Some(handle);
     }
 
+    /// A flag the producer reads between events (the remote tier's stream
+    /// thread), set by [`Generation::cancel`].
+    #[cfg_attr(not(feature = "remote"), allow(dead_code))]
+    pub(crate) fn attach_cancel(&mut self, flag: Arc<AtomicBool>) {
+        self.cancel_flag = Some(flag);
+    }
+
     /// Which tier and model serve it.
     pub fn served(&self) -> &Served {
         &self.served
@@ -269,9 +282,14 @@ impl Generation {
 
     /// Stops the sequence: it ends with [`FinishReason::Cancelled`] (the
     /// final event still comes) and its KV is freed before the next step.
+    /// A remote generation stops reading its stream when the next piece
+    /// arrives (and closes the connection).
     pub fn cancel(&self) {
         if let Some(h) = &self.handle {
             h.cancel();
+        }
+        if let Some(f) = &self.cancel_flag {
+            f.store(true, Ordering::Release);
         }
     }
 

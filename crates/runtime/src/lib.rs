@@ -35,7 +35,11 @@
 //! - `remote` (default): the router's remote tier (`tier-router/remote`, an
 //!   HTTP client on ureq) — `router::RemoteEmbedder`, and with `local` the
 //!   `RuntimeConfig::remote` field and `RuntimeBuilder::remote`, which add
-//!   an OpenAI-compatible embeddings server as a fallback tier.
+//!   an OpenAI-compatible embeddings server as a fallback tier, and
+//!   `RuntimeConfig::remote_generation` / `RuntimeBuilder::remote_generation`
+//!   ([`RemoteGenerationConfig`]), an OpenAI-compatible chat server whose
+//!   streamed `/v1/chat/completions` is a generation tier behind a circuit
+//!   breaker.
 //!
 //! [`LedgerGate`] joins the ledger and the pressure monitor as the router's
 //! memory gate (with or without `local`).
@@ -67,6 +71,8 @@ mod model;
 mod models_file;
 mod plan;
 mod registry;
+#[cfg(feature = "remote")]
+mod remote;
 mod runtime;
 mod status;
 
@@ -88,8 +94,11 @@ pub use crate::model::{
 pub use crate::models_file::{EmbeddingEntry, ModelsFile};
 pub use crate::plan::Plan;
 pub use crate::registry::ModelStatus;
+#[cfg(feature = "remote")]
+#[cfg_attr(docsrs, doc(cfg(feature = "remote")))]
+pub use crate::remote::RemoteGenerationConfig;
 pub use crate::runtime::{Runtime, MINILM};
-pub use crate::status::{Status, Throttling};
+pub use crate::status::{Status, Throttling, TierBreaker};
 }
 
 mod gate;

@@ -33,6 +33,8 @@ pub(crate) struct Inner {
     pub(crate) cache: Cache,
     pub(crate) pool: buffer_pool::BufferPool,
     pub(crate) router: EmbedRouter,
+    #[cfg(feature = "remote")]
+    pub(crate) remote_generation: Option<Arc<crate::remote::RemoteTier>>,
     pub(crate) default_model: Option<String>,
     pub(crate) dim: usize,
     pub(crate) facts: Option<crate::model::MiniLmFacts>,
@@ -197,6 +199,14 @@ impl Runtime {
     /// The tier router (statistics, breaker states).
     pub fn router(&self) -> &tier_router::Router<[String], Vec<Vec<f32>>> {
         &self.inner.router
+    }
+
+    /// The circuit breaker of the remote generation tier, when one is
+    /// configured (to read its state or register callbacks).
+    #[cfg(feature = "remote")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "remote")))]
+    pub fn remote_generation_breaker(&self) -> Option<&tier_router::CircuitBreaker> {
+        self.inner.remote_generation.as_deref().map(|r| r.breaker())
     }
 }
 

@@ -16,6 +16,19 @@ pub struct Throttling {
     pub thermal_likely: bool,
 }
 
+/// The circuit breaker of one tier, in [`Status::breakers`].
+#[derive(Debug, Clone, Serialize)]
+pub struct TierBreaker {
+    /// What the tier serves.
+    pub serves: crate::generate::ModelKind,
+    /// The tier's name (for the remote generation tier, its model's).
+    pub name: String,
+    /// Its kind.
+    pub tier: tier_router::Tier,
+    /// Its breaker's state and counters.
+    pub breaker: tier_router::BreakerStats,
+}
+
 /// A snapshot of the runtime and the machine.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -35,6 +48,9 @@ pub struct Status {
     /// Registered generative models: sequences running and queued, KV
     /// blocks used and free, tokens/s.
     pub generative: Vec<crate::decoder::GenerativeStatus>,
+    /// The circuit breakers of the tiers: the embedding router's, then the
+    /// remote generation tier's when one is configured.
+    pub breakers: Vec<TierBreaker>,
     /// The ledger's accounting.
     pub ledger: mem_budget::LedgerStats,
     /// The embedding cache.
@@ -82,7 +98,29 @@ impl Runtime {
         } else {
             level.action().to_string()
         };
+        #[allow(unused_mut)]
+        let mut breakers: Vec<TierBreaker> = inner
+            .router
+            .stats()
+            .into_iter()
+            .map(|(name, tier, breaker)| TierBreaker {
+                serves: crate::generate::ModelKind::Embedding,
+                name,
+                tier,
+                breaker,
+            })
+            .collect();
+        #[cfg(feature = "remote")]
+        if let Some(r) = &inner.remote_generation {
+            breakers.push(TierBreaker {
+                serves: crate::generate::ModelKind::Generative,
+                name: r.model().to_string(),
+                tier: tier_router::Tier::Remote,
+                breaker: r.breaker().stats(),
+            });
+        }
         Status {
+            breakers,
             cpu_percent: cpu,
             memory_percent: used * 100.0,
             available_bytes: avail,

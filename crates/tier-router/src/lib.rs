@@ -15,7 +15,9 @@
 //!    did not.
 //!
 //! `RemoteEmbedder` (feature `remote`) is an HTTP backend for OpenAI-compatible
-//! `/v1/embeddings` servers. A rule-based tier is any backend that never fails; the `models`
+//! `/v1/embeddings` servers, and `RemoteChat` a streaming client for their
+//! `/v1/chat/completions` (server-sent events read chunk by chunk; the snug runtime
+//! guards it with a [`CircuitBreaker`] as its remote generation tier). A rule-based tier is any backend that never fails; the `models`
 //! crate's `RuleBasedEmbedder` (feature hashing) is the one the snug runtime uses.
 //!
 //! ```
@@ -55,7 +57,8 @@
 //! # Feature flags
 //!
 //! - `remote` (off by default): `RemoteConfig` and `RemoteEmbedder`, the blocking HTTP client
-//!   of the remote tier, on `ureq`. Without it the crate compiles no HTTP client.
+//!   of the remote tier, and `RemoteChatConfig` and `RemoteChat`, its streaming chat client,
+//!   on `ureq`. Without it the crate compiles no HTTP client.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backend;
@@ -65,6 +68,8 @@ mod error;
 mod pressure;
 #[cfg(feature = "remote")]
 mod remote;
+#[cfg(feature = "remote")]
+mod remote_chat;
 mod retry;
 mod router;
 mod tier;
@@ -80,6 +85,11 @@ pub use pressure::{FixedGate, MemoryGate, PressureLevel};
 #[cfg(feature = "remote")]
 #[cfg_attr(docsrs, doc(cfg(feature = "remote")))]
 pub use remote::{RemoteConfig, RemoteEmbedder};
+#[cfg(feature = "remote")]
+#[cfg_attr(docsrs, doc(cfg(feature = "remote")))]
+pub use remote_chat::{
+    ChatEvent, ChatMessage, ChatRequest, ChatStream, ChatUsage, RemoteChat, RemoteChatConfig,
+};
 pub use retry::RetryConfig;
 pub use router::{
     Attempted, Candidate, EmbedRouter, GaveUp, Outcome, Role, RouteDecision, Router, RouterConfig,
