@@ -39,6 +39,27 @@ fn row_chunk(rows: usize) -> usize {
     rows.div_ceil(tasks).clamp(1, ROW_CHUNK)
 }
 
+thread_local! {
+    /// Per-thread scratch of the kernels (a layer norm's row, one head's
+    /// q/kᵀ/v and scores), kept for the thread's life: small buffers taken
+    /// and freed in every task would interleave with the large activation
+    /// buffers on the heap and fragment it, so that freed activations could
+    /// not be reused by the next layer's.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's scratch, at least `len` floats long (their
+/// values are whatever the last use left).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len])
+    })
+}
+
 /// `erf(x)`, max abs error below 5e-7 in f32 (Abramowitz & Stegun 7.1.26,
 /// 1.5e-7 in exact arithmetic, with a fast exp). Branch-free so that it
 /// vectorises.
@@ -114,16 +135,17 @@ pub(crate) fn add_layer_norm(
     out.par_chunks_mut(out_stride * chunk)
         .enumerate()
         .for_each(|(c, o)| {
-            let mut tmp = vec![0f32; h];
-            for (r, orow) in o.chunks_exact_mut(out_stride).enumerate() {
-                let row = c * chunk + r;
-                let xr = &x[row * h..row * h + h];
-                let rr = &residual[row * res_stride..row * res_stride + h];
-                for i in 0..h {
-                    tmp[i] = xr[i] + bias[i] + rr[i];
+            with_scratch(h, |tmp| {
+                for (r, orow) in o.chunks_exact_mut(out_stride).enumerate() {
+                    let row = c * chunk + r;
+                    let xr = &x[row * h..row * h + h];
+                    let rr = &residual[row * res_stride..row * res_stride + h];
+                    for i in 0..h {
+                        tmp[i] = xr[i] + bias[i] + rr[i];
+                    }
+                    norm_into(tmp, gamma, beta, eps, &mut orow[..h]);
                 }
-                norm_into(&tmp, gamma, beta, eps, &mut orow[..h]);
-            }
+            })
         });
     out
 }
@@ -255,17 +277,18 @@ pub(crate) fn embed(
     out.par_chunks_mut(out_stride * chunk)
         .enumerate()
         .for_each(|(c, o)| {
-            let mut tmp = vec![0f32; h];
-            for (r, orow) in o.chunks_exact_mut(out_stride).enumerate() {
-                let k = c * chunk + r;
-                t.word.row_into(ids[k] as usize, &mut tmp);
-                let p = &t.position[positions[k] as usize * h..][..h];
-                let ty = &t.token_type[type_ids[k] as usize * h..][..h];
-                for i in 0..h {
-                    tmp[i] += p[i] + ty[i];
+            with_scratch(h, |tmp| {
+                for (r, orow) in o.chunks_exact_mut(out_stride).enumerate() {
+                    let k = c * chunk + r;
+                    t.word.row_into(ids[k] as usize, tmp);
+                    let p = &t.position[positions[k] as usize * h..][..h];
+                    let ty = &t.token_type[type_ids[k] as usize * h..][..h];
+                    for i in 0..h {
+                        tmp[i] += p[i] + ty[i];
+                    }
+                    norm_into(tmp, t.gamma, t.beta, t.eps, &mut orow[..h]);
                 }
-                norm_into(&tmp, t.gamma, t.beta, t.eps, &mut orow[..h]);
-            }
+            })
         });
     out
 }
@@ -295,34 +318,44 @@ pub(crate) fn attention(
     let rows = qkv.len() / w;
     // One task per sequence and head, so that a single sentence still
     // spreads its heads over every thread; each task writes its own
-    // `len × head_dim` block, scattered into the rows afterwards.
+    // `len × head_dim` block of the output in place.
     let tasks: Vec<(usize, usize, usize)> = seqs
         .iter()
         .flat_map(|&(start, len)| (0..heads).map(move |hd| (start, len, hd)))
         .collect();
-    let blocks: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|&(start, len, hd)| {
-            let mut o = vec![0f32; len * head_dim];
-            dispatch!(attend_head(&mut o, qkv, bias, start, len, hd, shape));
-            o
-        })
-        .collect();
     let mut out = vec![0f32; rows * out_stride];
-    for (&(start, len, hd), o) in tasks.iter().zip(&blocks) {
-        let qo = hd * head_dim;
-        for i in 0..len {
-            out[(start + i) * out_stride + qo..][..head_dim]
-                .copy_from_slice(&o[i * head_dim..(i + 1) * head_dim]);
-        }
-    }
+    let dst = SharedOut(out.as_mut_ptr(), out.len());
+    tasks.par_iter().for_each(|&(start, len, hd)| {
+        let dst = &dst;
+        with_scratch(3 * len * head_dim + len, |scratch| {
+            let o = |i: usize| {
+                let at = (start + i) * out_stride + hd * head_dim;
+                assert!(at + head_dim <= dst.1, "attention row out of the output");
+                // SAFETY: in bounds (checked above); tasks write disjoint
+                // ranges (one head's columns of one sequence's rows) and
+                // `out` outlives the parallel loop.
+                unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), head_dim) }
+            };
+            dispatch!(attend_head(o, scratch, qkv, bias, start, len, hd, shape));
+        })
+    });
     out
 }
 
-/// Attention of one head of one sequence into `o` (`len × head_dim`).
+/// The attention output, written by the tasks in disjoint ranges.
+struct SharedOut(*mut f32, usize);
+
+// SAFETY: the tasks only write disjoint ranges through the pointer (see
+// `attention`), and the buffer outlives them.
+unsafe impl Sync for SharedOut {}
+
+/// Attention of one head of one sequence: row `i` of the result goes to
+/// `out(i)` (`head_dim` wide, zeroed). `scratch` holds q, kᵀ, v and the scores.
 #[inline(always)]
-fn attend_head(
-    o: &mut [f32],
+#[allow(clippy::too_many_arguments)]
+fn attend_head<'a>(
+    out: impl Fn(usize) -> &'a mut [f32],
+    scratch: &mut [f32],
     qkv: &[f32],
     bias: &[f32],
     start: usize,
@@ -334,10 +367,10 @@ fn attend_head(
     let hidden = heads * head_dim;
     let w = 3 * hidden;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let mut q = vec![0f32; len * head_dim];
-    let mut kt = vec![0f32; head_dim * len];
-    let mut v = vec![0f32; len * head_dim];
-    let mut s = vec![0f32; len];
+    let (q, rest) = scratch.split_at_mut(len * head_dim);
+    let (kt, rest) = rest.split_at_mut(head_dim * len);
+    let (v, s) = rest.split_at_mut(len * head_dim);
+    let s = &mut s[..len];
     let qo = hd * head_dim;
     let ko = hidden + qo;
     let vo = 2 * hidden + qo;
@@ -365,7 +398,7 @@ fn attend_head(
             sum += *x;
         }
         let inv = 1.0 / sum;
-        let orow = &mut o[i * head_dim..(i + 1) * head_dim];
+        let orow = out(i);
         for (j, &p) in s.iter().enumerate() {
             let p = p * inv;
             let vr = &v[j * head_dim..(j + 1) * head_dim];

@@ -165,7 +165,7 @@ impl Default for RuntimeConfig {
             complexity: tier_router::ComplexityConfig::default(),
             max_generate_tokens: 4096,
             release_freed_memory: true,
-            mmap_threshold: 1024 * 1024,
+            mmap_threshold: 1 << 20,
         }
     }
 }
