@@ -450,7 +450,12 @@ where
         if threshold == 0 || !Tuner::sampled(hash, threshold) {
             return;
         }
-        let mut tuner = self.inner.tuner.lock();
+        // A request that finds the simulations busy with another thread's
+        // is not replayed: callers never wait on the tuner (one thread, or
+        // a trace replay, never finds it busy, so it sees every request).
+        let Some(mut tuner) = self.inner.tuner.try_lock() else {
+            return;
+        };
         let Some(tuner) = tuner.as_mut() else { return };
         if let Some(tuning) = tuner.record(hash, weight, &*self.inner.clock) {
             *self.inner.tuning.write() = tuning;
