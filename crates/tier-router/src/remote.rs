@@ -88,34 +88,50 @@ struct EmbeddingItem {
     index: Option<usize>,
 }
 
+/// The endpoint `path` of the OpenAI-compatible server at `base_url`
+/// (`/v1/<path>`, or `/<path>` after a trailing `/v1`); `field` names the
+/// configuration (`remote`, `remote_chat`) in the error for a URL that is not
+/// http(s).
+pub(crate) fn endpoint(field: &str, base_url: &str, path: &str) -> Result<String, Error> {
+    let base = base_url.trim_end_matches('/');
+    if !(base.starts_with("http://") || base.starts_with("https://")) {
+        return Err(Error::invalid(
+            format!("{field}.base_url"),
+            base_url,
+            "a URL starting with http:// or https://, e.g. http://127.0.0.1:8080",
+        ));
+    }
+    Ok(if base.ends_with("/v1") {
+        format!("{base}/{path}")
+    } else {
+        format!("{base}/v1/{path}")
+    })
+}
+
+/// Refuses a zero connect or read timeout of the configuration `field`.
+pub(crate) fn check_timeouts(field: &str, connect: Duration, read: Duration) -> Result<(), Error> {
+    if connect.is_zero() || read.is_zero() {
+        return Err(Error::invalid(
+            format!("{field}.connect_timeout / {field}.read_timeout"),
+            format!("{connect:?} / {read:?}"),
+            "both above zero (defaults 2 s and 30 s)",
+        ));
+    }
+    Ok(())
+}
+
+/// The API key in the environment variable `env`, if set and not empty.
+pub(crate) fn api_key(env: Option<&str>) -> Option<String> {
+    env.and_then(|name| std::env::var(name).ok())
+        .filter(|k| !k.is_empty())
+}
+
 impl RemoteEmbedder {
     /// A client for the server in `config`; reads the API key from its environment variable.
     pub fn new(config: RemoteConfig) -> Result<Self, Error> {
-        let base = config.base_url.trim_end_matches('/');
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(Error::invalid(
-                "remote.base_url",
-                &config.base_url,
-                "a URL starting with http:// or https://, e.g. http://127.0.0.1:8080",
-            ));
-        }
-        if config.connect_timeout.is_zero() || config.read_timeout.is_zero() {
-            return Err(Error::invalid(
-                "remote.connect_timeout / remote.read_timeout",
-                format!("{:?} / {:?}", config.connect_timeout, config.read_timeout),
-                "both above zero (defaults 2 s and 30 s)",
-            ));
-        }
-        let url = if base.ends_with("/v1") {
-            format!("{base}/embeddings")
-        } else {
-            format!("{base}/v1/embeddings")
-        };
-        let api_key = config
-            .api_key_env
-            .as_deref()
-            .and_then(|name| std::env::var(name).ok())
-            .filter(|k| !k.is_empty());
+        let url = endpoint("remote", &config.base_url, "embeddings")?;
+        check_timeouts("remote", config.connect_timeout, config.read_timeout)?;
+        let api_key = api_key(config.api_key_env.as_deref());
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_connect(Some(config.connect_timeout))
             .timeout_recv_response(Some(config.read_timeout))

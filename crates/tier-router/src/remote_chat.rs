@@ -189,21 +189,8 @@ impl RemoteChat {
     /// A client for the server in `config`; reads the API key from its
     /// environment variable.
     pub fn new(config: RemoteChatConfig) -> Result<Self, Error> {
-        let base = config.base_url.trim_end_matches('/');
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(Error::invalid(
-                "remote_chat.base_url",
-                &config.base_url,
-                "a URL starting with http:// or https://, e.g. http://127.0.0.1:8080",
-            ));
-        }
-        if config.connect_timeout.is_zero() || config.read_timeout.is_zero() {
-            return Err(Error::invalid(
-                "remote_chat.connect_timeout / remote_chat.read_timeout",
-                format!("{:?} / {:?}", config.connect_timeout, config.read_timeout),
-                "both above zero (defaults 2 s and 30 s)",
-            ));
-        }
+        let url = crate::remote::endpoint("remote_chat", &config.base_url, "chat/completions")?;
+        crate::remote::check_timeouts("remote_chat", config.connect_timeout, config.read_timeout)?;
         if config.max_line_bytes < 64 {
             return Err(Error::invalid(
                 "remote_chat.max_line_bytes",
@@ -225,16 +212,7 @@ impl RemoteChat {
                 "the model name the server serves (default `remote`)",
             ));
         }
-        let url = if base.ends_with("/v1") {
-            format!("{base}/chat/completions")
-        } else {
-            format!("{base}/v1/chat/completions")
-        };
-        let api_key = config
-            .api_key_env
-            .as_deref()
-            .and_then(|name| std::env::var(name).ok())
-            .filter(|k| !k.is_empty());
+        let api_key = crate::remote::api_key(config.api_key_env.as_deref());
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_connect(Some(config.connect_timeout))
             .timeout_per_read(Some(config.read_timeout))
