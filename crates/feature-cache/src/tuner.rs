@@ -445,6 +445,18 @@ mod tests {
         );
     }
 
+    /// Request `i` of a drifting hot set: 85 % of the requests go to a hot
+    /// set of 4,000 keys that drifts by one key every four requests, the
+    /// rest to 400,000 cold keys.
+    fn drifting_hot_set_key(i: u64) -> u64 {
+        let r = fmix64(i ^ 0x5eed);
+        if r % 100 < 85 {
+            i / 4 + (r >> 32) % 4_000
+        } else {
+            (1 << 40) + (r >> 32) % 400_000
+        }
+    }
+
     #[test]
     fn a_drifting_hot_set_moves_the_tuning_to_the_recency_setting() {
         // 85 % of the requests go to a hot set of 4,000 keys that drifts by
@@ -456,13 +468,7 @@ mod tests {
         let mut t = Tuner::new(8_000, 8_000).expect("large enough");
         let mut last = None;
         for i in 0..30 * 8_000u64 {
-            let r = fmix64(i ^ 0x5eed);
-            let key = if r % 100 < 85 {
-                i / 4 + (r >> 32) % 4_000
-            } else {
-                (1 << 40) + (r >> 32) % 400_000
-            };
-            let hash = fmix64(key);
+            let hash = fmix64(drifting_hot_set_key(i));
             if Tuner::sampled(hash, t.threshold()) {
                 if let Some(tuning) = t.record(hash, 1, &clock) {
                     last = Some(tuning);
@@ -525,13 +531,7 @@ mod tests {
         let mut t = Tuner::new(8_000, 8_000).expect("large enough");
         let mut reached = None;
         for i in 0..30 * 8_000u64 {
-            let r = fmix64(i ^ 0x5eed);
-            let key = if r % 100 < 85 {
-                i / 4 + (r >> 32) % 4_000
-            } else {
-                (1 << 40) + (r >> 32) % 400_000
-            };
-            let hash = fmix64(key);
+            let hash = fmix64(drifting_hot_set_key(i));
             if Tuner::sampled(hash, t.threshold())
                 && t.record(hash, 1, &clock).is_some()
                 && t.window > 0.9
