@@ -82,7 +82,7 @@ pub(crate) async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         );
     }
     if let Some(s) = status {
-        let gauges: [(&str, &str, &str); 7] = [
+        let gauges: [(&str, &str, &str); 9] = [
             (
                 "snug_sequences_running",
                 "gauge",
@@ -110,6 +110,16 @@ pub(crate) async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
                 "Prompt tokens read since the model loaded.",
             ),
             (
+                "snug_preempted_total",
+                "counter",
+                "Times a running sequence was preempted under critical memory pressure.",
+            ),
+            (
+                "snug_recomputed_tokens_total",
+                "counter",
+                "Tokens preempted sequences read again to rebuild their KV.",
+            ),
+            (
                 "snug_tokens_per_second",
                 "gauge",
                 "Tokens generated per second over the last ten seconds.",
@@ -125,6 +135,8 @@ pub(crate) async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
                     "snug_kv_blocks_free" => g.kv_blocks_free as f64,
                     "snug_generated_tokens_total" => g.tokens_generated as f64,
                     "snug_prompt_tokens_total" => g.prompt_tokens as f64,
+                    "snug_preempted_total" => g.preempted as f64,
+                    "snug_recomputed_tokens_total" => g.recomputed_tokens as f64,
                     _ => g.tokens_per_second,
                 };
                 let _ = writeln!(

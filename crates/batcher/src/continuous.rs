@@ -13,6 +13,14 @@
 //! [`max_queue_wait`](ContinuousConfig::max_queue_wait) leaves with
 //! [`Exit::NoRoom`].
 //!
+//! Before each step the handler may ask for running sequences to be
+//! **preempted** ([`StepHandler::preempt_wanted`]; memory pressure,
+//! typically): the loop picks the lowest-priority, latest-joined ones, the
+//! handler frees what each holds ([`StepHandler::preempt`]) and they go back
+//! to the queue, ahead of those that joined after them, to be admitted again
+//! and recompute what they lost. A preempted sequence is still accepted: it
+//! leaves once, like any other.
+//!
 //! Every accepted sequence leaves exactly once, through
 //! [`StepHandler::finish`] with its [`Exit`]: done, cancelled (its
 //! [`SequenceHandle`] was cancelled or dropped), past its deadline (queued or
@@ -212,6 +220,23 @@ pub trait StepHandler: Send + 'static {
         Admission::Admit
     }
 
+    /// How many of the `running` sequences should be preempted before the
+    /// next step (see the [module docs](self)). Called once per loop turn;
+    /// the default is 0 (never).
+    fn preempt_wanted(&mut self, running: usize) -> usize {
+        let _ = running;
+        0
+    }
+
+    /// Frees what a running sequence holds as it is preempted: it goes back
+    /// to the queue and is admitted again through [`admit`](Self::admit).
+    /// The handler makes it recompute what it lost (its
+    /// [`pending_tokens`](Self::pending_tokens) must be at least 1 after
+    /// this). The default does nothing.
+    fn preempt(&mut self, seq: &mut Self::Seq) {
+        let _ = seq;
+    }
+
     /// Runs one step; returns one [`Progress`] per scheduled sequence, in
     /// order. Any other count fails every sequence of the step; a panic
     /// fails them too and the loop goes on.
@@ -250,6 +275,8 @@ pub struct ContinuousStats {
     pub no_room: u64,
     /// Of those, failed (step error or panic).
     pub failed: u64,
+    /// Times a running sequence was preempted back to the queue.
+    pub preempted: u64,
     /// Steps run.
     pub steps: u64,
     /// Steps that panicked.
@@ -548,6 +575,47 @@ impl<H: StepHandler> Loop<H> {
         }
     }
 
+    /// Preempts the sequences the handler asks for: lowest priority first,
+    /// then the latest joined. They go back to the queue, ahead of every
+    /// queued sequence of their priority that joined after them.
+    fn preempt(&mut self, now: Instant) {
+        let handler = &mut self.handler;
+        let running = self.running.len();
+        let wanted = catch_unwind(AssertUnwindSafe(|| handler.preempt_wanted(running)))
+            .unwrap_or_else(|p| {
+                tracing::error!(message = %panic_message(&*p), "continuous batcher: preempt_wanted panicked");
+                0
+            })
+            .min(running);
+        for _ in 0..wanted {
+            let Some(victim) = (0..self.running.len()).min_by_key(|&i| {
+                (
+                    self.running[i].priority,
+                    std::cmp::Reverse(self.running[i].id),
+                )
+            }) else {
+                break;
+            };
+            let mut e = self.running.remove(victim);
+            let handler = &mut self.handler;
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| handler.preempt(&mut e.seq))) {
+                let message = format!("preempting it panicked: {}", panic_message(&*p));
+                self.leave(e, Exit::Failed { message }, false);
+                continue;
+            }
+            e.joined = now;
+            let pos = self
+                .queue
+                .iter()
+                .position(|q| q.priority < e.priority || (q.priority == e.priority && q.id > e.id))
+                .unwrap_or(self.queue.len());
+            self.queue.insert(pos, e);
+            let mut st = self.inner.state.lock();
+            st.queued += 1;
+            st.stats.preempted += 1;
+        }
+    }
+
     fn admit(&mut self) {
         while self.running.len() < self.inner.config.max_running {
             let Some(head) = self.queue.front_mut() else {
@@ -707,6 +775,7 @@ impl<H: StepHandler> Loop<H> {
                 }
             }
             self.sweep(now);
+            self.preempt(now);
             self.admit();
             {
                 let mut st = self.inner.state.lock();

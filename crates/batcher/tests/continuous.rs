@@ -23,6 +23,9 @@ struct Seq {
     poison: bool,
     /// Room this sequence takes while it runs.
     room: usize,
+    /// Tokens it has computed since it was last admitted (prompt read plus
+    /// decoded): what a preemption makes it read again.
+    held: usize,
 }
 
 #[derive(Debug, Default)]
@@ -34,6 +37,8 @@ struct Seen {
     overdrawn: bool,
     /// Tokens decoded, by sequence id.
     decoded: HashMap<usize, usize>,
+    /// Sequences preempted, in order.
+    preempted: Vec<usize>,
 }
 
 struct Handler {
@@ -41,6 +46,12 @@ struct Handler {
     done: mpsc::Sender<usize>,
     room: usize,
     used: HashMap<usize, usize>,
+    /// Every this many loop turns, all running sequences but one are
+    /// preempted (0: never).
+    preempt_every: usize,
+    turns: usize,
+    /// The first time this many run, all but one are preempted (0: never).
+    preempt_once_at: usize,
 }
 
 impl StepHandler for Handler {
@@ -63,6 +74,27 @@ impl StepHandler for Handler {
         self.used.insert(s.id, s.room);
         Admission::Admit
     }
+    fn preempt_wanted(&mut self, running: usize) -> usize {
+        self.turns += 1;
+        if self.preempt_once_at > 0 && running == self.preempt_once_at {
+            self.preempt_once_at = 0;
+            return running - 1;
+        }
+        if self.preempt_every > 0 && self.turns.is_multiple_of(self.preempt_every) {
+            running.saturating_sub(1)
+        } else {
+            0
+        }
+    }
+    fn preempt(&mut self, s: &mut Seq) {
+        assert!(
+            self.used.remove(&s.id).is_some(),
+            "preempted a sequence not admitted"
+        );
+        s.prompt += s.held;
+        s.held = 0;
+        self.seen.lock().preempted.push(s.id);
+    }
     fn step(&mut self, batch: &mut [Scheduled<'_, Seq>]) -> Vec<Progress> {
         let mut seen = self.seen.lock();
         let total: usize = batch.iter().map(|b| b.tokens).sum();
@@ -79,7 +111,9 @@ impl StepHandler for Handler {
                 self.seen.lock().overdrawn = true;
             }
             if b.seq.prompt > 0 {
-                b.seq.prompt -= b.tokens.min(b.seq.prompt);
+                let n = b.tokens.min(b.seq.prompt);
+                b.seq.prompt -= n;
+                b.seq.held += n;
                 out.push(Progress::Continue);
                 continue;
             }
@@ -87,6 +121,7 @@ impl StepHandler for Handler {
                 panic!("poisoned sequence {}", b.seq.id);
             }
             b.seq.decode -= 1;
+            b.seq.held += 1;
             *self.seen.lock().decoded.entry(b.seq.id).or_default() += 1;
             out.push(if b.seq.decode == 0 {
                 Progress::Done
@@ -114,6 +149,18 @@ fn engine(
     Arc<Mutex<Seen>>,
     mpsc::Receiver<usize>,
 ) {
+    engine_preempting(config, room, 0)
+}
+
+fn engine_preempting(
+    config: ContinuousConfig,
+    room: usize,
+    preempt_every: usize,
+) -> (
+    ContinuousBatcher<Seq>,
+    Arc<Mutex<Seen>>,
+    mpsc::Receiver<usize>,
+) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let (tx, rx) = mpsc::channel();
     let h = Handler {
@@ -121,6 +168,9 @@ fn engine(
         done: tx,
         room,
         used: HashMap::new(),
+        preempt_every,
+        turns: 0,
+        preempt_once_at: 0,
     };
     (ContinuousBatcher::new(config, h).unwrap(), seen, rx)
 }
@@ -176,6 +226,7 @@ proptest! {
         max_running in 1usize..8,
         chunk in 1usize..64,
         room in 4usize..12,
+        preempt_every in prop::sample::select(vec![0usize, 0, 3, 7]),
     ) {
         let config = ContinuousConfig {
             max_step_tokens,
@@ -185,13 +236,13 @@ proptest! {
             max_queue_wait: Duration::from_secs(20),
             ..ContinuousConfig::default()
         };
-        let (eng, seen, rx) = engine(config, room);
+        let (eng, seen, rx) = engine_preempting(config, room, preempt_every);
         let mut accepted = Vec::new();
         let mut handles = Vec::new();
         let start = Instant::now();
         for (id, a) in arrivals.iter().enumerate() {
             std::thread::sleep(Duration::from_micros(a.delay_us));
-            let seq = Seq { id, prompt: a.prompt, decode: a.decode, poison: a.poison, room: a.room };
+            let seq = Seq { id, prompt: a.prompt, decode: a.decode, poison: a.poison, room: a.room, held: 0 };
             let options = JoinOptions {
                 priority: Priority(a.priority),
                 deadline: a.deadline_us.map(|us| Instant::now() + Duration::from_micros(us)),
@@ -248,11 +299,19 @@ proptest! {
             } else if a.cancel_after_us.is_none() && a.deadline_us.is_none() && !panicked {
                 prop_assert_eq!(exit, &Exit::Done, "sequence {} of {:?}", id, seen.exits);
             }
+            if *exit == Exit::Done {
+                // Preempted or not, every decode ran exactly once.
+                prop_assert_eq!(seen.decoded.get(id).copied().unwrap_or(0), a.decode, "sequence {}", id);
+            }
             if a.poison && a.cancel_after_us.is_none() && a.deadline_us.is_none() && a.room <= room {
                 prop_assert!(matches!(exit, Exit::Failed { .. }), "{:?}", exit);
             }
         }
         let stats = eng.stats();
+        prop_assert_eq!(stats.preempted as usize, seen.preempted.len());
+        if preempt_every == 0 {
+            prop_assert_eq!(stats.preempted, 0);
+        }
         prop_assert_eq!(stats.finished as usize, accepted.len());
         prop_assert_eq!((stats.running, stats.queued), (0, 0));
     }
@@ -278,6 +337,7 @@ fn prefill_is_chunked_beside_decodes() {
                 decode: usize::MAX,
                 poison: false,
                 room: 1,
+                held: 0,
             },
             JoinOptions::default(),
         )
@@ -290,6 +350,7 @@ fn prefill_is_chunked_beside_decodes() {
                 decode: 1,
                 poison: false,
                 room: 1,
+                held: 0,
             },
             JoinOptions::default(),
         )
@@ -328,6 +389,7 @@ fn a_sequence_without_room_waits_then_leaves_with_no_room() {
                 decode: usize::MAX,
                 poison: false,
                 room: 4,
+                held: 0,
             },
             JoinOptions::default(),
         )
@@ -340,6 +402,7 @@ fn a_sequence_without_room_waits_then_leaves_with_no_room() {
                 decode: 1,
                 poison: false,
                 room: 2,
+                held: 0,
             },
             JoinOptions::default(),
         )
@@ -367,6 +430,7 @@ fn deadline_applies_while_running() {
                 decode: usize::MAX,
                 poison: false,
                 room: 1,
+                held: 0,
             },
             JoinOptions {
                 deadline: Some(Instant::now() + Duration::from_millis(30)),
@@ -392,6 +456,7 @@ fn shutdown_finishes_everything_left() {
                     decode: usize::MAX,
                     poison: false,
                     room: 1,
+                    held: 0,
                 },
                 JoinOptions::default(),
             )
@@ -411,7 +476,8 @@ fn shutdown_finishes_everything_left() {
                 prompt: 0,
                 decode: 1,
                 poison: false,
-                room: 1
+                room: 1,
+                held: 0,
             },
             JoinOptions::default()
         ),
@@ -434,7 +500,110 @@ fn invalid_config_is_refused() {
         done: tx,
         room: 1,
         used: HashMap::new(),
+        preempt_every: 0,
+        turns: 0,
+        preempt_once_at: 0,
     };
     let e = ContinuousBatcher::new(config, h).unwrap_err();
     assert!(e.to_string().contains("max_running"), "{e}");
+}
+
+#[test]
+fn preempted_sequences_go_back_to_the_queue_recompute_and_finish() {
+    // Every second loop turn all running sequences but one are preempted.
+    let config = ContinuousConfig {
+        max_step_tokens: 64,
+        max_running: 4,
+        max_prefill_chunk: 16,
+        ..ContinuousConfig::default()
+    };
+    let (eng, seen, rx) = engine_preempting(config, 100, 2);
+    let priorities = [1u8, 3, 2, 1];
+    let handles: Vec<_> = priorities
+        .iter()
+        .enumerate()
+        .map(|(id, &p)| {
+            eng.join(
+                Seq {
+                    id,
+                    prompt: 40,
+                    decode: 30,
+                    poison: false,
+                    room: 1,
+                    held: 0,
+                },
+                JoinOptions {
+                    priority: Priority(p),
+                    deadline: None,
+                },
+            )
+            .unwrap()
+        })
+        .collect();
+    for _ in 0..4 {
+        rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    }
+    let stats = eng.stats();
+    let seen = seen.lock();
+    for id in 0..4 {
+        assert_eq!(seen.exits[&id], vec![Exit::Done], "sequence {id}");
+        assert_eq!(
+            seen.decoded[&id], 30,
+            "sequence {id} decoded each token once"
+        );
+    }
+    assert!(stats.preempted > 0, "{stats:?}");
+    assert_eq!(stats.preempted as usize, seen.preempted.len());
+    // The highest priority (sequence 1) is always the one kept.
+    assert!(!seen.preempted.contains(&1), "{:?}", seen.preempted);
+    drop(handles);
+}
+
+#[test]
+fn preemption_picks_the_lowest_priority_latest_joined_first() {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let (tx, rx) = mpsc::channel();
+    let h = Handler {
+        seen: Arc::clone(&seen),
+        done: tx,
+        room: 100,
+        used: HashMap::new(),
+        preempt_every: 0,
+        turns: 0,
+        preempt_once_at: 4,
+    };
+    let eng = ContinuousBatcher::new(ContinuousConfig::default(), h).unwrap();
+    // Priorities 1, 3, 2, 1: once all four run, three are preempted,
+    // sequence 3 (lowest, latest) first, then 0, then 2; 1 is kept.
+    let handles: Vec<_> = [1u8, 3, 2, 1]
+        .iter()
+        .enumerate()
+        .map(|(id, &p)| {
+            eng.join(
+                Seq {
+                    id,
+                    prompt: 8,
+                    decode: 400,
+                    poison: false,
+                    room: 1,
+                    held: 0,
+                },
+                JoinOptions {
+                    priority: Priority(p),
+                    deadline: None,
+                },
+            )
+            .unwrap()
+        })
+        .collect();
+    for _ in 0..4 {
+        rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    }
+    let seen = seen.lock();
+    assert_eq!(seen.preempted, vec![3, 0, 2]);
+    for id in 0..4 {
+        assert_eq!(seen.exits[&id], vec![Exit::Done], "sequence {id}");
+        assert_eq!(seen.decoded[&id], 400, "sequence {id}");
+    }
+    drop(handles);
 }

@@ -272,7 +272,7 @@ impl Runtime {
             config.budget.max_model.is_some(),
         ));
         registry.set_batch_tokens(plan.batch_tokens);
-        let decoders = Arc::new(crate::decoder::Decoders::new(ledger.clone()));
+        let decoders = Arc::new(crate::decoder::Decoders::new(ledger.clone(), monitor.clone()));
         for spec in b.generative {
             decoders.register(spec)?;
         }

@@ -3,6 +3,14 @@
 //! loop. KV is admitted per sequence: the blocks for prompt + `max_tokens`
 //! are reserved (in the ledger and against the decoder's KV pool) before the
 //! sequence joins the loop, so a sequence never runs out mid-way.
+//!
+//! Under `Critical` memory pressure the loop preempts every running
+//! sequence but one (the highest priority, first joined): each frees its KV
+//! blocks and its reservation and goes back to the queue, keeping what it
+//! has streamed; nothing new is admitted beside the one left running. Once
+//! the pressure falls they are admitted again and recompute their KV from
+//! the prompt and the tokens they had generated, then go on where they
+//! stopped.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -91,6 +99,10 @@ impl Drop for KvHold {
 pub(crate) struct GenCounters {
     pub(crate) generated: AtomicU64,
     pub(crate) prompt: AtomicU64,
+    /// Tokens read again by preempted sequences recomputing their KV.
+    pub(crate) recomputed: AtomicU64,
+    /// Times a running sequence was preempted.
+    pub(crate) preempted: AtomicU64,
     /// `(when, tokens generated)` of recent steps, for tokens/s.
     pub(crate) recent: Mutex<VecDeque<(Instant, u64)>>,
 }
@@ -128,7 +140,13 @@ impl GenCounters {
 
 /// One sequence in a step loop.
 pub(crate) struct GenSeq {
+    /// What the sequence reads before it samples: the prompt, then (after a
+    /// preemption) the tokens it had generated.
     prompt: Vec<u32>,
+    /// The prompt's own length (for usage).
+    prompt_tokens: usize,
+    /// Every token generated, in order (what a preemption recomputes).
+    history: Vec<u32>,
     read: usize,
     max_tokens: usize,
     kv_bytes: u64,
@@ -188,6 +206,15 @@ pub(crate) struct DecoderSteps {
     ledger: mem_budget::MemoryLedger,
     kv: Arc<KvAccount>,
     counters: Arc<GenCounters>,
+    monitor: mem_budget::PressureMonitor,
+    /// Sequences admitted and not yet finished or preempted.
+    running: usize,
+}
+
+impl DecoderSteps {
+    fn critical(&self) -> bool {
+        self.monitor.level() == mem_budget::PressureLevel::Critical
+    }
 }
 
 impl StepHandler for DecoderSteps {
@@ -204,6 +231,10 @@ impl StepHandler for DecoderSteps {
     }
 
     fn admit(&mut self, s: &mut GenSeq) -> Admission {
+        // Under critical pressure one sequence runs at a time.
+        if self.running > 0 && self.critical() {
+            return Admission::Wait;
+        }
         let mut admitted = self.kv.admitted.lock();
         if *admitted + s.kv_bytes > self.kv.budget {
             return Admission::Wait;
@@ -223,8 +254,31 @@ impl StepHandler for DecoderSteps {
             _reservation: reservation,
         });
         s.kv = Some(self.decoder.new_sequence());
-        s.admitted = Some(Instant::now());
+        s.admitted.get_or_insert_with(Instant::now);
+        self.running += 1;
         Admission::Admit
+    }
+
+    fn preempt_wanted(&mut self, running: usize) -> usize {
+        if running > 1 && self.critical() {
+            running - 1
+        } else {
+            0
+        }
+    }
+
+    fn preempt(&mut self, s: &mut GenSeq) {
+        // Its KV blocks go back to the pool, its bytes to the ledger; it
+        // reads the prompt and what it generated again once readmitted,
+        // then samples where it stopped.
+        s.kv = None;
+        s.hold = None;
+        self.running = self.running.saturating_sub(1);
+        s.prompt.truncate(s.prompt_tokens);
+        s.prompt.extend_from_slice(&s.history);
+        s.read = 0;
+        s.next = None;
+        self.counters.preempted.fetch_add(1, Ordering::Relaxed);
     }
 
     fn step(&mut self, batch: &mut [Scheduled<'_, GenSeq>]) -> Vec<Progress> {
@@ -285,10 +339,14 @@ impl StepHandler for DecoderSteps {
         for (i, b) in batch.iter_mut().enumerate() {
             let s = &mut *b.seq;
             if s.read < s.prompt.len() {
+                let own = (s.read + b.tokens).min(s.prompt_tokens) - s.read.min(s.prompt_tokens);
                 s.read += b.tokens;
                 self.counters
                     .prompt
-                    .fetch_add(b.tokens as u64, Ordering::Relaxed);
+                    .fetch_add(own as u64, Ordering::Relaxed);
+                self.counters
+                    .recomputed
+                    .fetch_add((b.tokens - own) as u64, Ordering::Relaxed);
             }
             if wants[i] == LogitsWanted::None {
                 out.push(Progress::Continue);
@@ -313,6 +371,7 @@ impl StepHandler for DecoderSteps {
             }
             generated += 1;
             s.generated += 1;
+            s.history.push(id);
             s.first_token.get_or_insert_with(Instant::now);
             s.unsent.push(id);
             match self.tokenizer.token_bytes(id, false) {
@@ -347,6 +406,9 @@ impl StepHandler for DecoderSteps {
 
     fn finish(&mut self, mut s: GenSeq, exit: Exit) {
         // Free the KV first: the final event may wake a caller that checks.
+        if s.hold.is_some() {
+            self.running = self.running.saturating_sub(1);
+        }
         s.kv = None;
         s.hold = None;
         if !s.stops.stopped() {
@@ -393,7 +455,7 @@ impl StepHandler for DecoderSteps {
             reason,
             error,
             usage: Usage {
-                prompt_tokens: s.prompt.len(),
+                prompt_tokens: s.prompt_tokens,
                 completion_tokens: s.generated,
             },
             timings,
@@ -489,6 +551,8 @@ impl LoadedDecoder {
         sampler.accept(&p.prompt);
         let stops = sampler.stop_matcher();
         Ok(GenSeq {
+            prompt_tokens: p.prompt.len(),
+            history: Vec::with_capacity(p.max_tokens),
             prompt: p.prompt,
             read: 0,
             max_tokens: p.max_tokens,
@@ -553,6 +617,10 @@ pub struct GenerativeStatus {
     pub tokens_generated: u64,
     /// Prompt tokens read since it loaded.
     pub prompt_tokens: u64,
+    /// Times a running sequence was preempted under critical pressure.
+    pub preempted: u64,
+    /// Tokens preempted sequences read again to rebuild their KV.
+    pub recomputed_tokens: u64,
     /// Seconds since it last served.
     pub idle_secs: f64,
     /// Its step loop's counters, when loaded.
@@ -562,6 +630,7 @@ pub struct GenerativeStatus {
 /// The generative models: lazy loads within the ledger, idle unloads.
 pub(crate) struct Decoders {
     ledger: mem_budget::MemoryLedger,
+    monitor: mem_budget::PressureMonitor,
     slots: Mutex<HashMap<String, GenSlot>>,
     changed: Condvar,
 }
@@ -575,9 +644,10 @@ impl std::fmt::Debug for Decoders {
 }
 
 impl Decoders {
-    pub(crate) fn new(ledger: mem_budget::MemoryLedger) -> Self {
+    pub(crate) fn new(ledger: mem_budget::MemoryLedger, monitor: mem_budget::PressureMonitor) -> Self {
         Decoders {
             ledger,
+            monitor,
             slots: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
         }
@@ -722,6 +792,8 @@ impl Decoders {
             ledger: self.ledger.clone(),
             kv: Arc::clone(&kv),
             counters: Arc::clone(&counters),
+            monitor: self.monitor.clone(),
+            running: 0,
         };
         let step_tokens = engine_cfg.max_step_tokens;
         let engine = batcher::ContinuousBatcher::new(engine_cfg, handler)?;
@@ -822,6 +894,8 @@ impl Decoders {
                     tokens_per_second: 0.0,
                     tokens_generated: 0,
                     prompt_tokens: 0,
+                    preempted: 0,
+                    recomputed_tokens: 0,
                     idle_secs: now.duration_since(s.last_used).as_secs_f64(),
                     engine: None,
                 };
@@ -845,6 +919,8 @@ impl Decoders {
                     st.tokens_per_second = l.counters.tokens_per_second();
                     st.tokens_generated = l.counters.generated.load(Ordering::Relaxed);
                     st.prompt_tokens = l.counters.prompt.load(Ordering::Relaxed);
+                    st.preempted = l.counters.preempted.load(Ordering::Relaxed);
+                    st.recomputed_tokens = l.counters.recomputed.load(Ordering::Relaxed);
                     st.engine = Some(e);
                 }
                 st

@@ -342,3 +342,98 @@ fn the_models_file_registers_both_kinds() {
     let e = Runtime::builder().models_file(&path).unwrap_err();
     assert!(e.to_string().contains("snug.json"), "{e}");
 }
+
+/// A machine of 16 GiB whose free memory the test sets.
+#[derive(Debug)]
+struct Adjustable(std::sync::atomic::AtomicU64);
+
+impl runtime::hw::MemoryProbe for Adjustable {
+    fn memory(&self) -> runtime::hw::Result<runtime::hw::MemoryInfo> {
+        let available = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        Ok(runtime::hw::MemoryInfo::new(
+            16 << 30,
+            available,
+            0,
+            0,
+            None,
+        ))
+    }
+}
+
+#[test]
+fn critical_pressure_preempts_all_but_one_and_they_finish_as_if_never_stopped() {
+    let probe = Arc::new(Adjustable(std::sync::atomic::AtomicU64::new(12 << 30)));
+    let rt = Runtime::builder()
+        .config(RuntimeConfig {
+            monitor_interval: Duration::from_millis(10),
+            ..config()
+        })
+        .memory_probe(Arc::clone(&probe) as Arc<dyn runtime::hw::MemoryProbe>)
+        .without_local_model()
+        .generative(smol_spec())
+        .build()
+        .unwrap();
+    // Plain continuations, which run to max_tokens.
+    let prompts = [
+        "Once upon a time, in a small village by the sea,",
+        "The history of the printing press begins",
+        "Here is a list of fruits: apple, banana,",
+        "The weather today is",
+    ];
+    let req = |p: &str| GenerateRequest::text(p).max_tokens(40);
+    let alone: Vec<_> = prompts
+        .iter()
+        .map(|p| rt.generate(SMOL, req(p)).unwrap().wait())
+        .collect();
+    assert!(
+        alone
+            .iter()
+            .all(|c| c.finished.reason == FinishReason::Length),
+        "every prompt runs to max_tokens alone"
+    );
+    let status = |rt: &Runtime| rt.status().generative[0].clone();
+    let before = status(&rt).tokens_generated;
+    let together: Vec<_> = prompts
+        .iter()
+        .map(|p| rt.generate(SMOL, req(p)).unwrap())
+        .collect();
+    eventually("all four running and decoding", || {
+        let s = status(&rt);
+        s.running == 4 && s.tokens_generated >= before + 8
+    });
+    // 97% of memory in use: critical.
+    probe
+        .0
+        .store(512 << 20, std::sync::atomic::Ordering::Relaxed);
+    eventually("three preempted", || {
+        let s = status(&rt);
+        s.preempted >= 3 && s.running <= 1
+    });
+    assert_eq!(rt.status().pressure, runtime::PressureLevel::Critical);
+    // While critical, no more than one runs.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(150) {
+        let s = status(&rt);
+        assert!(s.running <= 1, "{s:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    probe
+        .0
+        .store(12 << 30, std::sync::atomic::Ordering::Relaxed);
+    let done: Vec<_> = together.into_iter().map(|g| g.wait()).collect();
+    for (i, c) in done.iter().enumerate() {
+        assert_eq!(c.finished.reason, FinishReason::Length, "{:?}", c.finished);
+        assert_eq!(c.finished.usage, alone[i].finished.usage);
+        assert_eq!(
+            c.text, alone[i].text,
+            "prompt {i}: the recomputed sequence went on where it stopped"
+        );
+    }
+    let s = status(&rt);
+    assert!(s.recomputed_tokens > 0, "{s:?}");
+    assert_eq!(s.engine.as_ref().unwrap().preempted, s.preempted);
+    assert_eq!(
+        (s.running, s.queued, s.kv_bytes_admitted, s.kv_blocks_used),
+        (0, 0, 0, 0)
+    );
+}
