@@ -54,11 +54,11 @@ struct Args {
     /// Skip llama-server (snug alone).
     #[arg(long)]
     no_llama: bool,
-    /// Let llama-server repack weights into its extra buffer types (off by
-    /// default: `--no-repack` is passed, since some VMs fault on the
-    /// repacked kernels' instructions).
+    /// Pass `--no-repack` to llama-server (its weights stay in the GGUF
+    /// layout). Off by default: repacking is llama.cpp's faster
+    /// configuration; some VMs fault on the repacked kernels' instructions.
     #[arg(long)]
-    llama_repack: bool,
+    llama_no_repack: bool,
 }
 
 struct Sample {
@@ -219,7 +219,10 @@ fn run_clients(
     })
 }
 
-fn start_snug(args: &Args, max_clients: usize) -> Result<SocketAddr, Box<dyn std::error::Error>> {
+fn start_snug(
+    args: &Args,
+    max_clients: usize,
+) -> Result<(SocketAddr, runtime::Runtime), Box<dyn std::error::Error>> {
     let gguf = models::gguf_path(&args.model)?;
     let mut spec = runtime::GenerativeSpec::new(&args.model, gguf, runtime::router::Tier::Small);
     spec.decoder.context = Some(args.context);
@@ -234,6 +237,7 @@ fn start_snug(args: &Args, max_clients: usize) -> Result<SocketAddr, Box<dyn std
         .generative(spec)
         .build()?;
     rt.load(&args.model)?;
+    let handle = rt.clone();
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
@@ -248,7 +252,7 @@ fn start_snug(args: &Args, max_clients: usize) -> Result<SocketAddr, Box<dyn std
             axum::serve(l, app::app(rt)).await.expect("serve");
         });
     });
-    Ok(addr)
+    Ok((addr, handle))
 }
 
 struct Llama(Child);
@@ -282,10 +286,10 @@ fn start_llama(args: &Args, np: usize) -> Result<(Llama, String), Box<dyn std::e
         .args(["-np", &np.to_string(), "-t", &args.threads.to_string()])
         .args(["-c", &(args.context * np).to_string()])
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(if args.llama_repack {
-            &[][..]
-        } else {
+        .args(if args.llama_no_repack {
             &["--no-repack"][..]
+        } else {
+            &[][..]
         })
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -317,10 +321,34 @@ fn print(name: &str, clients: usize, f: &Figures) {
     );
 }
 
+/// Peak RSS growth since start-up beside what the runtime planned for: the
+/// ledger's high-water mark (weights and scratch reserved at load, KV for
+/// prompt + max_tokens of every sequence admitted at once).
+fn memory(rt: &runtime::Runtime, base_rss: u64) {
+    let Some((_, peak)) = snug::process_memory() else {
+        return;
+    };
+    let st = rt.status();
+    let planned = st.ledger.high_water;
+    let grown = peak.saturating_sub(base_rss);
+    let g = &st.generative[0];
+    println!(
+        "snug memory: peak RSS growth {:.1} MiB, planned (ledger high water) {:.1} MiB: plan / peak {:.2}; KV admitted now {} B, preempted {}",
+        grown as f64 / 1048576.0,
+        planned as f64 / 1048576.0,
+        planned as f64 / grown.max(1) as f64,
+        g.kv_bytes_admitted,
+        g.preempted
+    );
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let max_clients = args.clients.iter().copied().max().unwrap_or(8);
-    let snug = start_snug(&args, max_clients)?;
+    // Peak RSS from here on is the runtime's (and this program's clients').
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let (base_rss, _) = snug::process_memory().ok_or("no /proc/self/status")?;
+    let (snug, rt) = start_snug(&args, max_clients)?;
     let snug_base = format!("http://{snug}");
     eprintln!("snug serving {} on {snug_base}", args.model);
     for &clients in &args.clients {
@@ -333,6 +361,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Some(&args.model),
         )?;
         print("snug", clients, &s);
+        memory(&rt, base_rss);
         if args.no_llama {
             continue;
         }

@@ -5,9 +5,16 @@
 //! requests by least squares. A leak shows as a positive slope; the goal is
 //! under 16 bytes per request.
 //!
+//! With `--generations N` it measures generation instead: N streamed
+//! completions on SmolLM2-135M (fetched by `scripts/fetch-model.sh
+//! smollm2-135m`), eight at a time so they share steps, each a new prompt
+//! of 8–60 words and 1–16 tokens, every answer checked as served by the
+//! small local decoder.
+//!
 //! ```text
 //! cargo run --release --example leak_slope
 //! cargo run --release --example leak_slope -- --requests 5000 --warmup 1000
+//! cargo run --release --example leak_slope -- --generations 5000 --warmup 1000 --every 100
 //! ```
 
 use clap::Parser;
@@ -32,10 +39,100 @@ struct Args {
     /// Words per text.
     #[arg(long, default_value_t = 8)]
     words: usize,
+    /// Measure this many generations (SmolLM2-135M) instead of embeddings.
+    #[arg(long)]
+    generations: Option<usize>,
+}
+
+/// Least-squares slope of `(x, y)` samples.
+fn slope(samples: &[(f64, f64)]) -> f64 {
+    let n = samples.len() as f64;
+    let (mx, my) = (
+        samples.iter().map(|s| s.0).sum::<f64>() / n,
+        samples.iter().map(|s| s.1).sum::<f64>() / n,
+    );
+    let sxy: f64 = samples.iter().map(|s| (s.0 - mx) * (s.1 - my)).sum();
+    let sxx: f64 = samples.iter().map(|s| (s.0 - mx) * (s.0 - mx)).sum();
+    sxy / sxx
+}
+
+fn range(samples: &[(f64, f64)]) -> (f64, f64) {
+    samples
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), s| (lo.min(s.1), hi.max(s.1)))
+}
+
+fn generations(args: &Args, n: usize) -> Result<(), Box<dyn std::error::Error>> {
+    const MODEL: &str = "smollm2-135m";
+    const AT_ONCE: usize = 8;
+    let spec = runtime::GenerativeSpec::fetched(MODEL, runtime::router::Tier::Small)?;
+    let rt = Runtime::builder()
+        .without_local_model()
+        .generative(spec)
+        .build()?;
+    rt.load(MODEL)?;
+    let texts = snug::sentences(997, 5, 8, 60);
+    let mut samples: Vec<(f64, f64)> = Vec::new();
+    let start = std::time::Instant::now();
+    let mut done = 0;
+    let mut tokens = 0;
+    while done < n {
+        let batch: Vec<_> = (done..(done + AT_ONCE).min(n))
+            .map(|i| {
+                let prompt = format!("{} {i}", texts[i % texts.len()]);
+                let req = runtime::GenerateRequest::text(prompt).max_tokens(1 + i % 16);
+                rt.generate(MODEL, req)
+            })
+            .collect::<Result<_, _>>()?;
+        for (k, g) in batch.into_iter().enumerate() {
+            let c = g.wait();
+            let f = &c.finished;
+            if f.served.tier != runtime::router::Tier::Small || f.served.model != MODEL {
+                return Err(format!("generation {} served by {:?}", done + k, f.served).into());
+            }
+            if f.error.is_some() {
+                return Err(format!("generation {} failed: {f:?}", done + k).into());
+            }
+            tokens += f.usage.completion_tokens;
+        }
+        let before = done;
+        done = (done + AT_ONCE).min(n);
+        if done / args.every > before / args.every {
+            let (rss, _) = snug::process_memory().ok_or("no /proc/self/status")?;
+            if done > args.warmup {
+                samples.push((done as f64, rss as f64));
+            }
+        }
+    }
+    if samples.len() < 2 {
+        return Err("too few samples after warm-up: raise --generations or lower --warmup".into());
+    }
+    let (lo, hi) = range(&samples);
+    println!(
+        "{n} generations ({tokens} tokens, {MODEL}, {AT_ONCE} at a time) in {:.0} s; {} samples after {} warm-up generations",
+        start.elapsed().as_secs_f64(),
+        samples.len(),
+        args.warmup
+    );
+    println!(
+        "RSS {:.1} to {:.1} MiB; slope {:.2} bytes/generation",
+        lo / 1048576.0,
+        hi / 1048576.0,
+        slope(&samples)
+    );
+    let g = &rt.status().generative[0];
+    println!(
+        "after: {} running, {} KV blocks leased, {} KV bytes admitted",
+        g.running, g.kv_blocks_used, g.kv_bytes_admitted
+    );
+    Ok(())
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    if let Some(n) = args.generations {
+        return generations(&args, n);
+    }
     let format: quant::Format = args.format.parse()?;
     let config = RuntimeConfig {
         format: Some(format),
@@ -65,20 +162,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    let n = samples.len() as f64;
-    if n < 2.0 {
+    if samples.len() < 2 {
         return Err("too few samples after warm-up: raise --requests or lower --warmup".into());
     }
-    let (mx, my) = (
-        samples.iter().map(|s| s.0).sum::<f64>() / n,
-        samples.iter().map(|s| s.1).sum::<f64>() / n,
-    );
-    let sxy: f64 = samples.iter().map(|s| (s.0 - mx) * (s.1 - my)).sum();
-    let sxx: f64 = samples.iter().map(|s| (s.0 - mx) * (s.0 - mx)).sum();
-    let slope = sxy / sxx;
-    let (lo, hi) = samples
-        .iter()
-        .fold((f64::MAX, 0f64), |(lo, hi), s| (lo.min(s.1), hi.max(s.1)));
+    let slope = slope(&samples);
+    let (lo, hi) = range(&samples);
     println!(
         "{} requests ({format}, {} words) in {:.0} s; {} samples after {} warm-up requests",
         args.requests,

@@ -43,6 +43,8 @@ pub struct Run {
     pub oom_kills: u64,
     /// How the child ended, in words.
     pub exit: String,
+    /// What the child printed.
+    pub stdout: String,
 }
 
 impl Run {
@@ -212,6 +214,7 @@ pub fn run_limited(
         cgroup_peak: cg.peak(),
         oom_kills: cg.oom_kills(),
         exit,
+        stdout: stdout.into_owned(),
     })
 }
 
@@ -354,4 +357,143 @@ pub fn table(runs: &[Run]) -> String {
         ));
     }
     s
+}
+
+/// The line a generation child prints its report on.
+const GEN_REPORT: &str = "GENERATION-PROOF ";
+
+/// What a generation child reports.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct GenReport {
+    /// Clients that got a final event.
+    pub answered: usize,
+    /// Of those, served by the local decoder (any finish reason).
+    pub local: usize,
+    /// Of those, answered by the rule-based tier.
+    pub rule_based: usize,
+    /// Finish reasons and how many of each, in words (`length: 14`).
+    pub reasons: Vec<(String, usize)>,
+    /// The most sequences seen running at once.
+    pub max_running: usize,
+    /// KV bytes one request of the workload reserves.
+    pub kv_per_sequence: u64,
+    /// Sequences preempted under critical pressure.
+    pub preempted: u64,
+    /// Peak resident memory of the process (`VmHWM`), bytes.
+    pub peak_rss: u64,
+    /// The effective total the runtime saw (cgroup-aware), bytes.
+    pub memory_total: u64,
+    /// The first final event's error, if any had one.
+    pub first_error: Option<String>,
+    /// Seconds the whole workload took.
+    pub secs: f64,
+}
+
+/// The generation child: builds the runtime as a user would, with
+/// SmolLM2-135M registered, and sends `clients` concurrent completions
+/// (a prompt of about `prompt_words` words, `max_tokens` each); waits for
+/// every final event and prints the report line. A completion may wait
+/// up to ten minutes for room (`max_queue_wait`): the limit decides how
+/// many run at once, and the others wait their turn.
+pub fn generate_child(
+    clients: usize,
+    prompt_words: usize,
+    max_tokens: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    const MODEL: &str = "smollm2-135m";
+    let mut spec = runtime::GenerativeSpec::fetched(MODEL, runtime::router::Tier::Small)?;
+    spec.engine.max_queue_wait = Duration::from_secs(600);
+    let rt = runtime::Runtime::builder()
+        .without_local_model()
+        .generative(spec)
+        .build()?;
+    let words = [
+        "memory",
+        "limits",
+        "small",
+        "container",
+        "model",
+        "serves",
+        "requests",
+        "quietly",
+        "without",
+        "falling",
+        "over",
+        "when",
+        "pressure",
+        "rises",
+        "and",
+        "the",
+        "kernel",
+    ];
+    let generations: Vec<_> = (0..clients)
+        .map(|i| {
+            let text: Vec<&str> = (0..prompt_words)
+                .map(|j| words[(i * 5 + j * 3) % words.len()])
+                .collect();
+            let req = runtime::GenerateRequest::text(format!("{} {i}", text.join(" ")))
+                .max_tokens(max_tokens);
+            rt.generate(MODEL, req)
+        })
+        .collect::<Result<_, _>>()?;
+    let start = std::time::Instant::now();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (max_running, kv_per_sequence) = std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let mut most = 0;
+            let mut kv = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                if let Some(g) = rt.status().generative.first() {
+                    most = most.max(g.running);
+                    if g.running == 1 {
+                        kv = kv.max(g.kv_bytes_admitted);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (most, kv)
+        });
+        let finals: Vec<_> = generations.into_iter().map(|g| g.wait()).collect();
+        done.store(true, std::sync::atomic::Ordering::Release);
+        let seen = watcher.join().unwrap_or((0, 0));
+        (finals, seen)
+    });
+    let (finals, (max_running, kv_per_sequence)) = (max_running, kv_per_sequence);
+    let mut reasons: Vec<(String, usize)> = Vec::new();
+    let mut report = GenReport {
+        answered: finals.len(),
+        max_running,
+        kv_per_sequence,
+        ..GenReport::default()
+    };
+    report.secs = start.elapsed().as_secs_f64();
+    report.first_error = finals.iter().find_map(|c| c.finished.error.clone());
+    for c in &finals {
+        match c.finished.served.tier {
+            runtime::router::Tier::RuleBased => report.rule_based += 1,
+            _ => report.local += 1,
+        }
+        let r = format!("{:?}", c.finished.reason).to_lowercase();
+        match reasons.iter_mut().find(|(k, _)| *k == r) {
+            Some((_, n)) => *n += 1,
+            None => reasons.push((r, 1)),
+        }
+    }
+    reasons.sort();
+    report.reasons = reasons;
+    report.preempted = rt.status().generative.first().map_or(0, |g| g.preempted);
+    report.peak_rss = vm_hwm().unwrap_or(0);
+    report.memory_total = rt.plan().memory_total;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{GEN_REPORT}{}", serde_json::to_string(&report)?)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// A generation child's report from its output.
+pub fn gen_report(stdout: &str) -> Option<GenReport> {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(GEN_REPORT))
+        .and_then(|j| serde_json::from_str(j).ok())
 }

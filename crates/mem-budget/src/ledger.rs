@@ -277,6 +277,59 @@ impl MemoryLedger {
         }
     }
 
+    /// Reserves `bytes` for `category` as [`MemoryLedger::try_reserve`]
+    /// does, where up to `resident` of those bytes will come from memory the
+    /// process already holds and no reservation counts (a pool's idle
+    /// buffers, which the next lease reuses): the machine's reading counts
+    /// them as used already, so only the rest is asked of the machine. The
+    /// category's and the overall caps apply to all `bytes`, and all of them
+    /// are booked.
+    ///
+    /// Without this, memory a pool keeps after its leases end would be
+    /// counted twice, once in the reading and once more when a new lease
+    /// asks for it, and a process near its limit could never reuse it.
+    ///
+    /// ```
+    /// use mem_budget::{Budget, Category, MemoryLedger, GIB, MIB};
+    /// # #[derive(Debug)] struct Tight;
+    /// # impl hw_detect::MemoryProbe for Tight {
+    /// #     fn memory(&self) -> hw_detect::Result<hw_detect::MemoryInfo> {
+    /// #         // 8 GiB, of which little is free (the margin takes most of it).
+    /// #         Ok(hw_detect::MemoryInfo::new(8 * GIB, 420 * MIB, 0, 0, None))
+    /// #     }
+    /// # }
+    /// let ledger = MemoryLedger::new(Budget::for_class(hw_detect::HardwareClass::Generic, 8 * GIB), Tight);
+    /// let free = ledger.available_for(Category::Activations)?;
+    /// // More than the machine has free is refused...
+    /// assert!(ledger.try_reserve(Category::Activations, free + 8 * MIB).is_err());
+    /// // ...unless 8 MiB of it are idle buffers this process holds already.
+    /// let r = ledger.try_reserve_reusing(Category::Activations, free + 8 * MIB, 8 * MIB)?;
+    /// assert_eq!(r.bytes(), free + 8 * MIB);
+    /// # Ok::<(), mem_budget::Error>(())
+    /// ```
+    pub fn try_reserve_reusing(
+        &self,
+        category: Category,
+        bytes: u64,
+        resident: u64,
+    ) -> Result<Reservation> {
+        let mut st = self.inner.state.lock();
+        match self
+            .inner
+            .admit_within(&mut st, category, bytes, true, resident)
+        {
+            Ok(()) => Ok(self.reservation(category, bytes)),
+            Err(e) => {
+                if e.is_refusal() {
+                    st.refusals += 1;
+                }
+                drop(st);
+                tracing::debug!(%category, bytes, resident, error = %e, "reservation refused");
+                Err(e)
+            }
+        }
+    }
+
     /// Reserves `bytes` for `category` as [`MemoryLedger::try_reserve`] does,
     /// except that while the category holds nothing its cap does not apply:
     /// a category's cap shares memory among competitors and is no reason to
@@ -470,7 +523,7 @@ impl Inner {
 
     /// Admits and books `bytes` for `category`, or says why not.
     fn admit(&self, st: &mut MutexGuard<'_, State>, category: Category, bytes: u64) -> Result<()> {
-        self.admit_within(st, category, bytes, true)
+        self.admit_within(st, category, bytes, true, 0)
     }
 
     /// [`Inner::admit`] without the category's cap.
@@ -480,17 +533,20 @@ impl Inner {
         category: Category,
         bytes: u64,
     ) -> Result<()> {
-        self.admit_within(st, category, bytes, false)
+        self.admit_within(st, category, bytes, false, 0)
     }
 
     /// Admits and books `bytes` for `category` within the overall and
-    /// machine room, and within the category's cap when `capped`.
+    /// machine room, and within the category's cap when `capped`; `resident`
+    /// of the bytes are already held by the process and not asked of the
+    /// machine again.
     fn admit_within(
         &self,
         st: &mut MutexGuard<'_, State>,
         category: Category,
         bytes: u64,
         capped: bool,
+        resident: u64,
     ) -> Result<()> {
         if bytes > 0 {
             self.refresh(st)?;
@@ -499,7 +555,7 @@ impl Inner {
                 Some(Limit::Category)
             } else if bytes > overall {
                 Some(Limit::Overall)
-            } else if bytes > machine {
+            } else if bytes.saturating_sub(resident) > machine {
                 Some(Limit::Machine)
             } else {
                 None

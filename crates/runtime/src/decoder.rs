@@ -209,7 +209,14 @@ pub(crate) struct DecoderSteps {
     monitor: mem_budget::PressureMonitor,
     /// Sequences admitted and not yet finished or preempted.
     running: usize,
+    /// When freed heap was last handed back to the OS for a sequence that
+    /// found no room.
+    last_trim: Option<Instant>,
 }
+
+/// How often a step loop with nothing running and a sequence waiting for
+/// room hands freed heap back to the OS.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
 
 impl DecoderSteps {
     fn critical(&self) -> bool {
@@ -239,12 +246,29 @@ impl StepHandler for DecoderSteps {
         if *admitted + s.kv_bytes > self.kv.budget {
             return Admission::Wait;
         }
-        let reservation = match self
-            .ledger
-            .try_reserve(mem_budget::Category::Activations, s.kv_bytes)
-        {
+        // Blocks the pool keeps idle are resident already and the new
+        // sequence leases them first: those bytes are not asked of the
+        // machine again (less what sequences admitted before it still have
+        // to lease).
+        let unleased = admitted.saturating_sub(self.decoder.kv_bytes_in_use() as u64);
+        let idle = (self.decoder.kv_bytes_cached() as u64).saturating_sub(unleased);
+        let reservation = match self.ledger.try_reserve_reusing(
+            mem_budget::Category::Activations,
+            s.kv_bytes,
+            idle,
+        ) {
             Ok(r) => r,
-            Err(_) => return Admission::Wait,
+            Err(_) => {
+                // Nothing runs, so nothing will free room by finishing:
+                // what the heap keeps of freed memory goes back to the OS
+                // (at most once a second) and the next try reads the
+                // machine again.
+                if self.running == 0 && self.last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
+                    crate::cleanup::release_to_os();
+                    self.last_trim = Some(Instant::now());
+                }
+                return Admission::Wait;
+            }
         };
         *admitted += s.kv_bytes;
         drop(admitted);
@@ -794,6 +818,7 @@ impl Decoders {
             counters: Arc::clone(&counters),
             monitor: self.monitor.clone(),
             running: 0,
+            last_trim: None,
         };
         let step_tokens = engine_cfg.max_step_tokens;
         let engine = batcher::ContinuousBatcher::new(engine_cfg, handler)?;

@@ -437,3 +437,56 @@ fn critical_pressure_preempts_all_but_one_and_they_finish_as_if_never_stopped() 
         (0, 0, 0, 0)
     );
 }
+
+#[test]
+fn idle_kv_blocks_are_reused_when_the_machine_reads_them_as_used() {
+    let probe = Arc::new(Adjustable(std::sync::atomic::AtomicU64::new(12 << 30)));
+    let mut spec = smol_spec();
+    spec.engine.max_queue_wait = Duration::from_secs(3);
+    let rt = Runtime::builder()
+        .config(config())
+        .memory_probe(Arc::clone(&probe) as Arc<dyn runtime::hw::MemoryProbe>)
+        .without_local_model()
+        .generative(spec)
+        .build()
+        .unwrap();
+    let req =
+        || GenerateRequest::text("Once upon a time, in a small village by the sea,").max_tokens(40);
+    let first = rt.generate(SMOL, req()).unwrap();
+    let kv = std::cell::Cell::new(0);
+    eventually("the first sequence admitted", || {
+        kv.set(kv.get().max(rt.status().generative[0].kv_bytes_admitted));
+        kv.get() > 0
+    });
+    let kv_bytes = kv.get();
+    let first = first.wait();
+    assert_eq!(
+        first.finished.reason,
+        FinishReason::Length,
+        "{:?}",
+        first.finished
+    );
+    // Its blocks stay in the KV pool, resident: the machine now reads as
+    // having only a quarter of one sequence's KV free above the margin.
+    let margin = rt.ledger().budget().safety_margin;
+    probe
+        .0
+        .store(margin + kv_bytes / 4, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        rt.ledger()
+            .try_reserve(runtime::budget::Category::Activations, kv_bytes)
+            .is_err(),
+        "the machine has no room for a fresh sequence's KV"
+    );
+    // The same request again leases the idle blocks: it is admitted and
+    // runs to its end instead of waiting for room that never comes.
+    let second = rt.generate(SMOL, req()).unwrap().wait();
+    assert_eq!(
+        second.finished.reason,
+        FinishReason::Length,
+        "{:?}",
+        second.finished
+    );
+    assert_eq!(second.finished.served.tier, Tier::Small);
+    assert_eq!(second.text, first.text);
+}

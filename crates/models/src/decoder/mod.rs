@@ -286,6 +286,12 @@ impl Decoder {
         self.kv.stats().in_use_bytes
     }
 
+    /// KV bytes the pool holds idle (blocks of sequences that ended, kept
+    /// for the next ones to lease): resident, but reserved by no one.
+    pub fn kv_bytes_cached(&self) -> usize {
+        self.kv.stats().cached_bytes
+    }
+
     /// Bytes held by the weights as stored.
     pub fn weight_bytes(&self) -> usize {
         let w = &self.weights;
