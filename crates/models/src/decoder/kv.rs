@@ -7,9 +7,15 @@
 //! out `[layer][k|v][kv head][token][head dim]`, so that one head's keys in a
 //! block are contiguous. A sliding-window group drops the blocks that fell out
 //! of its window after each step; nothing grows by concatenation.
+//!
+//! Whole blocks of a prompt's prefix can be shared between sequences
+//! ([`Sequence::share_prefix`], [`SharedPrefix`]): they are never written
+//! again (a sequence writes only at its end), so the sharers hold them by
+//! reference count and the last one to let go returns them to the pool.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use buffer_pool::{Lease, NamedPool};
 use half::f16;
@@ -149,11 +155,134 @@ pub(crate) fn next_layout_id() -> u64 {
     NEXT_LAYOUT.fetch_add(1, Ordering::Relaxed)
 }
 
+/// A block of a table: the sequence's own, or shared with others (a
+/// prefix: full, never written again).
+#[derive(Debug)]
+enum Block {
+    Own(Lease),
+    Shared(Arc<Lease>),
+}
+
+impl Block {
+    fn lease(&self) -> &Lease {
+        match self {
+            Block::Own(l) => l,
+            Block::Shared(l) => l,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct BlockTable {
     /// Logical index of `blocks[0]`.
     first: usize,
-    blocks: VecDeque<Lease>,
+    blocks: VecDeque<Block>,
+}
+
+/// Whole KV blocks of a prefix of some sequence, shared: a new sequence
+/// made from it ([`Decoder::sequence_from_prefix`](super::Decoder::sequence_from_prefix))
+/// starts at position [`tokens`](SharedPrefix::tokens) without computing
+/// them. Holding it keeps its blocks out of the pool.
+///
+/// A prefix can be cut into pieces of whole blocks ([`pieces`](Self::pieces):
+/// positions `start..start + tokens`) and pieces that follow each other
+/// from position 0 joined back ([`join`](Self::join)), so that a cache can
+/// keep them one by one, keyed by a hash chain of their tokens.
+#[derive(Debug, Clone)]
+pub struct SharedPrefix {
+    pub(crate) layout_id: u64,
+    start: usize,
+    tokens: usize,
+    /// Per group, the blocks of positions `start..start + tokens`.
+    tables: Vec<Vec<Arc<Lease>>>,
+    bytes: usize,
+}
+
+impl SharedPrefix {
+    /// Positions it covers.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Its first position (0 for a whole prefix).
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// Cuts it into pieces of `unit` positions (a multiple of every
+    /// group's block; see `Decoder::prefix_unit`); `None` when `unit` does
+    /// not divide it into whole blocks.
+    pub fn pieces(&self, layout: &KvLayout, unit: usize) -> Option<Vec<SharedPrefix>> {
+        if unit == 0 || self.tokens % unit != 0 {
+            return None;
+        }
+        if layout.groups.iter().any(|g| unit % g.block_tokens != 0) {
+            return None;
+        }
+        let n = self.tokens / unit;
+        Some(
+            (0..n)
+                .map(|i| {
+                    let tables: Vec<Vec<Arc<Lease>>> = layout
+                        .groups
+                        .iter()
+                        .zip(&self.tables)
+                        .map(|(g, t)| {
+                            let per = unit / g.block_tokens;
+                            t[i * per..(i + 1) * per].to_vec()
+                        })
+                        .collect();
+                    let bytes = layout
+                        .groups
+                        .iter()
+                        .map(|g| unit / g.block_tokens * g.class_bytes)
+                        .sum();
+                    SharedPrefix {
+                        layout_id: self.layout_id,
+                        start: self.start + i * unit,
+                        tokens: unit,
+                        tables,
+                        bytes,
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    /// Joins pieces that follow each other from position 0 into one
+    /// prefix; `None` when they do not (or are of different decoders).
+    pub fn join(pieces: &[SharedPrefix]) -> Option<SharedPrefix> {
+        let first = pieces.first()?;
+        if first.start != 0 {
+            return None;
+        }
+        let mut out = SharedPrefix {
+            layout_id: first.layout_id,
+            start: 0,
+            tokens: 0,
+            tables: vec![Vec::new(); first.tables.len()],
+            bytes: 0,
+        };
+        for p in pieces {
+            if p.layout_id != out.layout_id
+                || p.start != out.tokens
+                || p.tables.len() != out.tables.len()
+            {
+                return None;
+            }
+            for (t, pt) in out.tables.iter_mut().zip(&p.tables) {
+                t.extend(pt.iter().cloned());
+            }
+            out.tokens += p.tokens;
+            out.bytes += p.bytes;
+        }
+        Some(out)
+    }
+
+    /// Bytes its blocks hold in the pool (size classes).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
 /// One sequence's cached keys and values: a block table per layer group.
@@ -224,7 +353,7 @@ impl Sequence {
                         source,
                     }
                 })?;
-                table.blocks.push_back(lease);
+                table.blocks.push_back(Block::Own(lease));
             }
         }
         Ok(())
@@ -243,7 +372,10 @@ impl Sequence {
             let p = self.len + r;
             let b = p / g.block_tokens - table.first;
             let t = p % g.block_tokens;
-            let block = as_f16_mut(&mut table.blocks[b]);
+            let Block::Own(lease) = &mut table.blocks[b] else {
+                unreachable!("a sequence writes only past its shared prefix, into its own blocks")
+            };
+            let block = as_f16_mut(lease);
             for h in 0..layout.n_kv_heads {
                 let src = &k[r * kv_dim + h * hd..r * kv_dim + (h + 1) * hd];
                 let o = layout.offset(g, li, 0, h, t);
@@ -277,12 +409,78 @@ impl Sequence {
             let b = p / g.block_tokens;
             let t0 = p % g.block_tokens;
             let t1 = (g.block_tokens).min(t0 + (hi - p));
-            let block = as_f16(&table.blocks[b - table.first]);
+            let block = as_f16(table.blocks[b - table.first].lease());
             let o = layout.offset(g, li, kv, head, t0);
             let n = (t1 - t0) * hd;
             let dst = &mut out[(p - lo) * hd..(p - lo) * hd + n];
             half::slice::HalfFloatSliceExt::convert_to_f32_slice(&block[o..o + n], dst);
             p += t1 - t0;
+        }
+    }
+
+    /// Shares the blocks of positions `0..tokens`: they become shared
+    /// between this sequence and the returned prefix. `tokens` must be
+    /// cached already, a whole number of blocks in every group, and held
+    /// (no sliding window has dropped any of them); otherwise `None`.
+    pub fn share_prefix(&mut self, layout: &KvLayout, tokens: usize) -> Option<SharedPrefix> {
+        if tokens == 0 || tokens > self.len {
+            return None;
+        }
+        let mut tables = Vec::with_capacity(self.tables.len());
+        let mut bytes = 0;
+        for (g, table) in layout.groups.iter().zip(&self.tables) {
+            if tokens % g.block_tokens != 0 || table.first != 0 {
+                return None;
+            }
+            if table.blocks.len() < tokens / g.block_tokens {
+                return None;
+            }
+        }
+        for (g, table) in layout.groups.iter().zip(&mut self.tables) {
+            let n = tokens / g.block_tokens;
+            table.blocks = std::mem::take(&mut table.blocks)
+                .into_iter()
+                .enumerate()
+                .map(|(i, b)| match b {
+                    Block::Own(l) if i < n => Block::Shared(Arc::new(l)),
+                    other => other,
+                })
+                .collect();
+            let shared: Vec<Arc<Lease>> = table
+                .blocks
+                .iter()
+                .take(n)
+                .filter_map(|b| match b {
+                    Block::Shared(l) => Some(Arc::clone(l)),
+                    Block::Own(_) => None,
+                })
+                .collect();
+            bytes += n * g.class_bytes;
+            tables.push(shared);
+        }
+        Some(SharedPrefix {
+            layout_id: self.layout_id,
+            start: 0,
+            tokens,
+            tables,
+            bytes,
+        })
+    }
+
+    /// A sequence at position `prefix.tokens()` whose first blocks are the
+    /// prefix's (shared); `prefix` starts at 0.
+    pub(crate) fn from_prefix(prefix: &SharedPrefix) -> Sequence {
+        Sequence {
+            layout_id: prefix.layout_id,
+            len: prefix.tokens,
+            tables: prefix
+                .tables
+                .iter()
+                .map(|t| BlockTable {
+                    first: 0,
+                    blocks: t.iter().map(|l| Block::Shared(Arc::clone(l))).collect(),
+                })
+                .collect(),
         }
     }
 

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::config::{Architecture, LayerKind, ModelConfig, RopeStyle};
 pub use self::estimate::DecoderEstimate;
-pub use self::kv::{KvGroup, KvLayout, KvType, Sequence};
+pub use self::kv::{KvGroup, KvLayout, KvType, Sequence, SharedPrefix};
 
 use self::forward::Scratch;
 use self::linear::Matrix;
@@ -313,6 +313,49 @@ impl Decoder {
     /// A new, empty sequence whose blocks come from this decoder's KV pool.
     pub fn new_sequence(&self) -> Sequence {
         Sequence::new(self.layout_id, self.layout.groups.len())
+    }
+
+    /// Positions a shared prefix is made of: the least common multiple of
+    /// every layer group's block, or `None` where a group has a sliding
+    /// window (its blocks leave the window as the sequence goes on, so a
+    /// prefix cannot be kept for later sequences) or the multiple is over
+    /// 4,096 positions.
+    pub fn prefix_unit(&self) -> Option<usize> {
+        let mut unit = 1usize;
+        for g in &self.layout.groups {
+            if g.window.is_some() {
+                return None;
+            }
+            let (mut a, mut b) = (unit, g.block_tokens);
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            unit = unit / a * g.block_tokens;
+            if unit > 4096 {
+                return None;
+            }
+        }
+        Some(unit)
+    }
+
+    /// Shares the KV of `seq`'s first `tokens` positions (a multiple of
+    /// [`prefix_unit`](Self::prefix_unit), cached already): `None` when
+    /// they cannot be shared or `seq` is another decoder's.
+    pub fn share_prefix(&self, seq: &mut Sequence, tokens: usize) -> Option<SharedPrefix> {
+        if seq.layout_id != self.layout_id {
+            return None;
+        }
+        seq.share_prefix(&self.layout, tokens)
+    }
+
+    /// A new sequence that starts after `prefix`, its KV shared, not
+    /// recomputed. Refused when the prefix is another decoder's or does not
+    /// start at position 0 (a piece; see [`SharedPrefix::join`]).
+    pub fn sequence_from_prefix(&self, prefix: &SharedPrefix) -> Result<Sequence> {
+        if prefix.layout_id != self.layout_id || prefix.start() != 0 {
+            return Err(Error::ForeignSequence { index: 0 });
+        }
+        Ok(Sequence::from_prefix(prefix))
     }
 
     /// Runs `tokens` through `seq` in chunks of at most `max_step_tokens`,
