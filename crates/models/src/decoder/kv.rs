@@ -213,10 +213,10 @@ impl SharedPrefix {
     /// group's block; see `Decoder::prefix_unit`); `None` when `unit` does
     /// not divide it into whole blocks.
     pub fn pieces(&self, layout: &KvLayout, unit: usize) -> Option<Vec<SharedPrefix>> {
-        if unit == 0 || self.tokens % unit != 0 {
+        if unit == 0 || !self.tokens.is_multiple_of(unit) {
             return None;
         }
-        if layout.groups.iter().any(|g| unit % g.block_tokens != 0) {
+        if layout.groups.iter().any(|g| !unit.is_multiple_of(g.block_tokens)) {
             return None;
         }
         let n = self.tokens / unit;
@@ -429,7 +429,7 @@ impl Sequence {
         let mut tables = Vec::with_capacity(self.tables.len());
         let mut bytes = 0;
         for (g, table) in layout.groups.iter().zip(&self.tables) {
-            if tokens % g.block_tokens != 0 || table.first != 0 {
+            if !tokens.is_multiple_of(g.block_tokens) || table.first != 0 {
                 return None;
             }
             if table.blocks.len() < tokens / g.block_tokens {
