@@ -82,7 +82,7 @@ pub(crate) async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         );
     }
     if let Some(s) = status {
-        let gauges: [(&str, &str, &str); 9] = [
+        let gauges: [(&str, &str, &str); 12] = [
             (
                 "snug_sequences_running",
                 "gauge",
@@ -120,6 +120,21 @@ pub(crate) async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
                 "Tokens preempted sequences read again to rebuild their KV.",
             ),
             (
+                "snug_prefix_hits_total",
+                "counter",
+                "Sequences that started after a cached prompt prefix.",
+            ),
+            (
+                "snug_prefix_tokens_saved_total",
+                "counter",
+                "Prompt tokens not computed thanks to cached prefixes.",
+            ),
+            (
+                "snug_prefix_bytes",
+                "gauge",
+                "Bytes of KV blocks the prefix cache holds.",
+            ),
+            (
                 "snug_tokens_per_second",
                 "gauge",
                 "Tokens generated per second over the last ten seconds.",
@@ -137,6 +152,9 @@ pub(crate) async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
                     "snug_prompt_tokens_total" => g.prompt_tokens as f64,
                     "snug_preempted_total" => g.preempted as f64,
                     "snug_recomputed_tokens_total" => g.recomputed_tokens as f64,
+                    "snug_prefix_hits_total" => g.prefix_hits as f64,
+                    "snug_prefix_tokens_saved_total" => g.prefix_tokens_saved as f64,
+                    "snug_prefix_bytes" => g.prefix_bytes as f64,
                     _ => g.tokens_per_second,
                 };
                 let _ = writeln!(

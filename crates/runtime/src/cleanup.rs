@@ -27,6 +27,8 @@ pub struct CleanupReport {
     pub models_unloaded: Vec<String>,
     /// Bytes of reservations released by unloading.
     pub reserved_bytes_released: u64,
+    /// Bytes of KV blocks the decoders' prefix caches held.
+    pub prefix_bytes_cleared: u64,
 }
 
 /// What `reoptimize` decided.
@@ -75,7 +77,8 @@ pub(crate) fn fix_mmap_threshold(bytes: usize) -> bool {
 
 impl Runtime {
     /// Frees what can be freed now: pauses warm-ups, clears the cache,
-    /// shrinks the pool to 25%, unloads idle unpinned models and returns
+    /// shrinks the pool to 25%, drops the decoders' cached prefixes, unloads
+    /// idle unpinned models and decoders and returns
     /// freed heap to the OS. At most once per `emergency_min_interval`.
     pub fn emergency_cleanup(&self) -> Result<CleanupReport> {
         let inner = &self.inner;
@@ -118,6 +121,7 @@ impl Runtime {
             );
             v
         };
+        let prefix_bytes_cleared = inner.decoders.clear_prefixes();
         let before = loaded();
         let released = inner.registry.unload_idle(Duration::ZERO, "emergency")
             + inner.decoders.unload_idle(Duration::ZERO);
@@ -131,6 +135,7 @@ impl Runtime {
             pool_bytes_released: pool_released,
             models_unloaded: before.into_iter().filter(|m| !after.contains(m)).collect(),
             reserved_bytes_released: released,
+            prefix_bytes_cleared,
         };
         inner
             .registry

@@ -24,6 +24,7 @@ use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::prefix::PrefixCache;
 use crate::generation::{
     EventSink, FinishReason, Finished, GenerationEvent, Served, Timings, Usage,
 };
@@ -46,6 +47,17 @@ pub struct GenerativeSpec {
     /// chunks, queue wait). Its `max_step_tokens` is held to the decoder's.
     #[serde(default)]
     pub engine: batcher::ContinuousConfig,
+    /// Bytes of KV blocks kept for prompts' prefixes (prefix reuse; see
+    /// the runtime docs), within the decoder's KV budget: evicted, least
+    /// recently used first, whenever a sequence needs their room. 0 turns
+    /// prefix reuse off; models with sliding-window layers have none.
+    /// Default 32 MiB.
+    #[serde(default = "prefix_cache_bytes")]
+    pub prefix_cache_bytes: u64,
+}
+
+fn prefix_cache_bytes() -> u64 {
+    32 << 20
 }
 
 fn small() -> tier_router::Tier {
@@ -61,6 +73,7 @@ impl GenerativeSpec {
             tier,
             decoder: DecoderConfig::default(),
             engine: batcher::ContinuousConfig::default(),
+            prefix_cache_bytes: prefix_cache_bytes(),
         }
     }
 
@@ -164,6 +177,8 @@ pub(crate) struct GenSeq {
     admitted: Option<Instant>,
     first_token: Option<Instant>,
     served: Served,
+    /// Whether its prompt's prefix was offered to the prefix cache.
+    offered: bool,
 }
 
 impl GenSeq {
@@ -212,6 +227,7 @@ pub(crate) struct DecoderSteps {
     /// When freed heap was last handed back to the OS for a sequence that
     /// found no room.
     last_trim: Option<Instant>,
+    prefix: Option<Arc<PrefixCache>>,
 }
 
 /// How often a step loop with nothing running and a sequence waiting for
@@ -243,20 +259,45 @@ impl StepHandler for DecoderSteps {
             return Admission::Wait;
         }
         let mut admitted = self.kv.admitted.lock();
-        if *admitted + s.kv_bytes > self.kv.budget {
-            return Admission::Wait;
+        // Cached prefixes share the KV budget: they give way first.
+        let cached = self.prefix.as_ref().map_or(0, |p| p.weight());
+        let over = (*admitted + cached + s.kv_bytes).saturating_sub(self.kv.budget);
+        if over > 0 {
+            match &self.prefix {
+                Some(p) if cached > 0 => p.shrink_by(over),
+                _ => return Admission::Wait,
+            }
+            let cached = self.prefix.as_ref().map_or(0, |p| p.weight());
+            if *admitted + cached + s.kv_bytes > self.kv.budget {
+                return Admission::Wait;
+            }
         }
         // Blocks the pool keeps idle are resident already and the new
         // sequence leases them first: those bytes are not asked of the
         // machine again (less what sequences admitted before it still have
         // to lease).
-        let unleased = admitted.saturating_sub(self.decoder.kv_bytes_in_use() as u64);
+        // (Blocks the prefix cache holds count as leased by no sequence,
+        // which can only make this smaller.)
+        let cached = self.prefix.as_ref().map_or(0, |p| p.weight());
+        let leased = (self.decoder.kv_bytes_in_use() as u64).saturating_sub(cached);
+        let unleased = admitted.saturating_sub(leased);
         let idle = (self.decoder.kv_bytes_cached() as u64).saturating_sub(unleased);
-        let reservation = match self.ledger.try_reserve_reusing(
-            mem_budget::Category::Activations,
-            s.kv_bytes,
-            idle,
-        ) {
+        let reserve = || {
+            self.ledger.try_reserve_reusing(
+                mem_budget::Category::Activations,
+                s.kv_bytes,
+                idle,
+            )
+        };
+        let mut reserved = reserve();
+        if reserved.is_err() {
+            // Cached prefixes are memory the machine counts: they go first.
+            if let Some(p) = self.prefix.as_ref().filter(|p| p.weight() > 0) {
+                p.shrink_by(s.kv_bytes);
+                reserved = reserve();
+            }
+        }
+        let reservation = match reserved {
             Ok(r) => r,
             Err(_) => {
                 // Nothing runs, so nothing will free room by finishing:
@@ -277,7 +318,15 @@ impl StepHandler for DecoderSteps {
             bytes: s.kv_bytes,
             _reservation: reservation,
         });
-        s.kv = Some(self.decoder.new_sequence());
+        // A cached prefix of what it reads spares computing it.
+        let shared = self.prefix.as_ref().and_then(|p| p.lookup(&s.prompt));
+        s.kv = Some(match shared.map(|p| (self.decoder.sequence_from_prefix(&p), p.tokens())) {
+            Some((Ok(kv), tokens)) => {
+                s.read = tokens;
+                kv
+            }
+            _ => self.decoder.new_sequence(),
+        });
         s.admitted.get_or_insert_with(Instant::now);
         self.running += 1;
         Admission::Admit
@@ -365,6 +414,12 @@ impl StepHandler for DecoderSteps {
             if s.read < s.prompt.len() {
                 let own = (s.read + b.tokens).min(s.prompt_tokens) - s.read.min(s.prompt_tokens);
                 s.read += b.tokens;
+                if !s.offered && s.read >= s.prompt_tokens {
+                    s.offered = true;
+                    if let (Some(p), Some(kv)) = (&self.prefix, s.kv.as_mut()) {
+                        p.offer(&self.decoder, kv, &s.prompt[..s.prompt_tokens]);
+                    }
+                }
                 self.counters
                     .prompt
                     .fetch_add(own as u64, Ordering::Relaxed);
@@ -499,6 +554,7 @@ pub(crate) struct LoadedDecoder {
     pub(crate) kv: Arc<KvAccount>,
     pub(crate) counters: Arc<GenCounters>,
     pub(crate) reservation: mem_budget::Reservation,
+    pub(crate) prefix: Option<Arc<PrefixCache>>,
 }
 
 impl std::fmt::Debug for LoadedDecoder {
@@ -595,6 +651,7 @@ impl LoadedDecoder {
             admitted: None,
             first_token: None,
             served,
+            offered: false,
         })
     }
 }
@@ -626,7 +683,8 @@ pub struct GenerativeStatus {
     pub running: usize,
     /// Sequences waiting to be admitted.
     pub queued: usize,
-    /// KV blocks leased now (over all layer groups).
+    /// KV blocks sequences lease now (over all layer groups), beyond the
+    /// ones the prefix cache holds (`prefix_bytes`).
     pub kv_blocks_used: u64,
     /// KV blocks the pool's budget holds beyond those.
     pub kv_blocks_free: u64,
@@ -645,6 +703,14 @@ pub struct GenerativeStatus {
     pub preempted: u64,
     /// Tokens preempted sequences read again to rebuild their KV.
     pub recomputed_tokens: u64,
+    /// Sequences that looked their prompt up in the prefix cache.
+    pub prefix_lookups: u64,
+    /// Of those, the ones that started after a cached prefix.
+    pub prefix_hits: u64,
+    /// Prompt tokens not computed thanks to cached prefixes.
+    pub prefix_tokens_saved: u64,
+    /// Bytes of KV blocks the prefix cache holds now.
+    pub prefix_bytes: u64,
     /// Seconds since it last served.
     pub idle_secs: f64,
     /// Its step loop's counters, when loaded.
@@ -810,6 +876,7 @@ impl Decoders {
             budget: spec.decoder.kv_budget_bytes as u64,
         });
         let counters = Arc::new(GenCounters::default());
+        let prefix = PrefixCache::new(&decoder, spec.prefix_cache_bytes).map(Arc::new);
         let handler = DecoderSteps {
             decoder: Arc::clone(&decoder),
             tokenizer: Arc::clone(&tokenizer),
@@ -819,6 +886,7 @@ impl Decoders {
             monitor: self.monitor.clone(),
             running: 0,
             last_trim: None,
+            prefix: prefix.clone(),
         };
         let step_tokens = engine_cfg.max_step_tokens;
         let engine = batcher::ContinuousBatcher::new(engine_cfg, handler)?;
@@ -832,6 +900,7 @@ impl Decoders {
             kv,
             counters,
             reservation,
+            prefix,
         }))
     }
 
@@ -863,6 +932,29 @@ impl Decoders {
             drop(l);
             b
         })
+    }
+
+    /// Drops every loaded decoder's cached prefixes; returns the bytes of
+    /// KV blocks they held.
+    pub(crate) fn clear_prefixes(&self) -> u64 {
+        let loaded: Vec<Arc<LoadedDecoder>> = self
+            .slots
+            .lock()
+            .values()
+            .filter_map(|s| match &s.state {
+                GenState::Loaded(l) => Some(Arc::clone(l)),
+                _ => None,
+            })
+            .collect();
+        loaded
+            .iter()
+            .filter_map(|l| l.prefix.as_ref())
+            .map(|p| {
+                let w = p.weight();
+                p.clear();
+                w
+            })
+            .sum()
     }
 
     /// Unloads every idle decoder (idle at least `idle`); returns bytes freed.
@@ -921,6 +1013,10 @@ impl Decoders {
                     prompt_tokens: 0,
                     preempted: 0,
                     recomputed_tokens: 0,
+                    prefix_lookups: 0,
+                    prefix_hits: 0,
+                    prefix_tokens_saved: 0,
+                    prefix_bytes: 0,
                     idle_secs: now.duration_since(s.last_used).as_secs_f64(),
                     engine: None,
                 };
@@ -934,18 +1030,26 @@ impl Decoders {
                         .min()
                         .unwrap_or(1)
                         .max(1);
-                    let in_use = l.decoder.kv_bytes_in_use() as u64;
+                    let prefix_bytes = l.prefix.as_ref().map_or(0, |p| p.weight());
+                    let leased = l.decoder.kv_bytes_in_use() as u64;
+                    let in_use = leased.saturating_sub(prefix_bytes);
                     st.reserved_bytes = l.reservation.bytes();
                     st.running = e.running;
                     st.queued = e.queued;
                     st.kv_blocks_used = l.layout.groups.first().map_or(0, |_| in_use / block);
-                    st.kv_blocks_free = l.kv.budget.saturating_sub(in_use) / block;
+                    st.kv_blocks_free = l.kv.budget.saturating_sub(leased) / block;
                     st.kv_bytes_admitted = *l.kv.admitted.lock();
                     st.tokens_per_second = l.counters.tokens_per_second();
                     st.tokens_generated = l.counters.generated.load(Ordering::Relaxed);
                     st.prompt_tokens = l.counters.prompt.load(Ordering::Relaxed);
                     st.preempted = l.counters.preempted.load(Ordering::Relaxed);
                     st.recomputed_tokens = l.counters.recomputed.load(Ordering::Relaxed);
+                    if let Some(p) = &l.prefix {
+                        st.prefix_lookups = p.lookups.load(Ordering::Relaxed);
+                        st.prefix_hits = p.hits.load(Ordering::Relaxed);
+                        st.prefix_tokens_saved = p.tokens_saved.load(Ordering::Relaxed);
+                        st.prefix_bytes = p.weight();
+                    }
                     st.engine = Some(e);
                 }
                 st

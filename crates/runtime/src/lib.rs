@@ -70,6 +70,7 @@ mod generation;
 mod model;
 mod models_file;
 mod plan;
+mod prefix;
 mod registry;
 #[cfg(feature = "remote")]
 mod remote;

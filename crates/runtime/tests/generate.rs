@@ -490,3 +490,76 @@ fn idle_kv_blocks_are_reused_when_the_machine_reads_them_as_used() {
     assert_eq!(second.finished.served.tier, Tier::Small);
     assert_eq!(second.text, first.text);
 }
+
+fn with_system(system: &str, user: &str) -> GenerateRequest {
+    GenerateRequest {
+        prompt: runtime::Prompt::Chat(vec![
+            models::Message::new("system", system),
+            models::Message::new("user", user),
+        ]),
+        ..GenerateRequest::default()
+    }
+    .max_tokens(12)
+}
+
+#[test]
+fn a_shared_system_prompt_is_computed_once_and_answers_do_not_change() {
+    let system = "You are a careful assistant for a small library. You answer in one short \
+                  sentence, you never invent facts, and when you do not know something you \
+                  say so plainly. Keep a friendly tone and avoid jargon. The library opens at \
+                  nine in the morning and closes at six in the evening, every day but Sunday.";
+    let users = [
+        "When does the library open?",
+        "Is it open on Sunday?",
+        "When does it close?",
+    ];
+    let mut off = smol_spec();
+    off.prefix_cache_bytes = 0;
+    let plain = runtime_with(off);
+    let want: Vec<String> = users
+        .iter()
+        .map(|u| {
+            plain
+                .generate(SMOL, with_system(system, u))
+                .unwrap()
+                .wait()
+                .text
+        })
+        .collect();
+    assert_eq!(
+        plain.status().generative[0].prefix_lookups,
+        0,
+        "prefix reuse is off"
+    );
+    drop(plain);
+
+    let rt = runtime_with(smol_spec());
+    let done: Vec<_> = users
+        .iter()
+        .map(|u| rt.generate(SMOL, with_system(system, u)).unwrap().wait())
+        .collect();
+    let got: Vec<String> = done.iter().map(|c| c.text.clone()).collect();
+    assert_eq!(
+        got, want,
+        "answers after a cached prefix are the answers without it"
+    );
+    let prompts: usize = done.iter().map(|c| c.finished.usage.prompt_tokens).sum();
+    let s = rt.status().generative[0].clone();
+    assert_eq!(s.prefix_lookups, 3);
+    assert_eq!(
+        s.prefix_hits, 2,
+        "the second and third reuse the first's system prompt"
+    );
+    // The system prompt is about 80 tokens: most of it is reused each time.
+    assert!(s.prefix_tokens_saved >= 2 * 50, "{s:?}");
+    assert!(s.prefix_bytes > 0);
+    assert_eq!(
+        s.prompt_tokens + s.prefix_tokens_saved,
+        prompts as u64,
+        "the prompt tokens computed are the prompts' less the saved ones"
+    );
+    // An emergency drops the cached prefixes.
+    let report = rt.emergency_cleanup().unwrap();
+    assert_eq!(report.prefix_bytes_cleared, s.prefix_bytes);
+    assert_eq!(rt.status().generative[0].prefix_bytes, 0);
+}

@@ -216,7 +216,11 @@ impl SharedPrefix {
         if unit == 0 || !self.tokens.is_multiple_of(unit) {
             return None;
         }
-        if layout.groups.iter().any(|g| !unit.is_multiple_of(g.block_tokens)) {
+        if layout
+            .groups
+            .iter()
+            .any(|g| !unit.is_multiple_of(g.block_tokens))
+        {
             return None;
         }
         let n = self.tokens / unit;
