@@ -54,6 +54,10 @@ struct Args {
     /// Skip llama-server (snug alone).
     #[arg(long)]
     no_llama: bool,
+    /// Words of the system prompt all clients share in the prefix-reuse
+    /// run (0 skips it).
+    #[arg(long, default_value_t = 230)]
+    shared_system_words: usize,
     /// Pass `--no-repack` to llama-server (its weights stay in the GGUF
     /// layout). Off by default: repacking is llama.cpp's faster
     /// configuration; some VMs fault on the repacked kernels' instructions.
@@ -88,14 +92,25 @@ fn prompts(seed: u64, n: usize) -> Vec<(String, usize)> {
         .collect()
 }
 
-fn chat(base: &str, model: &str, prompt: &str, max_tokens: usize) -> Result<Sample, String> {
+fn chat(
+    base: &str,
+    model: &str,
+    system: Option<&str>,
+    prompt: &str,
+    max_tokens: usize,
+) -> Result<Sample, String> {
+    let mut messages = Vec::new();
+    if let Some(sys) = system {
+        messages.push(serde_json::json!({"role": "system", "content": sys}));
+    }
+    messages.push(serde_json::json!({"role": "user", "content": prompt}));
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(600)))
         .build()
         .into();
     let body = serde_json::json!({
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": true,
@@ -177,7 +192,27 @@ fn run_clients(
     seed: u64,
     check_served: Option<&str>,
 ) -> Result<Figures, String> {
-    let all = prompts(seed, clients * per_client);
+    run_chats(
+        base,
+        model,
+        None,
+        prompts(seed, clients * per_client),
+        clients,
+        check_served,
+    )
+}
+
+/// `all` chats (prompt, max_tokens) from `clients` concurrent clients, each
+/// with `system` as its system message when given.
+fn run_chats(
+    base: &str,
+    model: &str,
+    system: Option<&str>,
+    all: Vec<(String, usize)>,
+    clients: usize,
+    check_served: Option<&str>,
+) -> Result<Figures, String> {
+    let per_client = all.len() / clients;
     let start = Instant::now();
     let results: Vec<Result<Vec<Sample>, String>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..clients)
@@ -185,7 +220,7 @@ fn run_clients(
                 let mine: Vec<(String, usize)> = all[c * per_client..(c + 1) * per_client].to_vec();
                 s.spawn(move || {
                     mine.iter()
-                        .map(|(p, m)| chat(base, model, p, *m))
+                        .map(|(p, m)| chat(base, model, system, p, *m))
                         .collect::<Result<Vec<_>, _>>()
                 })
             })
@@ -222,9 +257,11 @@ fn run_clients(
 fn start_snug(
     args: &Args,
     max_clients: usize,
+    prefix_cache_bytes: u64,
 ) -> Result<(SocketAddr, runtime::Runtime), Box<dyn std::error::Error>> {
     let gguf = models::gguf_path(&args.model)?;
     let mut spec = runtime::GenerativeSpec::new(&args.model, gguf, runtime::router::Tier::Small);
+    spec.prefix_cache_bytes = prefix_cache_bytes;
     spec.decoder.context = Some(args.context);
     spec.engine.max_running = max_clients;
     spec.engine.max_queued = 4 * max_clients;
@@ -348,7 +385,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Peak RSS from here on is the runtime's (and this program's clients').
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let (base_rss, _) = snug::process_memory().ok_or("no /proc/self/status")?;
-    let (snug, rt) = start_snug(&args, max_clients)?;
+    let (snug, rt) = start_snug(&args, max_clients, 32 << 20)?;
     let snug_base = format!("http://{snug}");
     eprintln!("snug serving {} on {snug_base}", args.model);
     for &clients in &args.clients {
@@ -375,5 +412,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             s.ttft.1 / l.ttft.1
         );
     }
+    if args.shared_system_words > 0 {
+        shared_prefix(&args, &snug_base, &rt)?;
+    }
+    Ok(())
+}
+
+/// Eight clients with one shared system prompt: snug with prefix reuse
+/// beside snug without it (a second server), the same chats.
+fn shared_prefix(
+    args: &Args,
+    base: &str,
+    rt: &runtime::Runtime,
+) -> Result<(), Box<dyn std::error::Error>> {
+    const CLIENTS: usize = 8;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed ^ 0x5eed);
+    let system: Vec<&str> = (0..args.shared_system_words)
+        .map(|_| WORDS[rng.random_range(0..WORDS.len())])
+        .collect();
+    let system = format!("You are a helpful assistant. Background: {}", system.join(" "));
+    let chats: Vec<(String, usize)> = (0..CLIENTS * args.requests)
+        .map(|i| (format!("Question {i}: what is this about?"), 32))
+        .collect();
+    let (off_addr, off_rt) = start_snug(args, CLIENTS, 0)?;
+    let off_base = format!("http://{off_addr}");
+    let stat = |rt: &runtime::Runtime| rt.status().generative[0].clone();
+    let before = stat(rt);
+    let on = run_chats(base, &args.model, Some(&system), chats.clone(), CLIENTS, Some(&args.model))?;
+    let after = stat(rt);
+    let off_before = stat(&off_rt);
+    let off = run_chats(&off_base, &args.model, Some(&system), chats, CLIENTS, Some(&args.model))?;
+    let off_after = stat(&off_rt);
+    let computed = after.prompt_tokens - before.prompt_tokens;
+    let saved = after.prefix_tokens_saved - before.prefix_tokens_saved;
+    let off_computed = off_after.prompt_tokens - off_before.prompt_tokens;
+    println!(
+        "shared system prompt, {CLIENTS} clients x {} chats: prefix reuse on: TTFT p50 {:.0} ms p99 {:.0} ms, {computed} prompt tokens computed, {saved} reused ({} hits of {} lookups); off: TTFT p50 {:.0} ms p99 {:.0} ms, {off_computed} computed; TTFT p50 ratio on/off {:.2}",
+        args.requests,
+        on.ttft.0,
+        on.ttft.1,
+        after.prefix_hits - before.prefix_hits,
+        after.prefix_lookups - before.prefix_lookups,
+        off.ttft.0,
+        off.ttft.1,
+        on.ttft.0 / off.ttft.0
+    );
     Ok(())
 }
