@@ -8,7 +8,7 @@
 //! With `--generations N` it measures generation instead: N streamed
 //! completions on SmolLM2-135M (fetched by `scripts/fetch-model.sh
 //! smollm2-135m`), eight at a time so they share steps, each a new prompt
-//! of 8–60 words and 1–16 tokens, every answer checked as served by the
+//! of 4–20 words and 1–16 tokens, every answer checked as served by the
 //! small local decoder.
 //!
 //! ```text
@@ -71,7 +71,7 @@ fn generations(args: &Args, n: usize) -> Result<(), Box<dyn std::error::Error>> 
         .generative(spec)
         .build()?;
     rt.load(MODEL)?;
-    let texts = snug::sentences(997, 5, 8, 60);
+    let texts = snug::sentences(997, 5, 4, 20);
     let mut samples: Vec<(f64, f64)> = Vec::new();
     let start = std::time::Instant::now();
     let mut done = 0;
@@ -102,6 +102,11 @@ fn generations(args: &Args, n: usize) -> Result<(), Box<dyn std::error::Error>> 
             if done > args.warmup {
                 samples.push((done as f64, rss as f64));
             }
+            eprintln!(
+                "{done} generations, RSS {:.2} MiB, {:.0} s",
+                rss as f64 / 1048576.0,
+                start.elapsed().as_secs_f64()
+            );
         }
     }
     if samples.len() < 2 {

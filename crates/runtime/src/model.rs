@@ -218,7 +218,11 @@ pub fn tokenizer_bytes(dir: &Path) -> Result<u64> {
     static MEASURED: std::sync::OnceLock<Mutex<std::collections::HashMap<PathBuf, u64>>> =
         std::sync::OnceLock::new();
     let cache = MEASURED.get_or_init(Default::default);
-    if let Some(&b) = cache.lock().get(dir) {
+    // Measured under the lock: two threads asking at once must get the same
+    // figure (a second measurement would differ and overwrite the first,
+    // so estimates made before and after it would disagree).
+    let mut cache = cache.lock();
+    if let Some(&b) = cache.get(dir) {
         return Ok(b);
     }
     let file = std::fs::metadata(dir.join("tokenizer.json"))
@@ -236,7 +240,7 @@ pub fn tokenizer_bytes(dir: &Path) -> Result<u64> {
         grown.max(file)
     };
     let bytes = bytes.div_ceil(1 << 20) << 20;
-    cache.lock().insert(dir.to_path_buf(), bytes);
+    cache.insert(dir.to_path_buf(), bytes);
     Ok(bytes)
 }
 
