@@ -209,8 +209,7 @@ fn run_child(args: &Args, extra: &[String]) -> Result<Case, AnyError> {
     if let Some(t) = args.mmap_threshold {
         cmd.arg("--mmap-threshold").arg(t.to_string());
     }
-    let out = cmd
-        .output()?;
+    let out = cmd.output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout
         .lines()
@@ -246,26 +245,32 @@ fn main() -> Result<(), AnyError> {
         );
     };
     for f in &args.formats {
-        let c = run_child(&args, &[
-            "--child".into(),
-            "load".into(),
-            "--format".into(),
-            f.clone(),
-        ])?;
+        let c = run_child(
+            &args,
+            &[
+                "--child".into(),
+                "load".into(),
+                "--format".into(),
+                f.clone(),
+            ],
+        )?;
         let label = runtime::variant_label(f.parse()?);
         report(format!("load {label}"), &c);
         for &w in &args.words {
             for &b in &args.batches {
-                let c = run_child(&args, &[
-                    "--child".into(),
-                    "request".into(),
-                    "--format".into(),
-                    f.clone(),
-                    "--batch".into(),
-                    b.to_string(),
-                    "--word-count".into(),
-                    w.to_string(),
-                ])?;
+                let c = run_child(
+                    &args,
+                    &[
+                        "--child".into(),
+                        "request".into(),
+                        "--format".into(),
+                        f.clone(),
+                        "--batch".into(),
+                        b.to_string(),
+                        "--word-count".into(),
+                        w.to_string(),
+                    ],
+                )?;
                 report(format!("{label} {b} x {w} words"), &c);
             }
         }

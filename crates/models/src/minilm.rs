@@ -887,6 +887,12 @@ impl MiniLm {
         let mut ctx = vec![0f32; rows * s];
         let mut work = vec![0f32; rows * wide];
         let mut scratch = LinearScratch::new();
+        for layer in &self.layers {
+            // The widest input first, so that the scratch is allocated once.
+            for linear in [&layer.out, &layer.qkv, &layer.attn_out, &layer.inter] {
+                scratch.reserve(linear, rows);
+            }
+        }
 
         let t0 = Instant::now();
         let tables = EmbeddingTables {

@@ -45,6 +45,16 @@ impl LinearScratch {
         LinearScratch::default()
     }
 
+    /// Grows the scratch at once to what [`QLinear::forward_into`] of `rows`
+    /// rows through `layer` takes (nothing where that layer needs none), so
+    /// that a pass through layers of several widths allocates it once,
+    /// sized for the widest, instead of growing it layer by layer.
+    pub fn reserve(&mut self, layer: &QLinear, rows: usize) {
+        if layer.int8.is_some() {
+            self.int8.reserve(rows, layer.in_dim);
+        }
+    }
+
     /// Bytes held now.
     pub fn bytes(&self) -> u64 {
         self.int8.bytes()
@@ -793,6 +803,17 @@ mod tests {
         if int8_kernel_available() {
             assert_eq!(per_row.scratch, 512 + 4 * 16);
             assert_eq!(scratch.bytes(), 70 * per_row.scratch);
+            // Reserved up front, it takes that size at once, and a call
+            // within it does not grow it.
+            let layer = QLinear::from_f32(gaussian(&[40, 512], 31), None, Format::Q8_0).unwrap();
+            let mut fresh = LinearScratch::new();
+            fresh.reserve(&layer, 70);
+            assert_eq!(fresh.bytes(), 70 * per_row.scratch);
+            let mut out = vec![0f32; 5 * 40];
+            layer
+                .forward_into(&vec![0.5; 5 * 512], 5, &mut out, &mut fresh)
+                .unwrap();
+            assert_eq!(fresh.bytes(), 70 * per_row.scratch);
         } else {
             assert_eq!(scratch.bytes(), 0);
             assert!(per_row.transient >= 4 * (512 + 40));

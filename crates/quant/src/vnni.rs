@@ -444,6 +444,11 @@ impl Int8Scratch {
         (&mut self.a[..a], &mut self.sa[..sa])
     }
 
+    /// Grows to what a call of `rows` rows of `k` values takes.
+    pub(crate) fn reserve(&mut self, rows: usize, k: usize) {
+        self.take(rows * k, rows * (k / QK));
+    }
+
     /// Bytes held.
     pub(crate) fn bytes(&self) -> u64 {
         (self.a.capacity() + 4 * self.sa.capacity()) as u64
