@@ -377,10 +377,18 @@ pub struct MiniLmMemory {
     /// buffer (the widest of the q/k/v, attention-output and intermediate
     /// projections' outputs), all f32 — plus what the linear layers take
     /// per row ([`quant::forward_into_bytes`]: the int8 kernel's scratch for
-    /// the widest input it reads, and the most one candle-path call
-    /// allocates inside it), or the token ids, type ids and positions
-    /// (4 bytes each), live while the embeddings are looked up, if more.
+    /// the widest input it reads), or the token ids, type ids and positions
+    /// (4 bytes each), live while the embeddings are looked up, if more;
+    /// candle-path layers add [`Self::per_chunk_token`].
     pub per_token: u64,
+    /// Bytes per token, for at most [`Self::chunk_rows`] tokens, that a
+    /// linear layer on candle's path allocates inside its call (its input
+    /// copy, its output and its quantized input:
+    /// [`quant::ForwardBytes::transient`]); 0 where every layer runs on the
+    /// int8 kernel or in f32.
+    pub per_chunk_token: u64,
+    /// Rows candle's path takes at a time ([`quant::CANDLE_CHUNK_ROWS`]).
+    pub chunk_rows: u64,
     /// Bytes per text of a batch: its output vector (hidden f32, and the
     /// 24-byte `Vec` in the batch's list) and its (start, length) pair.
     pub per_text: u64,
@@ -395,7 +403,9 @@ pub struct MiniLmMemory {
 impl MiniLmMemory {
     /// Bytes one batch of `tokens` tokens over `texts` texts adds at its peak.
     pub fn batch_bytes(&self, tokens: u64, texts: u64) -> u64 {
-        tokens * self.per_token + texts * self.per_text
+        tokens * self.per_token
+            + tokens.min(self.chunk_rows) * self.per_chunk_token
+            + texts * self.per_text
     }
 }
 
@@ -514,7 +524,9 @@ impl MiniLm {
             // projections), f32; then the int8 scratch and the largest
             // candle-path transient, or, while the embedding is looked up,
             // the token ids, type ids and positions (u32 each).
-            per_token: f32b(2 * stride + wide) + (scratch + transient).max(12),
+            per_token: f32b(2 * stride + wide) + scratch.max(12),
+            per_chunk_token: transient,
+            chunk_rows: quant::CANDLE_CHUNK_ROWS as u64,
             // The output vector (hidden f32 and its `Vec` in the batch's),
             // and the sequence's (start, length).
             per_text: f32b(h) + 24 + 16,

@@ -54,6 +54,7 @@ pub use crate::error::{Error, Result};
 pub use crate::format::Format;
 pub use crate::linear::{
     forward_into_bytes, int8_kernel_available, ForwardBytes, LinearScratch, QLinear,
+    CANDLE_CHUNK_ROWS,
 };
 pub use crate::model::{
     load_safetensors, quantize_safetensors, quantize_tensors, sha256_file, ArtifactMeta,

@@ -69,7 +69,9 @@ pub struct ForwardBytes {
     /// quantized activations (`in` bytes and an f32 scale per 32 values),
     /// 0 on the other paths.
     pub scratch: u64,
-    /// Bytes per row allocated and freed inside the call: on candle's path
+    /// Bytes per row allocated and freed inside the call, for at most
+    /// [`CANDLE_CHUNK_ROWS`] rows at a time ([`ForwardBytes::transient_for`]):
+    /// on candle's path
     /// (formats other than F32, and Q8_0 where the int8 kernel does not
     /// serve) the f32 input copy candle reads, candle's f32 output, and its
     /// quantized copy of the input (Q8_K blocks, 292 bytes per 256 values,
@@ -78,6 +80,20 @@ pub struct ForwardBytes {
     /// from the caller's buffers into theirs).
     pub transient: u64,
 }
+
+impl ForwardBytes {
+    /// Bytes allocated and freed inside a call of `rows` rows: candle's
+    /// path runs [`CANDLE_CHUNK_ROWS`] rows at a time.
+    pub fn transient_for(&self, rows: usize) -> u64 {
+        self.transient * rows.min(CANDLE_CHUNK_ROWS) as u64
+    }
+}
+
+/// Rows [`QLinear::forward_into`] hands candle at a time on its path, so
+/// that candle's copies (the input, its output, its quantized input) stay
+/// the size of this many rows whatever the batch, instead of growing with
+/// it; enough rows that candle's tiled kernels run at full width.
+pub const CANDLE_CHUNK_ROWS: usize = 64;
 
 /// Per-row bytes [`QLinear::forward_into`] allocates for an `[out_dim,
 /// in_dim]` weight requested in `format` (fitted to `in_dim` as
@@ -432,8 +448,8 @@ impl QLinear {
     /// what [`forward_into_bytes`] lists: Q8_0 on the int8 kernel quantizes
     /// the input into `scratch` (which grows once and is reused by every
     /// later call), F32 multiplies straight from `x` into `out`, and
-    /// candle's path (the other formats) copies `x` into a tensor and its
-    /// answer into `out`. The results equal [`Self::try_forward`]'s.
+    /// candle's path (the other formats) copies [`CANDLE_CHUNK_ROWS`] rows of
+    /// `x` at a time into a tensor and candle's answer into `out`. The results equal [`Self::try_forward`]'s.
     ///
     /// ```
     /// use candle_core::{Device, Tensor};
@@ -494,10 +510,16 @@ impl QLinear {
                 with_f32(w, |w| self.gemm_f32(x, rows, w, out))??;
             }
             weight => {
-                let xt = Tensor::from_slice(x, (rows, self.in_dim), &candle_core::Device::Cpu)?;
-                let y = weight.forward(&xt)?;
-                drop(xt);
-                with_f32(&y, |y| out.copy_from_slice(y))?;
+                let (k, n) = (self.in_dim, self.out_dim);
+                for (x, out) in x
+                    .chunks(CANDLE_CHUNK_ROWS * k)
+                    .zip(out.chunks_mut(CANDLE_CHUNK_ROWS * n))
+                {
+                    let xt = Tensor::from_slice(x, (x.len() / k, k), &candle_core::Device::Cpu)?;
+                    let y = weight.forward(&xt)?;
+                    drop(xt);
+                    with_f32(&y, |y| out.copy_from_slice(y))?;
+                }
             }
         }
         if let Some(b) = &self.bias {
@@ -818,6 +840,14 @@ mod tests {
             assert_eq!(scratch.bytes(), 0);
             assert!(per_row.transient >= 4 * (512 + 40));
         }
+        // Candle's path holds one chunk of rows at a time.
+        let q4 = forward_into_bytes(Format::Q4_K, 40, 512);
+        assert!(q4.transient >= 4 * (512 + 40));
+        assert_eq!(q4.transient_for(3), 3 * q4.transient);
+        assert_eq!(
+            q4.transient_for(70),
+            CANDLE_CHUNK_ROWS as u64 * q4.transient
+        );
         assert_eq!(forward_into_bytes(Format::F32, 40, 512).transient, 0);
         // 100 inputs do not fit Q4_K: F16's path (fitted as the layer is).
         assert_eq!(
