@@ -13,6 +13,7 @@
 //! ```text
 //! cargo run --release --example estimate_truth
 //! cargo run --release --example estimate_truth -- --formats q8_0 --batches 1,8 --words 20
+//! cargo run --release --example estimate_truth -- --mmap-threshold 32768
 //! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -93,6 +94,10 @@ struct Args {
     /// Words per text.
     #[arg(long, value_delimiter = ',', default_value = "20,60,200")]
     words: Vec<usize>,
+    /// malloc's mmap threshold the runtime fixes, in bytes
+    /// (`RuntimeConfig::mmap_threshold`); the runtime's default when not given.
+    #[arg(long)]
+    mmap_threshold: Option<usize>,
     /// Run one case as the child (internal): `load` or `request`.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -121,9 +126,11 @@ fn texts(batch: usize, words: usize) -> Vec<String> {
     snug::sentences(batch, 7 + words as u64, words, words)
 }
 
-fn runtime(format: &str) -> Result<Runtime, AnyError> {
+fn runtime(format: &str, mmap_threshold: Option<usize>) -> Result<Runtime, AnyError> {
     let format: quant::Format = format.parse()?;
+    let defaults = RuntimeConfig::default();
     let config = RuntimeConfig {
+        mmap_threshold: mmap_threshold.unwrap_or(defaults.mmap_threshold),
         format: Some(format),
         formats: vec![format],
         // The largest cases take longer than the default 30 s; a timeout
@@ -132,7 +139,7 @@ fn runtime(format: &str) -> Result<Runtime, AnyError> {
         // `SNUG_RELEASE_FREED_MEMORY=0` leaves malloc's threshold as glibc
         // moves it, to see what the estimates meet without the fix.
         release_freed_memory: std::env::var("SNUG_RELEASE_FREED_MEMORY").as_deref() != Ok("0"),
-        ..RuntimeConfig::default()
+        ..defaults
     };
     Ok(Runtime::builder()
         .config(config)
@@ -142,7 +149,7 @@ fn runtime(format: &str) -> Result<Runtime, AnyError> {
 
 fn child(args: &Args, kind: &str) -> Result<(), AnyError> {
     let dir = models::model_dir()?;
-    let rt = runtime(&args.format)?;
+    let rt = runtime(&args.format, args.mmap_threshold)?;
     let case = match kind {
         "load" => {
             let e = runtime::minilm_estimate(&dir, args.format.parse()?, 1)?;
@@ -196,10 +203,13 @@ fn child(args: &Args, kind: &str) -> Result<(), AnyError> {
     Ok(())
 }
 
-fn run_child(extra: &[String]) -> Result<Case, AnyError> {
-    let out = std::process::Command::new(std::env::current_exe()?)
-        .args(extra)
-        .output()?;
+fn run_child(args: &Args, extra: &[String]) -> Result<Case, AnyError> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(extra);
+    if let Some(t) = args.mmap_threshold {
+        cmd.arg("--mmap-threshold").arg(t.to_string());
+    }
+    let out = cmd.output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout
         .lines()
@@ -235,26 +245,32 @@ fn main() -> Result<(), AnyError> {
         );
     };
     for f in &args.formats {
-        let c = run_child(&[
-            "--child".into(),
-            "load".into(),
-            "--format".into(),
-            f.clone(),
-        ])?;
+        let c = run_child(
+            &args,
+            &[
+                "--child".into(),
+                "load".into(),
+                "--format".into(),
+                f.clone(),
+            ],
+        )?;
         let label = runtime::variant_label(f.parse()?);
         report(format!("load {label}"), &c);
         for &w in &args.words {
             for &b in &args.batches {
-                let c = run_child(&[
-                    "--child".into(),
-                    "request".into(),
-                    "--format".into(),
-                    f.clone(),
-                    "--batch".into(),
-                    b.to_string(),
-                    "--word-count".into(),
-                    w.to_string(),
-                ])?;
+                let c = run_child(
+                    &args,
+                    &[
+                        "--child".into(),
+                        "request".into(),
+                        "--format".into(),
+                        f.clone(),
+                        "--batch".into(),
+                        b.to_string(),
+                        "--word-count".into(),
+                        w.to_string(),
+                    ],
+                )?;
                 report(format!("{label} {b} x {w} words"), &c);
             }
         }

@@ -94,60 +94,51 @@ fn fast_exp(x: f32) -> f32 {
     p * f32::from_bits(bits)
 }
 
-/// `gelu(x + bias)` with the exact (erf) GELU, written into a new buffer.
-pub(crate) fn bias_gelu(x: &[f32], bias: &[f32], cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+/// `x = gelu(x + bias)` in place, with the exact (erf) GELU; `x` rows are
+/// `cols` wide.
+pub(crate) fn bias_gelu(x: &mut [f32], bias: &[f32], cols: usize) {
     let chunk = row_chunk(x.len() / cols.max(1));
-    out.par_chunks_mut(cols * chunk)
-        .zip(x.par_chunks(cols * chunk))
-        .for_each(|(o, x)| dispatch!(gelu_rows(o, x, bias, cols)));
-    out
+    x.par_chunks_mut(cols * chunk)
+        .for_each(|x| dispatch!(gelu_rows(x, bias, cols)));
 }
 
 #[inline(always)]
-fn gelu_rows(o: &mut [f32], x: &[f32], bias: &[f32], cols: usize) {
-    for (orow, xrow) in o.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
-        for ((o, &x), &b) in orow.iter_mut().zip(xrow).zip(bias) {
-            let v = x + b;
-            *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+fn gelu_rows(x: &mut [f32], bias: &[f32], cols: usize) {
+    for row in x.chunks_exact_mut(cols) {
+        for (x, &b) in row.iter_mut().zip(bias) {
+            let v = *x + b;
+            *x = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
         }
     }
 }
 
-/// Row-wise layer norm of `x[.., :h] + bias + residual[.., :h]` into an
-/// `out_stride`-wide buffer (columns past `h` are zero). `x` rows are `h`
-/// wide, `residual` rows `res_stride` wide.
-#[allow(clippy::too_many_arguments)]
+/// Row-wise layer norm of `x + bias + hidden[.., :h]`, written back over
+/// `hidden[.., :h]` (the residual is the row it replaces; columns past `h`
+/// are left as they are). `x` rows are `h` wide, `hidden` rows `stride` wide.
 pub(crate) fn add_layer_norm(
     x: &[f32],
     bias: &[f32],
-    residual: &[f32],
-    res_stride: usize,
+    hidden: &mut [f32],
+    stride: usize,
     gamma: &[f32],
     beta: &[f32],
     eps: f32,
-    out_stride: usize,
-) -> Vec<f32> {
+) {
     let h = gamma.len();
-    let rows = x.len() / h;
-    let mut out = vec![0f32; rows * out_stride];
-    let chunk = row_chunk(rows);
-    out.par_chunks_mut(out_stride * chunk)
-        .enumerate()
-        .for_each(|(c, o)| {
+    let chunk = row_chunk(hidden.len() / stride.max(1));
+    hidden
+        .par_chunks_mut(stride * chunk)
+        .zip(x.par_chunks(h * chunk))
+        .for_each(|(o, x)| {
             with_scratch(h, |tmp| {
-                for (r, orow) in o.chunks_exact_mut(out_stride).enumerate() {
-                    let row = c * chunk + r;
-                    let xr = &x[row * h..row * h + h];
-                    let rr = &residual[row * res_stride..row * res_stride + h];
+                for (orow, xr) in o.chunks_exact_mut(stride).zip(x.chunks_exact(h)) {
                     for i in 0..h {
-                        tmp[i] = xr[i] + bias[i] + rr[i];
+                        tmp[i] = xr[i] + bias[i] + orow[i];
                     }
                     norm_into(tmp, gamma, beta, eps, &mut orow[..h]);
                 }
             })
         });
-    out
 }
 
 #[inline(always)]
@@ -263,16 +254,17 @@ pub(crate) struct EmbeddingTables<'a> {
 }
 
 /// Sum of word, position and token-type embeddings, layer-normed, for packed
-/// tokens, into an `out_stride`-wide buffer. Ids are checked by the caller.
+/// tokens, into `out` (`ids.len()` rows of `out_stride`; columns past the
+/// hidden size are left as they are). Ids are checked by the caller.
 pub(crate) fn embed(
     t: &EmbeddingTables<'_>,
     ids: &[u32],
     type_ids: &[u32],
     positions: &[u32],
+    out: &mut [f32],
     out_stride: usize,
-) -> Vec<f32> {
+) {
     let h = t.gamma.len();
-    let mut out = vec![0f32; ids.len() * out_stride];
     let chunk = row_chunk(ids.len());
     out.par_chunks_mut(out_stride * chunk)
         .enumerate()
@@ -290,7 +282,6 @@ pub(crate) fn embed(
                 }
             })
         });
-    out
 }
 
 /// Shape of the attention.
@@ -304,14 +295,15 @@ pub(crate) struct AttentionShape {
 /// `[q | k | v]` (3·hidden wide, bias not yet added; `bias` is 3·hidden);
 /// `seqs` are the (start row, length) of each sequence. Each token attends to
 /// the tokens of its own sequence only, so no mask and no padding. The output
-/// is `out_stride` wide (zeros past hidden).
+/// `out` is `rows × out_stride` (every value written: zeros past hidden).
 pub(crate) fn attention(
     qkv: &[f32],
     bias: &[f32],
     seqs: &[(usize, usize)],
     shape: AttentionShape,
+    out: &mut [f32],
     out_stride: usize,
-) -> Vec<f32> {
+) {
     let AttentionShape { heads, head_dim } = shape;
     let hidden = heads * head_dim;
     let w = 3 * hidden;
@@ -323,7 +315,11 @@ pub(crate) fn attention(
         .iter()
         .flat_map(|&(start, len)| (0..heads).map(move |hd| (start, len, hd)))
         .collect();
-    let mut out = vec![0f32; rows * out_stride];
+    debug_assert_eq!(out.len(), rows * out_stride);
+    if out_stride > hidden {
+        out.par_chunks_mut(out_stride)
+            .for_each(|row| row[hidden..].fill(0.0));
+    }
     let dst = SharedOut(out.as_mut_ptr(), out.len());
     tasks.par_iter().for_each(|&(start, len, hd)| {
         let dst = &dst;
@@ -339,7 +335,6 @@ pub(crate) fn attention(
             dispatch!(attend_head(o, scratch, qkv, bias, start, len, hd, shape));
         })
     });
-    out
 }
 
 /// The attention output, written by the tasks in disjoint ranges.
@@ -350,7 +345,7 @@ struct SharedOut(*mut f32, usize);
 unsafe impl Sync for SharedOut {}
 
 /// Attention of one head of one sequence: row `i` of the result goes to
-/// `out(i)` (`head_dim` wide, zeroed). `scratch` holds q, kᵀ, v and the scores.
+/// `out(i)` (`head_dim` wide, overwritten). `scratch` holds q, kᵀ, v and the scores.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn attend_head<'a>(
@@ -399,6 +394,7 @@ fn attend_head<'a>(
         }
         let inv = 1.0 / sum;
         let orow = out(i);
+        orow.fill(0.0);
         for (j, &p) in s.iter().enumerate() {
             let p = p * inv;
             let vr = &v[j * head_dim..(j + 1) * head_dim];
@@ -492,7 +488,9 @@ mod tests {
             .map(|i| ((i * 37 % 23) as f32 - 11.0) / 10.0)
             .collect();
         let bias: Vec<f32> = (0..3 * hidden).map(|i| i as f32 / 100.0).collect();
-        let out = attention(&qkv, &bias, &seqs, shape, 10);
+        // Whatever the buffer held before (a reused one) is overwritten.
+        let mut out = vec![f32::NAN; rows * 10];
+        attention(&qkv, &bias, &seqs, shape, &mut out, 10);
         for &(start, len) in &seqs {
             for hd in 0..2 {
                 for i in start..start + len {
@@ -528,18 +526,18 @@ mod tests {
     #[test]
     fn layer_norm_and_pool() {
         let x = [1.0f32, 2.0, 3.0, 4.0];
-        let out = add_layer_norm(
-            &x,
-            &[0.0, 0.0],
-            &[0.0, 0.0, 9.0, 1.0, 1.0, 9.0],
-            3,
-            &[1.0, 1.0],
-            &[0.0, 0.5],
-            0.0,
-            3,
-        );
-        assert_eq!(out.len(), 6);
-        assert!((out[0] + 1.0).abs() < 1e-6 && (out[1] - 1.5).abs() < 1e-6 && out[2] == 0.0);
+        let mut out = [0.0, 0.0, 9.0, 1.0, 1.0, 9.0];
+        add_layer_norm(&x, &[0.0, 0.0], &mut out, 3, &[1.0, 1.0], &[0.0, 0.5], 0.0);
+        // Row 0: [1, 2] normed; row 1: [4, 5] normed; the third column of
+        // each row (the pad) is left alone.
+        assert!((out[0] + 1.0).abs() < 1e-6 && (out[1] - 1.5).abs() < 1e-6 && out[2] == 9.0);
+        assert!((out[3] + 1.0).abs() < 1e-6 && (out[4] - 1.5).abs() < 1e-6 && out[5] == 9.0);
+        let mut g = [0.0f32, 1.0, -1.0, 2.0];
+        bias_gelu(&mut g, &[0.0, 1.0], 2);
+        let want = [0.0, 1.954_5, -0.158_655, 2.995_95];
+        for (g, w) in g.iter().zip(want) {
+            assert!((g - w).abs() < 1e-4, "{g} vs {w}");
+        }
         let p = mean_pool_normalize(&[2.0, 3.0, 9.0, 6.0, 3.0, 9.0], 3, 2, &[(0, 2)]);
         assert!((p[0][0] - 0.8).abs() < 1e-6 && (p[0][1] - 0.6).abs() < 1e-6);
     }

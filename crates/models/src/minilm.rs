@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Storage, Tensor};
 use candle_nn::VarBuilder;
-use quant::{Format, QLinear};
+use quant::{Format, LinearScratch, QLinear};
 use serde::{Deserialize, Serialize};
 use tokenizers::{Tokenizer, TruncationParams};
 
@@ -371,13 +371,26 @@ pub struct MiniLmMemory {
     /// builds) — less candle's repacked copies, which the first forwards
     /// build once the file is unmapped — or the weights with those copies.
     pub load_peak: u64,
-    /// Activation bytes per token of a batch at its peak inside a layer: the
-    /// attention output (hidden stride wide), the FFN's intermediate and its
-    /// GELU (both intermediate wide), all f32, live together while GELU runs.
+    /// Bytes per token of a batch at its peak: the forward allocates its
+    /// activations once per call and reuses them in every layer — the hidden
+    /// state and the attention context (stride wide each) and one work
+    /// buffer (the widest of the q/k/v, attention-output and intermediate
+    /// projections' outputs), all f32 — plus what the linear layers take
+    /// per row ([`quant::forward_into_bytes`]: the int8 kernel's scratch for
+    /// the widest input it reads), or the token ids, type ids and positions
+    /// (4 bytes each), live while the embeddings are looked up, if more;
+    /// candle-path layers add [`Self::per_chunk_token`].
     pub per_token: u64,
-    /// Bytes per text of a batch: its token ids, type ids and positions
-    /// (4 bytes each per token are in `per_token`'s rounding) and its output
-    /// vector (hidden f32).
+    /// Bytes per token, for at most [`Self::chunk_rows`] tokens, that a
+    /// linear layer on candle's path allocates inside its call (its input
+    /// copy, its output and its quantized input:
+    /// [`quant::ForwardBytes::transient`]); 0 where every layer runs on the
+    /// int8 kernel or in f32.
+    pub per_chunk_token: u64,
+    /// Rows candle's path takes at a time ([`quant::CANDLE_CHUNK_ROWS`]).
+    pub chunk_rows: u64,
+    /// Bytes per text of a batch: its output vector (hidden f32, and the
+    /// 24-byte `Vec` in the batch's list) and its (start, length) pair.
     pub per_text: u64,
     /// The hidden stride the forward pass uses.
     pub stride: usize,
@@ -390,7 +403,9 @@ pub struct MiniLmMemory {
 impl MiniLmMemory {
     /// Bytes one batch of `tokens` tokens over `texts` texts adds at its peak.
     pub fn batch_bytes(&self, tokens: u64, texts: u64) -> u64 {
-        tokens * self.per_token + texts * self.per_text
+        tokens * self.per_token
+            + tokens.min(self.chunk_rows) * self.per_chunk_token
+            + texts * self.per_text
     }
 }
 
@@ -424,6 +439,11 @@ impl MiniLm {
         // weights: what `load` allocates for it, step by step.
         let mut in_flight = 0u64;
         let mut copies = 0u64;
+        // Per token of a batch: the largest int8 scratch row and the most
+        // one candle-path matmul allocates inside its call (quant's
+        // `forward_into_bytes`), over every linear layer.
+        let (mut scratch, mut transient) = (0u64, 0u64);
+        let mut wide = 0usize;
         for layer in 0..l {
             let n = |r: &str| format!("encoder.layer.{layer}.{r}.weight");
             let qkv = [
@@ -444,8 +464,17 @@ impl MiniLm {
                 (fmt_of(n("intermediate.dense")), i, stride),
                 (fmt_of(n("output.dense")), h, i),
             ];
-            for (f, out, inp) in parts {
+            for (k, (f, out, inp)) in parts.into_iter().enumerate() {
                 let fmt = f.fit(inp);
+                let fwd = quant::forward_into_bytes(fmt, out, inp);
+                scratch = scratch.max(fwd.scratch);
+                transient = transient.max(fwd.transient);
+                if k < 3 {
+                    // The q/k/v, attention-output and intermediate
+                    // projections write into the work buffer (the last one
+                    // into the context buffer).
+                    wide = wide.max(out);
+                }
                 let resident = quant::resident_weight_bytes(fmt, out, inp);
                 // candle builds its repacked copies on the first forwards,
                 // after the file is unmapped; the int8 kernel's packed copy
@@ -489,8 +518,18 @@ impl MiniLm {
         Ok(MiniLmMemory {
             weights,
             load_peak,
-            per_token: f32b(stride + 2 * i),
-            per_text: f32b(h),
+            // `embed_tokens`' buffers, live from the embedding lookup to the
+            // pooling: `hidden` and `ctx` (stride wide each), `work` (the
+            // widest output of the q/k/v, attention-output and intermediate
+            // projections), f32; then the int8 scratch and the largest
+            // candle-path transient, or, while the embedding is looked up,
+            // the token ids, type ids and positions (u32 each).
+            per_token: f32b(2 * stride + wide) + scratch.max(12),
+            per_chunk_token: transient,
+            chunk_rows: quant::CANDLE_CHUNK_ROWS as u64,
+            // The output vector (hidden f32 and its `Vec` in the batch's),
+            // and the sequence's (start, length).
+            per_text: f32b(h) + 24 + 16,
             stride,
             hidden: h,
             max_tokens: options.max_tokens,
@@ -834,6 +873,39 @@ impl MiniLm {
             ..Profile::default()
         };
 
+        // The forward's activations, allocated once for the batch and reused
+        // by every layer (what `MiniLmMemory::per_token` counts):
+        // - `hidden`: the layer's input, the residual of both norms, and
+        //   its output (each norm writes back over it);
+        // - `ctx`: the attention's output, then the FFN's output projection;
+        // - `work`: the fused q/k/v projection, then the attention's output
+        //   projection, then the FFN's intermediate (GELU in place);
+        // - `scratch`: the int8 kernel's quantized activations.
+        // Columns past `h` of `hidden` stay zero (the pad of the weights'
+        // input); the attention writes every column of `ctx`.
+        let i_dim = c.intermediate_size;
+        let wide = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.qkv
+                    .out_dim()
+                    .max(l.attn_out.out_dim())
+                    .max(l.inter.out_dim())
+            })
+            .max()
+            .unwrap_or(0);
+        let mut hidden = vec![0f32; rows * s];
+        let mut ctx = vec![0f32; rows * s];
+        let mut work = vec![0f32; rows * wide];
+        let mut scratch = LinearScratch::new();
+        for layer in &self.layers {
+            // The widest input first, so that the scratch is allocated once.
+            for linear in [&layer.out, &layer.qkv, &layer.attn_out, &layer.inter] {
+                scratch.reserve(linear, rows);
+            }
+        }
+
         let t0 = Instant::now();
         let tables = EmbeddingTables {
             word: &self.word,
@@ -843,80 +915,63 @@ impl MiniLm {
             beta: &self.emb_ln.1,
             eps: c.layer_norm_eps as f32,
         };
-        let mut hidden = kernels::embed(&tables, &ids, &type_ids, &positions, s);
+        kernels::embed(&tables, &ids, &type_ids, &positions, &mut hidden, s);
+        drop((ids, type_ids, positions));
         p.embed_ns += elapsed(t0);
         let shape = AttentionShape {
             heads: c.num_attention_heads,
             head_dim: h / c.num_attention_heads,
         };
         let eps = c.layer_norm_eps as f32;
-        let dev = Device::Cpu;
         for layer in &self.layers {
-            let x = Tensor::from_vec(hidden, (rows, s), &dev)?;
             let t = Instant::now();
-            let qkv = layer.qkv.try_forward(&x)?;
+            let qkv = &mut work[..rows * layer.qkv.out_dim()];
+            layer.qkv.forward_into(&hidden, rows, qkv, &mut scratch)?;
             p.matmul_ns += elapsed(t);
             let t = Instant::now();
-            let ctx = with_slice(&qkv, |q| {
-                kernels::attention(q, &layer.qkv_bias, &seqs, shape, s)
-            })?;
-            drop(qkv);
+            kernels::attention(qkv, &layer.qkv_bias, &seqs, shape, &mut ctx, s);
             p.attention_ns += elapsed(t);
             let t = Instant::now();
-            let a = layer
-                .attn_out
-                .try_forward(&Tensor::from_vec(ctx, (rows, s), &dev)?)?;
+            let a = &mut work[..rows * h];
+            layer.attn_out.forward_into(&ctx, rows, a, &mut scratch)?;
             p.matmul_ns += elapsed(t);
             let t = Instant::now();
-            let attn = with_slice(&a, |a| {
-                with_slice(&x, |x| {
-                    kernels::add_layer_norm(
-                        a,
-                        &layer.attn_out_bias,
-                        x,
-                        s,
-                        &layer.attn_ln.0,
-                        &layer.attn_ln.1,
-                        eps,
-                        s,
-                    )
-                })
-            })??;
-            drop((a, x));
+            kernels::add_layer_norm(
+                a,
+                &layer.attn_out_bias,
+                &mut hidden,
+                s,
+                &layer.attn_ln.0,
+                &layer.attn_ln.1,
+                eps,
+            );
             p.layer_norm_ns += elapsed(t);
-            let attn = Tensor::from_vec(attn, (rows, s), &dev)?;
             let t = Instant::now();
-            let i = layer.inter.try_forward(&attn)?;
+            let inter = &mut work[..rows * i_dim];
+            layer
+                .inter
+                .forward_into(&hidden, rows, inter, &mut scratch)?;
             p.matmul_ns += elapsed(t);
             let t = Instant::now();
-            let g = with_slice(&i, |i| {
-                kernels::bias_gelu(i, &layer.inter_bias, c.intermediate_size)
-            })?;
-            drop(i);
+            kernels::bias_gelu(inter, &layer.inter_bias, i_dim);
             p.gelu_ns += elapsed(t);
             let t = Instant::now();
-            let o =
-                layer
-                    .out
-                    .try_forward(&Tensor::from_vec(g, (rows, c.intermediate_size), &dev)?)?;
+            let o = &mut ctx[..rows * h];
+            layer.out.forward_into(inter, rows, o, &mut scratch)?;
             p.matmul_ns += elapsed(t);
             let t = Instant::now();
-            hidden = with_slice(&o, |o| {
-                with_slice(&attn, |a| {
-                    kernels::add_layer_norm(
-                        o,
-                        &layer.out_bias,
-                        a,
-                        s,
-                        &layer.out_ln.0,
-                        &layer.out_ln.1,
-                        eps,
-                        s,
-                    )
-                })
-            })??;
+            kernels::add_layer_norm(
+                o,
+                &layer.out_bias,
+                &mut hidden,
+                s,
+                &layer.out_ln.0,
+                &layer.out_ln.1,
+                eps,
+            );
             p.layer_norm_ns += elapsed(t);
         }
+        drop((ctx, work, scratch));
         let t = Instant::now();
         let out = kernels::mean_pool_normalize(&hidden, s, h, &seqs);
         p.pool_ns += elapsed(t);

@@ -474,13 +474,42 @@ fn memory_facts_match_what_the_loaded_model_holds() {
         assert!(facts.load_peak > facts.weights, "{format}");
         assert_eq!(facts.hidden, 384);
         assert_eq!(facts.max_tokens, 256);
-        // The GELU point of a layer: attention output (stride wide) and the
-        // FFN's intermediate twice, f32.
+        // The forward's buffers, allocated once per call: hidden state and
+        // attention context (stride wide), the work buffer (the intermediate,
+        // 1536, is wider than q/k/v's 1152), f32, and what the linear layers
+        // take per row: the int8 kernel's scratch for the widest input (1536
+        // bytes and a scale per 32), or candle's copies inside its calls.
+        let widest = [
+            (1152, facts.stride),
+            (384, facts.stride),
+            (1536, facts.stride),
+            (384, 1536),
+        ];
+        let layers = widest.map(|(o, i)| quant::forward_into_bytes(format, o, i));
+        let scratch = layers.iter().map(|f| f.scratch).max().unwrap();
+        let transient = layers.iter().map(|f| f.transient).max().unwrap();
         assert_eq!(
             facts.per_token,
-            4 * (facts.stride as u64 + 2 * 1536),
+            4 * (2 * facts.stride as u64 + 1536) + scratch.max(12),
             "{format}"
         );
+        // Candle's copies are held for one chunk of rows at a time.
+        assert_eq!(facts.per_chunk_token, transient, "{format}");
+        assert_eq!(facts.chunk_rows, quant::CANDLE_CHUNK_ROWS as u64);
+        assert_eq!(
+            facts.batch_bytes(1000, 2) - facts.batch_bytes(999, 2),
+            facts.per_token
+        );
+        match format {
+            Format::F32 => assert_eq!((scratch, transient), (0, 0)),
+            Format::Q8_0 if quant::int8_kernel_available() => {
+                assert_eq!((scratch, transient), (1536 + 4 * 48, 0))
+            }
+            _ => assert!(transient >= 4 * (1536 + 384), "{format}: {transient}"),
+        }
+        // Less than the layer-by-layer buffers of before (the attention
+        // output and the intermediate twice).
+        assert!(facts.per_token < 4 * (facts.stride as u64 + 2 * 1536));
     }
 }
 

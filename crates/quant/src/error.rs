@@ -20,6 +20,16 @@ pub enum Error {
         /// The layer's input dimension.
         in_dim: usize,
     },
+    /// An output buffer did not match the layer and the rows asked for.
+    #[error("output buffer holds {len} values but {rows} rows of the layer's {out_dim} outputs need {}; pass a buffer of rows × out_dim values", rows * out_dim)]
+    OutputMismatch {
+        /// Values in the buffer.
+        len: usize,
+        /// Rows asked for.
+        rows: usize,
+        /// The layer's output dimension.
+        out_dim: usize,
+    },
     /// A bias did not match the weight.
     #[error("bias has shape {bias:?} but the weight has {out_dim} outputs; pass a 1-D bias of length {out_dim}")]
     BiasMismatch {

@@ -52,7 +52,10 @@ mod vnni;
 
 pub use crate::error::{Error, Result};
 pub use crate::format::Format;
-pub use crate::linear::{int8_kernel_available, QLinear};
+pub use crate::linear::{
+    forward_into_bytes, int8_kernel_available, ForwardBytes, LinearScratch, QLinear,
+    CANDLE_CHUNK_ROWS,
+};
 pub use crate::model::{
     load_safetensors, quantize_safetensors, quantize_tensors, sha256_file, ArtifactMeta,
     QuantizedModel, FORMAT_VERSION,

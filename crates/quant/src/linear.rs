@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, DType, Module, Storage, Tensor};
 use crate::resident::candle_resident_bytes;
 #[cfg(doc)]
 use crate::resident_weight_bytes;
-use crate::vnni::{self, PackedQ8};
+use crate::vnni::{self, Int8Scratch, PackedQ8};
 use crate::{Error, Format, Result};
 
 /// Whether [`QLinear`] computes Q8_0 layers with this crate's int8 kernel on
@@ -27,6 +27,110 @@ pub fn int8_kernel_available() -> bool {
     *AVAILABLE.get_or_init(|| {
         vnni::cpu_supports() && std::env::var("SNUG_INT8_KERNEL").as_deref() != Ok("0")
     })
+}
+
+/// Working memory of [`QLinear::forward_into`]: the int8 kernel's quantized
+/// activations. One scratch serves any number of layers and calls; it grows
+/// to the largest call it served (see [`forward_into_bytes`]) and keeps that
+/// memory until dropped, so a forward pass that makes one and passes it to
+/// every layer allocates it once.
+#[derive(Debug, Default)]
+pub struct LinearScratch {
+    int8: Int8Scratch,
+}
+
+impl LinearScratch {
+    /// An empty scratch (it allocates on first use).
+    pub fn new() -> LinearScratch {
+        LinearScratch::default()
+    }
+
+    /// Grows the scratch at once to what [`QLinear::forward_into`] of `rows`
+    /// rows through `layer` takes (nothing where that layer needs none), so
+    /// that a pass through layers of several widths allocates it once,
+    /// sized for the widest, instead of growing it layer by layer.
+    pub fn reserve(&mut self, layer: &QLinear, rows: usize) {
+        if layer.int8.is_some() {
+            self.int8.reserve(rows, layer.in_dim);
+        }
+    }
+
+    /// Bytes held now.
+    pub fn bytes(&self) -> u64 {
+        self.int8.bytes()
+    }
+}
+
+/// What one [`QLinear::forward_into`] call allocates per input row, besides
+/// the caller's input and output buffers (from [`forward_into_bytes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardBytes {
+    /// Bytes per row the [`LinearScratch`] grows to: the int8 kernel's
+    /// quantized activations (`in` bytes and an f32 scale per 32 values),
+    /// 0 on the other paths.
+    pub scratch: u64,
+    /// Bytes per row allocated and freed inside the call, for at most
+    /// [`CANDLE_CHUNK_ROWS`] rows at a time ([`ForwardBytes::transient_for`]):
+    /// on candle's path
+    /// (formats other than F32, and Q8_0 where the int8 kernel does not
+    /// serve) the f32 input copy candle reads, candle's f32 output, and its
+    /// quantized copy of the input (Q8_K blocks, 292 bytes per 256 values,
+    /// the largest of its activation formats; 2 bytes a value for F16).
+    /// 0 on the int8 kernel and for F32 (matrix multiplication straight
+    /// from the caller's buffers into theirs).
+    pub transient: u64,
+}
+
+impl ForwardBytes {
+    /// Bytes allocated and freed inside a call of `rows` rows: candle's
+    /// path runs [`CANDLE_CHUNK_ROWS`] rows at a time.
+    pub fn transient_for(&self, rows: usize) -> u64 {
+        self.transient * rows.min(CANDLE_CHUNK_ROWS) as u64
+    }
+}
+
+/// Rows [`QLinear::forward_into`] hands candle at a time on its path, so
+/// that candle's copies (the input, its output, its quantized input) stay
+/// the size of this many rows whatever the batch, instead of growing with
+/// it; enough rows that candle's tiled kernels run at full width.
+pub const CANDLE_CHUNK_ROWS: usize = 64;
+
+/// Per-row bytes [`QLinear::forward_into`] allocates for an `[out_dim,
+/// in_dim]` weight requested in `format` (fitted to `in_dim` as
+/// [`QLinear::from_f32`] fits it), on this machine: a memory estimate can
+/// size a forward pass from it without building the layer.
+///
+/// ```
+/// use quant::{forward_into_bytes, Format};
+///
+/// // F32 layers multiply straight into the caller's buffer.
+/// let f = forward_into_bytes(Format::F32, 1536, 384);
+/// assert_eq!((f.scratch, f.transient), (0, 0));
+/// // Other paths allocate something per row, in the scratch or inside the call.
+/// let q = forward_into_bytes(Format::Q8_0, 1536, 384);
+/// assert!(q.scratch + q.transient > 0);
+/// ```
+pub fn forward_into_bytes(format: Format, out_dim: usize, in_dim: usize) -> ForwardBytes {
+    let format = format.fit(in_dim);
+    let (o, i) = (out_dim as u64, in_dim as u64);
+    match format {
+        Format::F32 => ForwardBytes {
+            scratch: 0,
+            transient: 0,
+        },
+        Format::Q8_0 if int8_kernel_available() && in_dim.is_multiple_of(32) => ForwardBytes {
+            scratch: vnni::scratch_bytes_per_row(in_dim),
+            transient: 0,
+        },
+        Format::F16 => ForwardBytes {
+            scratch: 0,
+            transient: 4 * i + 4 * o + 2 * i,
+        },
+        _ => ForwardBytes {
+            scratch: 0,
+            transient: 4 * i + 4 * o + (292 * i).div_ceil(256),
+        },
+    }
 }
 
 /// The int8 kernel's copy of a Q8_0 weight and of its bias.
@@ -222,7 +326,13 @@ impl QLinear {
             };
             let start = layout.start_offset();
             match v.get(start..start + rows * self.in_dim) {
-                Some(x) => packed.matmul(x, rows, bias.as_deref()),
+                Some(x) => {
+                    let mut y = vec![0f32; rows * self.out_dim];
+                    let mut scratch = Int8Scratch::default();
+                    packed
+                        .matmul_into(x, rows, bias.as_deref(), &mut y, &mut scratch)
+                        .then_some(y)
+                }
                 None => None,
             }
         };
@@ -329,6 +439,161 @@ impl QLinear {
             .last_mut()
             .expect("dims is non-empty: checked above") = self.out_dim;
         Ok(y.reshape(out_dims)?.to_dtype(in_dtype)?)
+    }
+}
+
+impl QLinear {
+    /// `out = x·Wᵀ + b` on row-major slices: `x` holds `rows × in_dim`
+    /// values, `out` `rows × out_dim`, and nothing else is allocated but
+    /// what [`forward_into_bytes`] lists: Q8_0 on the int8 kernel quantizes
+    /// the input into `scratch` (which grows once and is reused by every
+    /// later call), F32 multiplies straight from `x` into `out`, and
+    /// candle's path (the other formats) copies [`CANDLE_CHUNK_ROWS`] rows of
+    /// `x` at a time into a tensor and candle's answer into `out`. The results equal [`Self::try_forward`]'s.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use quant::{Format, LinearScratch, QLinear};
+    ///
+    /// let w = Tensor::randn(0f32, 1.0, (48, 64), &Device::Cpu)?;
+    /// let b = Tensor::randn(0f32, 1.0, 48, &Device::Cpu)?;
+    /// let x: Vec<f32> = (0..3 * 64).map(|i| (i % 7) as f32 - 3.0).collect();
+    /// let mut scratch = LinearScratch::new();
+    /// for format in [Format::F32, Format::Q8_0] {
+    ///     let layer = QLinear::from_f32(w.clone(), Some(b.clone()), format)?;
+    ///     let mut out = vec![0f32; 3 * 48];
+    ///     layer.forward_into(&x, 3, &mut out, &mut scratch)?;
+    ///     let want = layer.try_forward(&Tensor::from_slice(&x, (3, 64), &Device::Cpu)?)?;
+    ///     let want: Vec<f32> = want.flatten_all()?.to_vec1()?;
+    ///     assert!(out.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-4 * (1.0 + b.abs())));
+    /// }
+    /// // A buffer of the wrong size is an error, not a panic.
+    /// let layer = QLinear::from_f32(w, None, Format::F32)?;
+    /// assert!(layer.forward_into(&x, 3, &mut vec![0f32; 47], &mut scratch).is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn forward_into(
+        &self,
+        x: &[f32],
+        rows: usize,
+        out: &mut [f32],
+        scratch: &mut LinearScratch,
+    ) -> Result<()> {
+        if x.len() != rows * self.in_dim {
+            let input = if rows > 0 && x.len().is_multiple_of(rows) {
+                vec![rows, x.len() / rows]
+            } else {
+                vec![x.len()]
+            };
+            return Err(Error::InputMismatch {
+                input,
+                in_dim: self.in_dim,
+            });
+        }
+        if out.len() != rows * self.out_dim {
+            return Err(Error::OutputMismatch {
+                len: out.len(),
+                rows,
+                out_dim: self.out_dim,
+            });
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        if let Some(Int8Weight { packed, bias }) = self.int8.as_deref() {
+            if packed.matmul_into(x, rows, bias.as_deref(), out, &mut scratch.int8) {
+                return Ok(());
+            }
+        }
+        match self.candle_weight() {
+            QMatMul::Tensor(w) => {
+                with_f32(w, |w| self.gemm_f32(x, rows, w, out))??;
+            }
+            weight => {
+                let (k, n) = (self.in_dim, self.out_dim);
+                for (x, out) in x
+                    .chunks(CANDLE_CHUNK_ROWS * k)
+                    .zip(out.chunks_mut(CANDLE_CHUNK_ROWS * n))
+                {
+                    let xt = Tensor::from_slice(x, (x.len() / k, k), &candle_core::Device::Cpu)?;
+                    let y = weight.forward(&xt)?;
+                    drop(xt);
+                    with_f32(&y, |y| out.copy_from_slice(y))?;
+                }
+            }
+        }
+        if let Some(b) = &self.bias {
+            with_f32(b, |b| {
+                for row in out.chunks_exact_mut(self.out_dim) {
+                    row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// `out = x·wᵀ` with gemm (candle's f32 matmul) on the slices.
+    fn gemm_f32(&self, x: &[f32], rows: usize, w: &[f32], out: &mut [f32]) -> Result<()> {
+        let (n, k) = (self.out_dim, self.in_dim);
+        if w.len() != n * k || x.len() != rows * k || out.len() != rows * n {
+            return Err(Error::InputMismatch {
+                input: vec![rows, k],
+                in_dim: k,
+            });
+        }
+        let threads = rayon::current_num_threads();
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: `x` is `rows × k` (row stride k), `w` is `n × k` read as
+        // its transpose `k × n` (row stride 1, column stride k), `out` is
+        // `rows × n` (row stride n): every index gemm forms lies inside the
+        // slice it reads or writes (lengths checked above); `out` does not
+        // overlap the inputs (it is borrowed mutably).
+        unsafe {
+            gemm::gemm(
+                rows,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Runs `f` on the contiguous f32 values of a CPU tensor.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let values = match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => v.get(a..b),
+        _ => None,
+    };
+    match values {
+        Some(v) => Ok(f(v)),
+        None => {
+            drop(storage);
+            let c = t.to_dtype(DType::F32)?.contiguous()?;
+            let v = c.flatten_all()?.to_vec1::<f32>()?;
+            Ok(f(&v))
+        }
     }
 }
 
@@ -506,6 +771,112 @@ mod tests {
                 assert!(e < 1e-6, "relative RMS {e}");
             }
         });
+    }
+
+    #[test]
+    fn forward_into_equals_try_forward_and_reuses_its_scratch() {
+        let mut scratch = LinearScratch::new();
+        assert_eq!(scratch.bytes(), 0);
+        // Two shapes in turn through one scratch, as a model's layers use it:
+        // 70 rows cross the int8 kernel's row blocks of 64.
+        for (out, inp, rows) in [(96, 256, 70), (40, 512, 1), (96, 256, 3), (40, 512, 70)] {
+            let w = gaussian(&[out, inp], 20 + out as u64);
+            let b = gaussian(&[out], 21);
+            let x = gaussian(&[rows, inp], 22 + rows as u64);
+            let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            for format in [
+                Format::F32,
+                Format::F16,
+                Format::Q8_0,
+                Format::Q6_K,
+                Format::Q4_K,
+                Format::Q4_0,
+            ] {
+                for layer in [
+                    QLinear::from_f32(w.clone(), Some(b.clone()), format).unwrap(),
+                    QLinear::from_f32(w.clone(), None, format)
+                        .unwrap()
+                        .with_int8_kernel(false),
+                ] {
+                    let want: Vec<f32> = layer
+                        .try_forward(&x)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let mut got = vec![f32::NAN; rows * out];
+                    layer
+                        .forward_into(&xs, rows, &mut got, &mut scratch)
+                        .unwrap();
+                    let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                    let e = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(g, w)| (g - w).abs() / scale)
+                        .fold(0f32, f32::max);
+                    assert!(e < 1e-5, "{format} {out}x{inp}, {rows} rows: max error {e}");
+                }
+            }
+        }
+        // The scratch grew to the largest int8 call (70 rows of 512) and no
+        // further: exactly what `forward_into_bytes` says per row.
+        let per_row = forward_into_bytes(Format::Q8_0, 40, 512);
+        if int8_kernel_available() {
+            assert_eq!(per_row.scratch, 512 + 4 * 16);
+            assert_eq!(scratch.bytes(), 70 * per_row.scratch);
+            // Reserved up front, it takes that size at once, and a call
+            // within it does not grow it.
+            let layer = QLinear::from_f32(gaussian(&[40, 512], 31), None, Format::Q8_0).unwrap();
+            let mut fresh = LinearScratch::new();
+            fresh.reserve(&layer, 70);
+            assert_eq!(fresh.bytes(), 70 * per_row.scratch);
+            let mut out = vec![0f32; 5 * 40];
+            layer
+                .forward_into(&vec![0.5; 5 * 512], 5, &mut out, &mut fresh)
+                .unwrap();
+            assert_eq!(fresh.bytes(), 70 * per_row.scratch);
+        } else {
+            assert_eq!(scratch.bytes(), 0);
+            assert!(per_row.transient >= 4 * (512 + 40));
+        }
+        // Candle's path holds one chunk of rows at a time.
+        let q4 = forward_into_bytes(Format::Q4_K, 40, 512);
+        assert!(q4.transient >= 4 * (512 + 40));
+        assert_eq!(q4.transient_for(3), 3 * q4.transient);
+        assert_eq!(
+            q4.transient_for(70),
+            CANDLE_CHUNK_ROWS as u64 * q4.transient
+        );
+        assert_eq!(forward_into_bytes(Format::F32, 40, 512).transient, 0);
+        // 100 inputs do not fit Q4_K: F16's path (fitted as the layer is).
+        assert_eq!(
+            forward_into_bytes(Format::Q4_K, 8, 100),
+            forward_into_bytes(Format::F16, 8, 100)
+        );
+    }
+
+    #[test]
+    fn forward_into_refuses_buffers_of_the_wrong_size() {
+        let l = QLinear::from_f32(gaussian(&[8, 64], 30), None, Format::Q8_0).unwrap();
+        let mut s = LinearScratch::new();
+        let x = vec![1f32; 2 * 64];
+        assert!(matches!(
+            l.forward_into(&x[..127], 2, &mut [0.0; 16], &mut s),
+            Err(Error::InputMismatch { in_dim: 64, .. })
+        ));
+        assert!(matches!(
+            l.forward_into(&x, 2, &mut [0.0; 15], &mut s),
+            Err(Error::OutputMismatch {
+                len: 15,
+                rows: 2,
+                out_dim: 8
+            })
+        ));
+        let mut out = [f32::NAN; 16];
+        l.forward_into(&x, 2, &mut out, &mut s).unwrap();
+        assert!(out.iter().all(|v| v.is_finite()));
+        l.forward_into(&[], 0, &mut [], &mut s).unwrap();
     }
 
     #[test]

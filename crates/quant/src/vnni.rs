@@ -187,27 +187,48 @@ impl PackedQ8 {
         (self.w.len() * 64 + self.scales.len() * 4 + self.corr.len() * 4) as u64
     }
 
-    /// `out[m, n] = x[m, k] · Wᵀ (+ bias)`. `None` when the CPU lacks the
-    /// instructions or the sizes do not match (the caller falls back).
+    /// `out[m, n] = x[m, k] · Wᵀ (+ bias)` in a new buffer. `None` when the
+    /// CPU lacks the instructions or the sizes do not match (the caller
+    /// falls back).
+    #[cfg(test)]
     pub(crate) fn matmul(&self, x: &[f32], m: usize, bias: Option<&[f32]>) -> Option<Vec<f32>> {
+        let mut out = vec![0f32; m * self.n];
+        let mut scratch = Int8Scratch::default();
+        self.matmul_into(x, m, bias, &mut out, &mut scratch)
+            .then_some(out)
+    }
+
+    /// `out[m, n] = x[m, k] · Wᵀ (+ bias)`, the activations quantized into
+    /// `scratch` (grown to [`scratch_bytes_per_row`] `· m` where shorter).
+    /// `false` when the CPU lacks the instructions or the sizes do not match
+    /// (nothing is written; the caller falls back).
+    pub(crate) fn matmul_into(
+        &self,
+        x: &[f32],
+        m: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        scratch: &mut Int8Scratch,
+    ) -> bool {
         if !cpu_supports()
             || x.len() != m * self.k
+            || out.len() != m * self.n
             || bias.is_some_and(|b| b.len() != self.n)
             || m == 0
         {
-            return None;
+            return false;
         }
         #[cfg(target_arch = "x86_64")]
         {
-            let (a, sa) = quantize_rows(x, m, self.k);
-            let mut out = vec![0f32; m * self.n];
-            self.run(&a, &sa, m, bias, &mut out);
-            Some(out)
+            let (a, sa) = scratch.take(m * self.k, m * self.nb);
+            quantize_rows(x, self.k, a, sa);
+            self.run(a, sa, m, bias, out);
+            true
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = bias;
-            None
+            let _ = (bias, out, scratch);
+            false
         }
     }
 
@@ -390,14 +411,56 @@ unsafe fn tile<const R: usize, const G: usize>(t: &Tile) {
     }
 }
 
-/// Quantizes `m` rows of `k` floats as candle's Q8_0 `from_float` does, to
-/// `u8 = q + 128` (row-major `[m, k]`) and the f16-rounded scales as f32
-/// (`[m, k/32]`). The CPU must support the kernel.
+/// Bytes per activation row of `k` values the kernel quantizes into its
+/// scratch: `k` bytes (`u8 = q + 128`) and one f32 scale per block of 32.
+pub(crate) fn scratch_bytes_per_row(k: usize) -> u64 {
+    (k + 4 * (k / QK)) as u64
+}
+
+/// The kernel's working memory: the quantized activations and their block
+/// scales, kept by the caller across calls so that a forward pass of many
+/// layers allocates them once. Grows to the largest call; never shrinks.
+#[derive(Debug, Default)]
+pub(crate) struct Int8Scratch {
+    a: Vec<u8>,
+    sa: Vec<f32>,
+}
+
+impl Int8Scratch {
+    /// The first `a` bytes and `sa` scales, grown where shorter (their
+    /// values are whatever the last call left; every one is written before
+    /// it is read).
+    fn take(&mut self, a: usize, sa: usize) -> (&mut [u8], &mut [f32]) {
+        // Exactly what is asked for (no amortised doubling): the scratch's
+        // size is part of a forward pass's memory estimate.
+        if self.a.len() < a {
+            self.a.reserve_exact(a - self.a.len());
+            self.a.resize(a, 0);
+        }
+        if self.sa.len() < sa {
+            self.sa.reserve_exact(sa - self.sa.len());
+            self.sa.resize(sa, 0.0);
+        }
+        (&mut self.a[..a], &mut self.sa[..sa])
+    }
+
+    /// Grows to what a call of `rows` rows of `k` values takes.
+    pub(crate) fn reserve(&mut self, rows: usize, k: usize) {
+        self.take(rows * k, rows * (k / QK));
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> u64 {
+        (self.a.capacity() + 4 * self.sa.capacity()) as u64
+    }
+}
+
+/// Quantizes rows of `k` floats as candle's Q8_0 `from_float` does, to
+/// `u8 = q + 128` in `a` (row-major, `x.len()` bytes) and the f16-rounded
+/// scales as f32 in `sa` (`x.len() / 32`). The CPU must support the kernel.
 #[cfg(target_arch = "x86_64")]
-fn quantize_rows(x: &[f32], m: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
+fn quantize_rows(x: &[f32], k: usize, a: &mut [u8], sa: &mut [f32]) {
     let nb = k / QK;
-    let mut a = vec![0u8; m * k];
-    let mut sa = vec![0f32; m * nb];
     const ROWS: usize = 16;
     a.par_chunks_mut(ROWS * k)
         .zip(sa.par_chunks_mut(ROWS * nb))
@@ -408,7 +471,6 @@ fn quantize_rows(x: &[f32], m: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
             // whole rows of `k` (a multiple of 32) and `k / 32` scales.
             unsafe { quantize_blocks(x, a, sa) };
         });
-    (a, sa)
 }
 
 /// Quantizes consecutive blocks of 32: `x.len() == a.len() == 32 · sa.len()`.
@@ -570,7 +632,9 @@ mod tests {
         // Exact halves after scaling: 127 / 127 · {0.5, 1.5, 2.5, -0.5}.
         x[0] = 127.0;
         x[1..5].copy_from_slice(&[0.5, 1.5, 2.5, -0.5]);
-        let (a, sa) = quantize_rows(&x, m, k);
+        let mut scratch = Int8Scratch::default();
+        let (a, sa) = scratch.take(m * k, m * k / QK);
+        quantize_rows(&x, k, a, sa);
         let want = q8(&x, m, k).data().unwrap().into_owned();
         for blk in 0..m * k / QK {
             let wb = &want[blk * BLOCK_BYTES..][..BLOCK_BYTES];

@@ -132,9 +132,11 @@ pub struct RuntimeConfig {
     /// `true`; no effect on other platforms.
     pub release_freed_memory: bool,
     /// The mmap threshold of [`RuntimeConfig::release_freed_memory`] in bytes.
-    /// Default 1 MiB: single texts and small batches stay on the heap, where
-    /// a freed buffer is reused at no cost; see `docs/runtime.md` for what
-    /// lower and higher values gave.
+    /// Default 32 KiB: every activation buffer of a batch of more than a few
+    /// tokens is its own mapping, so the request estimates hold for small
+    /// batches too; the encoder allocates its activations once per forward
+    /// (a handful of buffers, not ten a layer), so the mappings cost no
+    /// measurable throughput; see `docs/runtime.md` for what other values gave.
     pub mmap_threshold: usize,
 }
 
@@ -165,7 +167,7 @@ impl Default for RuntimeConfig {
             complexity: tier_router::ComplexityConfig::default(),
             max_generate_tokens: 4096,
             release_freed_memory: true,
-            mmap_threshold: 1 << 20,
+            mmap_threshold: 32 << 10,
         }
     }
 }
