@@ -371,12 +371,18 @@ impl MiniLmFacts {
             let m = models::MiniLm::memory(&dir, &minilm_options(&dir, f)?)?;
             memory = Some(match memory {
                 None => m,
-                Some(first) if m.per_token > first.per_token => models::MiniLmMemory {
-                    per_token: m.per_token,
-                    stride: m.stride,
-                    ..first
-                },
-                Some(first) => first,
+                Some(first) => {
+                    // Any format may serve a batch: each activation term is
+                    // the largest among them.
+                    let wider = m.per_token > first.per_token;
+                    models::MiniLmMemory {
+                        per_token: first.per_token.max(m.per_token),
+                        stride: if wider { m.stride } else { first.stride },
+                        per_chunk_token: first.per_chunk_token.max(m.per_chunk_token),
+                        chunk_rows: first.chunk_rows.max(m.chunk_rows),
+                        ..first
+                    }
+                }
             });
         }
         let memory = memory.ok_or_else(|| {
