@@ -5,7 +5,9 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::config::RopeStyle;
+use super::numerics::{self, AttnScratch};
 use super::ops::{self, RopeTable};
+use super::KvType;
 use super::{Decoder, Logits, LogitsWanted, SequenceStep};
 use crate::error::Result;
 
@@ -55,8 +57,12 @@ struct SyncPtr(*mut f32);
 unsafe impl Sync for SyncPtr {}
 unsafe impl Send for SyncPtr {}
 
+/// Per-thread attention buffers: gathered keys, values, scores, and the
+/// f16 path's scratch.
+type AttnBufs = (Vec<f32>, Vec<f32>, Vec<f32>, AttnScratch);
+
 thread_local! {
-    static ATT: RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    static ATT: RefCell<AttnBufs> = RefCell::new(Default::default());
 }
 
 pub(crate) fn run(
@@ -115,6 +121,10 @@ pub(crate) fn run(
         }
     }
     let adjacent = cfg.rope_style == RopeStyle::Adjacent;
+    // llama.cpp's flash attention takes batches of fewer than 64 rows
+    // through its f16 path (f16 Q, f16 V accumulation), larger ones through
+    // its f32 tiles; with f16 KV this step does as it would.
+    let f16_attn = dec.layout.kv_type == KvType::F16 && t_all < numerics::FA_TILE_Q;
 
     let mut t = t_all;
     let n_layers = cfg.n_layers;
@@ -152,7 +162,7 @@ pub(crate) fn run(
             );
         }
         let o = grow(&mut s.o, t * qd);
-        attention(dec, il, kind.window, steps, &spans, q, o);
+        attention(dec, il, kind.window, steps, &spans, f16_attn, q, o);
 
         if il + 1 == n_layers {
             // Only the rows that want logits go on.
@@ -215,13 +225,17 @@ pub(crate) fn run(
 }
 
 /// Causal (and windowed) attention of every sequence's queries over its own
-/// blocks; parallel over sequences x KV heads x query tiles.
+/// blocks; parallel over sequences x KV heads x query tiles. With `f16`,
+/// llama.cpp's f16 flash-attention numerics ([`numerics::attend_f16`]);
+/// else an f32 softmax.
+#[allow(clippy::too_many_arguments)]
 fn attention(
     dec: &Decoder,
     layer: usize,
     window: Option<usize>,
     steps: &[SequenceStep<'_>],
     spans: &[(usize, usize)],
+    f16: bool,
     q: &[f32],
     o: &mut [f32],
 ) {
@@ -230,6 +244,12 @@ fn attention(
     let qd = cfg.q_dim();
     let rep = cfg.n_heads / cfg.n_kv_heads;
     let scale = cfg.attn_scale;
+    // Gemma's graph in llama.cpp scales Q before the attention op, llama's
+    // passes the scale to it.
+    let (q_scale, kq_scale) = match cfg.arch {
+        super::Architecture::Gemma3 => (scale, 1.0),
+        super::Architecture::Llama => (1.0, scale),
+    };
     let mut tasks = Vec::new();
     for (i, &(_, n)) in spans.iter().enumerate() {
         for g in 0..cfg.n_kv_heads {
@@ -250,7 +270,7 @@ fn attention(
         let hi = p_last + 1;
         let nk = hi - lo;
         ATT.with(|cell| {
-            let (kbuf, vbuf, sc) = &mut *cell.borrow_mut();
+            let (kbuf, vbuf, sc, fa) = &mut *cell.borrow_mut();
             grow(kbuf, nk * hd);
             grow(vbuf, nk * hd);
             grow(sc, nk);
@@ -261,6 +281,24 @@ fn attention(
                     let p = base + r;
                     let klo = window.map_or(0, |w| (p + 1).saturating_sub(w)).max(lo);
                     let qrow = &q[(r0 + r) * qd + hq * hd..(r0 + r) * qd + (hq + 1) * hd];
+                    if f16 {
+                        // SAFETY: this task alone writes row r0 + r, head hq.
+                        let orow = unsafe {
+                            std::slice::from_raw_parts_mut(out.0.add((r0 + r) * qd + hq * hd), hd)
+                        };
+                        let (k0, k1) = ((klo - lo) * hd, (p + 1 - lo) * hd);
+                        numerics::attend_f16(
+                            qrow,
+                            &kbuf[k0..k1],
+                            &vbuf[k0..k1],
+                            hd,
+                            q_scale,
+                            kq_scale,
+                            fa,
+                            orow,
+                        );
+                        continue;
+                    }
                     let scores = &mut sc[..p + 1 - klo];
                     let mut mx = f32::NEG_INFINITY;
                     for (j, s) in scores.iter_mut().enumerate() {

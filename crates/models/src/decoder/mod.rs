@@ -14,6 +14,7 @@ mod estimate;
 mod forward;
 mod kv;
 mod linear;
+mod numerics;
 mod ops;
 
 use std::fs::File;

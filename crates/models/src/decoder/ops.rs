@@ -2,6 +2,8 @@
 
 use rayon::prelude::*;
 
+use super::numerics;
+
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 8;
 
@@ -58,83 +60,42 @@ pub(crate) fn add_inplace(x: &mut [f32], y: &[f32]) {
         });
 }
 
-/// `g = silu(g) * u`.
+/// `g = silu(g) * u` (llama.cpp's numerics: [`numerics::silu_mul`]).
 pub(crate) fn silu_mul(g: &mut [f32], u: &[f32]) {
     g.par_chunks_mut(4096)
         .zip(u.par_chunks(4096))
-        .for_each(|(g, u)| {
-            for (g, u) in g.iter_mut().zip(u) {
-                let x = *g;
-                *g = x / (1.0 + (-x).exp()) * u;
-            }
-        });
+        .for_each(|(g, u)| numerics::silu_mul(g, u));
 }
 
-/// `g = gelu_tanh(g) * u`.
+/// `g = gelu_tanh(g) * u` (llama.cpp's numerics: [`numerics::gelu_mul`]).
 pub(crate) fn gelu_mul(g: &mut [f32], u: &[f32]) {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     g.par_chunks_mut(4096)
         .zip(u.par_chunks(4096))
-        .for_each(|(g, u)| {
-            for (g, u) in g.iter_mut().zip(u) {
-                let x = *g;
-                let t = (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh();
-                *g = 0.5 * x * (1.0 + t) * u;
-            }
-        });
+        .for_each(|(g, u)| numerics::gelu_mul(g, u));
 }
 
 /// RoPE angles for a set of positions: `cos`/`sin` tables of
-/// `positions.len() x rope_dims/2`.
+/// `positions.len() x rope_dims/2`, as llama.cpp computes them
+/// ([`numerics::RopeCache`]).
 #[derive(Debug, Default)]
-pub(crate) struct RopeTable {
-    pub(crate) cos: Vec<f32>,
-    pub(crate) sin: Vec<f32>,
-    half: usize,
-}
+pub(crate) struct RopeTable(numerics::RopeCache);
 
 impl RopeTable {
     /// Fills the table for `positions` with base `base` over `rope_dims`.
     pub(crate) fn fill(&mut self, positions: &[usize], rope_dims: usize, base: f32) {
-        let half = rope_dims / 2;
-        self.half = half;
-        self.cos.resize(positions.len() * half, 0.0);
-        self.sin.resize(positions.len() * half, 0.0);
-        let inv: Vec<f64> = (0..half)
-            .map(|i| (base as f64).powf(-2.0 * i as f64 / rope_dims as f64))
-            .collect();
-        for (t, &p) in positions.iter().enumerate() {
-            for (i, f) in inv.iter().enumerate() {
-                let (s, c) = (p as f64 * f).sin_cos();
-                self.cos[t * half + i] = c as f32;
-                self.sin[t * half + i] = s as f32;
-            }
-        }
+        self.0.fill(positions, rope_dims, base);
     }
 
     /// Rotates every head of every row of `x` (`rows x n_heads*head_dim`).
     pub(crate) fn apply(&self, x: &mut [f32], head_dim: usize, adjacent: bool) {
-        let half = self.half;
-        let n_rows = self.cos.len() / half.max(1);
+        let c = &self.0;
+        let half = c.half;
+        let n_rows = c.cos.len() / half.max(1);
         let width = x.len() / n_rows.max(1);
         x.par_chunks_mut(width).enumerate().for_each(|(t, row)| {
-            let cos = &self.cos[t * half..(t + 1) * half];
-            let sin = &self.sin[t * half..(t + 1) * half];
-            for head in row.chunks_exact_mut(head_dim) {
-                if adjacent {
-                    for i in 0..half {
-                        let (a, b) = (head[2 * i], head[2 * i + 1]);
-                        head[2 * i] = a * cos[i] - b * sin[i];
-                        head[2 * i + 1] = a * sin[i] + b * cos[i];
-                    }
-                } else {
-                    for i in 0..half {
-                        let (a, b) = (head[i], head[i + half]);
-                        head[i] = a * cos[i] - b * sin[i];
-                        head[i + half] = a * sin[i] + b * cos[i];
-                    }
-                }
-            }
+            let cos = &c.cos[t * half..(t + 1) * half];
+            let sin = &c.sin[t * half..(t + 1) * half];
+            numerics::rope_rows(row, head_dim, cos, sin, adjacent);
         });
     }
 }
