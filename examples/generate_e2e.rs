@@ -430,7 +430,10 @@ fn shared_prefix(
     let system: Vec<&str> = (0..args.shared_system_words)
         .map(|_| WORDS[rng.random_range(0..WORDS.len())])
         .collect();
-    let system = format!("You are a helpful assistant. Background: {}", system.join(" "));
+    let system = format!(
+        "You are a helpful assistant. Background: {}",
+        system.join(" ")
+    );
     let chats: Vec<(String, usize)> = (0..CLIENTS * args.requests)
         .map(|i| (format!("Question {i}: what is this about?"), 32))
         .collect();
@@ -438,10 +441,24 @@ fn shared_prefix(
     let off_base = format!("http://{off_addr}");
     let stat = |rt: &runtime::Runtime| rt.status().generative[0].clone();
     let before = stat(rt);
-    let on = run_chats(base, &args.model, Some(&system), chats.clone(), CLIENTS, Some(&args.model))?;
+    let on = run_chats(
+        base,
+        &args.model,
+        Some(&system),
+        chats.clone(),
+        CLIENTS,
+        Some(&args.model),
+    )?;
     let after = stat(rt);
     let off_before = stat(&off_rt);
-    let off = run_chats(&off_base, &args.model, Some(&system), chats, CLIENTS, Some(&args.model))?;
+    let off = run_chats(
+        &off_base,
+        &args.model,
+        Some(&system),
+        chats,
+        CLIENTS,
+        Some(&args.model),
+    )?;
     let off_after = stat(&off_rt);
     let computed = after.prompt_tokens - before.prompt_tokens;
     let saved = after.prefix_tokens_saved - before.prefix_tokens_saved;

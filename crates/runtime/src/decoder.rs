@@ -876,7 +876,7 @@ impl Decoders {
             budget: spec.decoder.kv_budget_bytes as u64,
         });
         let counters = Arc::new(GenCounters::default());
-        let prefix = PrefixCache::new(&decoder, spec.prefix_cache_bytes).map(Arc::new);
+        let prefix = PrefixCache::new(&decoder, spec.prefix_cache_bytes, &self.ledger).map(Arc::new);
         let handler = DecoderSteps {
             decoder: Arc::clone(&decoder),
             tokenizer: Arc::clone(&tokenizer),

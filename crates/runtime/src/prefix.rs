@@ -12,6 +12,10 @@
 //! entries past its capacity. A new sequence looks its prompt's units up in
 //! order and starts after the longest run found, always leaving at least one
 //! prompt token to compute (its logits pick the first token).
+//!
+//! The cache holds a ledger reservation of its weight (category
+//! `Activations`): a piece is cached only when the ledger grants its bytes,
+//! and the reservation shrinks as entries leave.
 
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +23,7 @@ use std::sync::Arc;
 
 use feature_cache::{FeatureCache, Policy};
 use models::decoder::{Decoder, Sequence, SharedPrefix};
+use parking_lot::Mutex;
 
 /// One unit of a cached prefix: its tokens (checked on every hit) and its
 /// shared KV blocks.
@@ -33,6 +38,8 @@ pub(crate) struct PrefixCache {
     unit: usize,
     capacity: u64,
     cache: FeatureCache<u64, Arc<Piece>>,
+    /// The ledger's hold on the cache's weight.
+    reservation: Mutex<mem_budget::Reservation>,
     /// Sequences that looked their prompt up.
     pub(crate) lookups: AtomicU64,
     /// Of those, the ones that started after a cached prefix.
@@ -68,11 +75,18 @@ impl PrefixCache {
     /// A cache of at most `capacity` bytes of KV blocks for `decoder`;
     /// `None` where the decoder cannot share prefixes (a sliding window) or
     /// `capacity` is 0.
-    pub(crate) fn new(decoder: &Decoder, capacity: u64) -> Option<PrefixCache> {
+    pub(crate) fn new(
+        decoder: &Decoder,
+        capacity: u64,
+        ledger: &mem_budget::MemoryLedger,
+    ) -> Option<PrefixCache> {
         let unit = decoder.prefix_unit()?;
         if capacity == 0 {
             return None;
         }
+        let reservation = ledger
+            .try_reserve(mem_budget::Category::Activations, 0)
+            .ok()?;
         let cache = FeatureCache::builder()
             .capacity(capacity)
             .shards(1)
@@ -84,6 +98,7 @@ impl PrefixCache {
             unit,
             capacity,
             cache,
+            reservation: Mutex::new(reservation),
             lookups: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             tokens_saved: AtomicU64::new(0),
@@ -133,12 +148,19 @@ impl PrefixCache {
             if self.cache.contains(&key) {
                 continue;
             }
+            let mut held = self.reservation.lock();
+            // Cached only with the ledger's leave; otherwise nothing is lost
+            // but the reuse.
+            if held.grow(kv.bytes() as u64).is_err() {
+                break;
+            }
             let piece = Piece {
                 tokens: prompt[k * self.unit..(k + 1) * self.unit].to_vec(),
                 kv,
             };
             // A piece larger than the whole capacity is refused: nothing lost.
             let _ = self.cache.insert(key, Arc::new(piece));
+            let _ = held.resize(self.cache.weight());
         }
     }
 
@@ -151,13 +173,17 @@ impl PrefixCache {
     /// Evicts the least recently used entries until at least `bytes` are
     /// gone or the cache is empty.
     pub(crate) fn shrink_by(&self, bytes: u64) {
+        let mut held = self.reservation.lock();
         let weight = self.cache.weight();
         self.cache.set_capacity(weight.saturating_sub(bytes));
         self.cache.set_capacity(self.capacity);
+        let _ = held.resize(self.cache.weight());
     }
 
     /// Drops every entry.
     pub(crate) fn clear(&self) {
+        let mut held = self.reservation.lock();
         self.cache.clear();
+        let _ = held.resize(self.cache.weight());
     }
 }

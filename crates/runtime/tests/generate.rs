@@ -363,6 +363,10 @@ impl runtime::hw::MemoryProbe for Adjustable {
 #[test]
 fn critical_pressure_preempts_all_but_one_and_they_finish_as_if_never_stopped() {
     let probe = Arc::new(Adjustable(std::sync::atomic::AtomicU64::new(12 << 30)));
+    // Prefill chunks under 64 tokens, so the recomputation's attention takes
+    // the path the first computation took (see the prefix test below).
+    let mut spec = smol_spec();
+    spec.engine.max_prefill_chunk = 32;
     let rt = Runtime::builder()
         .config(RuntimeConfig {
             monitor_interval: Duration::from_millis(10),
@@ -370,7 +374,7 @@ fn critical_pressure_preempts_all_but_one_and_they_finish_as_if_never_stopped() 
         })
         .memory_probe(Arc::clone(&probe) as Arc<dyn runtime::hw::MemoryProbe>)
         .without_local_model()
-        .generative(smol_spec())
+        .generative(spec)
         .build()
         .unwrap();
     // Plain continuations, which run to max_tokens.
@@ -513,7 +517,16 @@ fn a_shared_system_prompt_is_computed_once_and_answers_do_not_change() {
         "Is it open on Sunday?",
         "When does it close?",
     ];
-    let mut off = smol_spec();
+    // Prefill chunks under 64 tokens: attention then takes the same path
+    // whatever the chunk (steps of 64 rows or more of one sequence take
+    // llama.cpp's f32 tiles instead, whose last digits differ), so a reused
+    // prefix must give exactly the answers computed without it.
+    let chunked = || {
+        let mut spec = smol_spec();
+        spec.engine.max_prefill_chunk = 32;
+        spec
+    };
+    let mut off = chunked();
     off.prefix_cache_bytes = 0;
     let plain = runtime_with(off);
     let want: Vec<String> = users
@@ -533,7 +546,7 @@ fn a_shared_system_prompt_is_computed_once_and_answers_do_not_change() {
     );
     drop(plain);
 
-    let rt = runtime_with(smol_spec());
+    let rt = runtime_with(chunked());
     let done: Vec<_> = users
         .iter()
         .map(|u| rt.generate(SMOL, with_system(system, u)).unwrap().wait())
@@ -553,6 +566,15 @@ fn a_shared_system_prompt_is_computed_once_and_answers_do_not_change() {
     // The system prompt is about 80 tokens: most of it is reused each time.
     assert!(s.prefix_tokens_saved >= 2 * 50, "{s:?}");
     assert!(s.prefix_bytes > 0);
+    // With nothing running, what the ledger holds for activations is the
+    // cached prefixes' reservation.
+    let held = |rt: &Runtime| {
+        rt.ledger()
+            .stats()
+            .category(runtime::budget::Category::Activations)
+            .used
+    };
+    assert_eq!(held(&rt), s.prefix_bytes);
     assert_eq!(
         s.prompt_tokens + s.prefix_tokens_saved,
         prompts as u64,
@@ -562,4 +584,5 @@ fn a_shared_system_prompt_is_computed_once_and_answers_do_not_change() {
     let report = rt.emergency_cleanup().unwrap();
     assert_eq!(report.prefix_bytes_cleared, s.prefix_bytes);
     assert_eq!(rt.status().generative[0].prefix_bytes, 0);
+    assert_eq!(held(&rt), 0);
 }

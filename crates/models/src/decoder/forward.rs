@@ -123,8 +123,10 @@ pub(crate) fn run(
     let adjacent = cfg.rope_style == RopeStyle::Adjacent;
     // llama.cpp's flash attention takes batches of fewer than 64 rows
     // through its f16 path (f16 Q, f16 V accumulation), larger ones through
-    // its f32 tiles; with f16 KV this step does as it would.
-    let f16_attn = dec.layout.kv_type == KvType::F16 && t_all < numerics::FA_TILE_Q;
+    // its f32 tiles. With f16 KV, each sequence does as it would alone: the
+    // choice is by its own rows in this step, never by what else the step
+    // holds, so a batched step gives every sequence what it gets alone.
+    let f16_attn = dec.layout.kv_type == KvType::F16;
 
     let mut t = t_all;
     let n_layers = cfg.n_layers;
@@ -225,9 +227,10 @@ pub(crate) fn run(
 }
 
 /// Causal (and windowed) attention of every sequence's queries over its own
-/// blocks; parallel over sequences x KV heads x query tiles. With `f16`,
+/// blocks; parallel over sequences x KV heads x query tiles. With `f16`
+/// (f16 KV), a sequence of fewer than `FA_TILE_Q` rows in the step gets
 /// llama.cpp's f16 flash-attention numerics ([`numerics::attend_f16`]);
-/// else an f32 softmax.
+/// others an f32 softmax.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     dec: &Decoder,
@@ -262,7 +265,8 @@ fn attention(
     let out = &out;
     let run_task = |&(i, g, a, b): &(usize, usize, usize, usize)| {
         let seq = &*steps[i].seq;
-        let (r0, _) = spans[i];
+        let (r0, rows) = spans[i];
+        let f16 = f16 && rows < numerics::FA_TILE_Q;
         let base = seq.len();
         let p_first = base + a;
         let p_last = base + b - 1;
