@@ -106,7 +106,11 @@ fn generation(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                     r.local,
                     r.rule_based,
                     r.max_running,
-                    mib_of(r.kv_per_sequence),
+                    if r.kv_per_sequence == 0 {
+                        "-".to_string()
+                    } else {
+                        mib_of(r.kv_per_sequence)
+                    },
                     reasons.join(", "),
                     r.preempted,
                     mib_of(r.peak_rss),

@@ -375,7 +375,8 @@ pub struct GenReport {
     pub reasons: Vec<(String, usize)>,
     /// The most sequences seen running at once.
     pub max_running: usize,
-    /// KV bytes one request of the workload reserves.
+    /// KV bytes one request of the workload reserves (seen while exactly
+    /// one ran; 0 when never seen).
     pub kv_per_sequence: u64,
     /// Sequences preempted under critical pressure.
     pub preempted: u64,
