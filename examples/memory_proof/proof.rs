@@ -218,37 +218,39 @@ pub fn run_limited(
     })
 }
 
+/// The words the children's texts are made of.
+const WORDS: [&str; 20] = [
+    "memory",
+    "limits",
+    "small",
+    "container",
+    "model",
+    "serves",
+    "requests",
+    "quietly",
+    "without",
+    "falling",
+    "over",
+    "when",
+    "pressure",
+    "rises",
+    "and",
+    "the",
+    "kernel",
+    "counts",
+    "every",
+    "page",
+];
+
 /// The child's work: build the runtime as a user would, embed `texts`
 /// sentences of about twenty words in requests of eight, and print the
 /// report line.
 pub fn child(texts: usize) -> Result<(), Box<dyn std::error::Error>> {
     let rt = runtime::Runtime::builder().build()?;
-    let words = [
-        "memory",
-        "limits",
-        "small",
-        "container",
-        "model",
-        "serves",
-        "requests",
-        "quietly",
-        "without",
-        "falling",
-        "over",
-        "when",
-        "pressure",
-        "rises",
-        "and",
-        "the",
-        "kernel",
-        "counts",
-        "every",
-        "page",
-    ];
     let sentences: Vec<String> = (0..texts)
         .map(|i| {
             (0..20)
-                .map(|j| words[(i * 7 + j * 3) % words.len()])
+                .map(|j| WORDS[(i * 7 + j * 3) % WORDS.len()])
                 .collect::<Vec<_>>()
                 .join(" ")
                 + &format!(" {i}")
@@ -408,25 +410,8 @@ pub fn generate_child(
         .without_local_model()
         .generative(spec)
         .build()?;
-    let words = [
-        "memory",
-        "limits",
-        "small",
-        "container",
-        "model",
-        "serves",
-        "requests",
-        "quietly",
-        "without",
-        "falling",
-        "over",
-        "when",
-        "pressure",
-        "rises",
-        "and",
-        "the",
-        "kernel",
-    ];
+    // The generation prompts use the first seventeen.
+    let words = &WORDS[..17];
     let generations: Vec<_> = (0..clients)
         .map(|i| {
             let text: Vec<&str> = (0..prompt_words)
