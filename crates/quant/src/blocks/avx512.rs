@@ -8,9 +8,9 @@
 //! handled 16 blocks at a time: the 16 f16 weight scales are converted in
 //! one instruction, multiplied by the 16 activation scales, and each
 //! `vpdpbusd` result (4 or 8 lanes per block) is scaled by a lane
-//! permutation of that vector. Offsets and minimums (Q4_0's 8, Q4_1's `m`,
-//! Q5_0's 16, Q8_0's 128) cost one FMA per 16 blocks through the
-//! activations' `d · Σ q`.
+//! permutation of that vector. Offsets (Q4_0's 8, Q5_0's 16, Q8_0's 128)
+//! cost one FMA per 16 blocks through the activations' `d · Σ q`. Q4_1 has
+//! a kernel of its own that sums in ggml's order (see [`q4_1_row`]).
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -173,7 +173,8 @@ unsafe fn row<const N: usize>(
             Ty::F32 => float_row::<N, false>(m, x, j, i0, out),
             Ty::F16 => float_row::<N, true>(m, x, j, i0, out),
             Ty::Q8_0 => q8_0_row::<N>(m, acts, j, i0, out),
-            Ty::Q4_0 | Ty::Q4_1 | Ty::Q5_0 => nibble_row::<N>(m, acts, j, i0, out),
+            Ty::Q4_1 => q4_1_row::<N>(m, acts, j, i0, out),
+            Ty::Q4_0 | Ty::Q5_0 => nibble_row::<N>(m, acts, j, i0, out),
             Ty::Q4K => q4k_row::<N>(m, acts, j, i0, out),
             Ty::Q6K => q6k_row::<N>(m, acts, j, i0, out),
         }
@@ -300,7 +301,7 @@ unsafe fn q8_0_row<const N: usize>(
     }
 }
 
-/// Q4_0, Q4_1, Q5_0: four blocks (64 bytes of nibbles) per load, the low
+/// Q4_0, Q5_0: four blocks (64 bytes of nibbles) per load, the low
 /// and the high nibbles each one `vpdpbusd` against activations in
 /// [`Layout::Nibble4`]; the blocks after the last group of four one at a
 /// time in 256-bit registers.
@@ -316,22 +317,13 @@ unsafe fn nibble_row<const N: usize>(
     let ty = m.ty;
     let wq = m.qs[j * nb * 16..].as_ptr();
     let wd = m.d[j * nb..].as_ptr();
-    let wm = if ty == Ty::Q4_1 {
-        m.m[j * nb..].as_ptr()
-    } else {
-        std::ptr::null()
-    };
     let qh = if ty == Ty::Q5_0 {
         m.qh[j * nb * 4..].as_ptr()
     } else {
         std::ptr::null()
     };
-    // Weight = dw · u + offset; offset = -8 dw, m, or -16 dw.
-    let off_factor = match ty {
-        Ty::Q4_0 => -8.0,
-        Ty::Q5_0 => -16.0,
-        _ => 0.0,
-    };
+    // Weight = dw · u + offset; offset = -8 dw or -16 dw.
+    let off_factor = if ty == Ty::Q5_0 { -16.0 } else { -8.0 };
     let low = _mm512_set1_epi8(0x0f);
     let bit4 = _mm512_set1_epi8(0x10);
     let zero = _mm512_setzero_si512();
@@ -345,11 +337,7 @@ unsafe fn nibble_row<const N: usize>(
         // activation rows `i0..i0 + N` exist; scale loads past them masked.
         unsafe {
             let dw = load_f16(wd.add(b0), cb);
-            let ow = if ty == Ty::Q4_1 {
-                load_f16(wm.add(b0), cb)
-            } else {
-                _mm512_mul_ps(dw, _mm512_set1_ps(off_factor))
-            };
+            let ow = _mm512_mul_ps(dw, _mm512_set1_ps(off_factor));
             let mut c = [_mm512_setzero_ps(); N];
             for r in 0..N {
                 let at = (i0 + r) * nb + b0;
@@ -406,11 +394,7 @@ unsafe fn nibble_row<const N: usize>(
                 w = _mm256_or_si256(w, _mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(0x10)));
             }
             let dw = crate::vnni::f16_to_f32(*wd.add(b));
-            let ow = if ty == Ty::Q4_1 {
-                crate::vnni::f16_to_f32(*wm.add(b))
-            } else {
-                off_factor * dw
-            };
+            let ow = off_factor * dw;
             for r in 0..N {
                 let a = _mm256_loadu_si256(
                     acts.qs.as_ptr().add((i0 + r) * k + b * 32) as *const __m256i
@@ -420,6 +404,69 @@ unsafe fn nibble_row<const N: usize>(
                 out[r] += dw * acts.d[at] * hsum_i32x8(dot) as f32 + ow * acts.s[at];
             }
         }
+    }
+}
+
+/// Q4_1 in ggml's own order (`ggml_vec_dot_q4_1_q8_1`, its AVX2 path), so
+/// that each output is the very float llama.cpp computes, not one within
+/// rounding of it: per block, one 256-bit `vpdpbusd` of the 32 nibbles (low
+/// nibbles in bytes 0..16, high in 16..32) against the block's activations
+/// in natural order; the eight i32 sums, as f32, times `dw · da` added by
+/// one FMA into eight running sums; `m · s` summed by scalar FMAs in block
+/// order; at the end the eight lanes folded as ggml's `hsum_float_8` folds
+/// them, and the minimums' sum added last. The order matters for greedy
+/// decoding: a near tie between two tokens falls the way llama.cpp's does.
+/// Each weight row still serves `N` activation rows per expansion.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
+unsafe fn q4_1_row<const N: usize>(
+    m: &QMatrix,
+    acts: &Acts,
+    j: usize,
+    i0: usize,
+    out: &mut [f32; R],
+) {
+    let (k, nb) = (m.cols, m.nb());
+    let wq = m.qs[j * nb * 16..].as_ptr();
+    let wd = m.d[j * nb..(j + 1) * nb].as_ptr();
+    let wm = m.m[j * nb..(j + 1) * nb].as_ptr();
+    let low = _mm_set1_epi8(0x0f);
+    let zero = _mm256_setzero_si256();
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut summs = [0f32; N];
+    let (mut dw, mut mw) = ([0f32; 16], [0f32; 16]);
+    let mut b0 = 0;
+    while b0 < nb {
+        let cb = 16.min(nb - b0);
+        // SAFETY: blocks `b0..b0 + cb` of weight row `j` and of activation
+        // rows `i0..i0 + N` exist (16 bytes of nibbles, 32 int8 values, one
+        // scale each); the scale loads past them are masked.
+        unsafe {
+            // The f16 scales and minimums as f32 (exact, as ggml's table).
+            _mm512_storeu_ps(dw.as_mut_ptr(), load_f16(wd.add(b0), cb));
+            _mm512_storeu_ps(mw.as_mut_ptr(), load_f16(wm.add(b0), cb));
+            for t in 0..cb {
+                let b = b0 + t;
+                let v = _mm_loadu_si128(wq.add(b * 16) as *const __m128i);
+                let w = _mm256_inserti128_si256::<1>(
+                    _mm256_castsi128_si256(_mm_and_si128(v, low)),
+                    _mm_and_si128(_mm_srli_epi16::<4>(v), low),
+                );
+                for r in 0..N {
+                    let at = (i0 + r) * nb + b;
+                    summs[r] = mw[t].mul_add(*acts.s.get_unchecked(at), summs[r]);
+                    let a = _mm256_loadu_si256(
+                        acts.qs.as_ptr().add((i0 + r) * k + b * 32) as *const __m256i
+                    );
+                    let xy = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, w, a));
+                    let dd = _mm256_set1_ps(dw[t] * *acts.d.get_unchecked(at));
+                    acc[r] = _mm256_fmadd_ps(dd, xy, acc[r]);
+                }
+            }
+        }
+        b0 += cb;
+    }
+    for r in 0..N {
+        out[r] = hsum_f32x8(acc[r]) + summs[r];
     }
 }
 
@@ -511,6 +558,8 @@ fn spread2(a: i32, b: i32) -> __m512i {
     _mm512_mask_blend_epi32(0xff00, _mm512_set1_epi32(a), _mm512_set1_epi32(b))
 }
 
+/// ggml's `hsum_float_8`: lanes `i` and `i + 4` added, then lanes 0 + 2 and
+/// 1 + 3, then those two (the Q4_1 kernel depends on this order).
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl")]
 fn hsum_f32x8(v: __m256) -> f32 {

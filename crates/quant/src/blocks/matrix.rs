@@ -96,7 +96,7 @@ impl Ty {
     /// Layout of the quantized activations for the SIMD kernel.
     pub(crate) fn simd_layout(self) -> Layout {
         match self {
-            Ty::Q4_0 | Ty::Q4_1 | Ty::Q5_0 => Layout::Nibble4,
+            Ty::Q4_0 | Ty::Q5_0 => Layout::Nibble4,
             Ty::Q4K => Layout::SwapQ4K,
             _ => Layout::Natural,
         }

@@ -257,3 +257,83 @@ fn bad_input_is_an_error_naming_the_values() {
     assert!(m.dequantize_row(2, &mut [0.0; 64]).is_err());
     assert!(m.dequantize_row(1, &mut [0.0; 65]).is_err());
 }
+
+/// ggml's `ggml_vec_dot_q4_1_q8_1` (its AVX2 path) written out in scalars:
+/// eight running sums, one per four values of a block (the low nibbles'
+/// values 0..16 in sums 0..4, the high nibbles' 16..32 in sums 4..8), each
+/// `fma(dw · da, Σ q·a, sum)` in block order; `fma(m, s, summs)` in block
+/// order; then `hsum_float_8`'s folding and the minimums' sum last.
+fn ggml_q4_1_dot(m: &QMatrix, j: usize, qs: &[i8], d: &[f32], s: &[f32]) -> f32 {
+    let nb = m.nb();
+    let h = crate::vnni::f16_to_f32;
+    let mut lanes = [0f32; 8];
+    let mut summs = 0f32;
+    for b in 0..nb {
+        let wb = j * nb + b;
+        let (dw, mw) = (h(m.d[wb]), h(m.m[wb]));
+        summs = mw.mul_add(s[b], summs);
+        let w = &m.qs[wb * 16..wb * 16 + 16];
+        let a = &qs[b * 32..b * 32 + 32];
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            let dot: i32 = (0..4)
+                .map(|t| {
+                    let (byte, hi) = (4 * (l % 4) + t, l >= 4);
+                    let q = if hi { w[byte] >> 4 } else { w[byte] & 15 } as i32;
+                    q * a[if hi { 16 } else { 0 } + byte] as i32
+                })
+                .sum();
+            *lane = (dw * d[b]).mul_add(dot as f32, *lane);
+        }
+    }
+    let r: [f32; 4] = std::array::from_fn(|i| lanes[i + 4] + lanes[i]);
+    ((r[0] + r[2]) + (r[1] + r[3])) + summs
+}
+
+/// The AVX-512 Q4_1 kernel gives llama.cpp's floats exactly, not within
+/// rounding: the same sums in the same order. (Greedy decoding of a Q4_1
+/// model agrees with llama.cpp's only if near ties fall the same way.)
+#[test]
+fn avx512_q4_1_sums_in_ggml_order_bit_for_bit() {
+    if !Kernel::Avx512Vnni.is_available() {
+        eprintln!("SKIPPED avx512_q4_1_sums_in_ggml_order_bit_for_bit: this CPU lacks AVX-512 F/BW/VL/VNNI");
+        return;
+    }
+    let pool = ComputePool::new(&PoolConfig {
+        threads: Some(2),
+        spin_us: 50,
+    })
+    .unwrap();
+    for (rows, cols) in [(37usize, 576usize), (16, 1536), (9, 96)] {
+        let (q, _) = quantized(GgmlDType::Q4_1, rows, cols, 21);
+        let m = QMatrix::from_qtensor(&q)
+            .unwrap()
+            .with_kernel(Kernel::Avx512Vnni)
+            .unwrap();
+        for n in [1usize, 3, 6] {
+            let x = random(n * cols, 40 + n as u64);
+            let mut y = vec![0f32; n * rows];
+            m.matmul(&x, n, &mut y, &pool).unwrap();
+            let nb = cols / 32;
+            for i in 0..n {
+                let (mut qs, mut d, mut s) = (vec![0i8; cols], vec![0f32; nb], vec![0f32; nb]);
+                act::quantize_row_q8_0(
+                    &x[i * cols..(i + 1) * cols],
+                    act::Layout::Natural,
+                    &mut qs,
+                    &mut d,
+                    &mut s,
+                    true,
+                );
+                for j in 0..rows {
+                    let want = ggml_q4_1_dot(&m, j, &qs, &d, &s);
+                    let got = y[i * rows + j];
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{rows}x{cols} n={n} row {i} col {j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
