@@ -359,8 +359,9 @@ fn print(name: &str, clients: usize, f: &Figures) {
 }
 
 /// Peak RSS growth since start-up beside what the runtime planned for: the
-/// ledger's high-water mark (weights and scratch reserved at load, KV for
-/// prompt + max_tokens of every sequence admitted at once).
+/// ledger's high-water mark (weights and scratch reserved at load, and the
+/// KV the running sequences hold: each its length so far and up to
+/// `KV_GROW_TOKENS` more).
 fn memory(rt: &runtime::Runtime, base_rss: u64) {
     let Some((_, peak)) = snug::process_memory() else {
         return;

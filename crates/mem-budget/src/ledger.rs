@@ -330,6 +330,58 @@ impl MemoryLedger {
         }
     }
 
+    /// Reserves `bytes` for `category`, admitted only if `bytes + headroom`
+    /// would be admitted by [`MemoryLedger::try_reserve_reusing`] with the
+    /// same `resident`; only `bytes` are booked.
+    ///
+    /// For something that grows (a generated sequence's KV cache): it
+    /// starts only where there is room for all it may need, but holds,
+    /// and counts in the ledger's use and high-water marks, only what it
+    /// holds now, growing with [`Reservation::grow_reusing`].
+    ///
+    /// ```
+    /// use mem_budget::{Budget, Category, MemoryLedger, GIB, MIB};
+    /// # #[derive(Debug)] struct Fixed;
+    /// # impl hw_detect::MemoryProbe for Fixed {
+    /// #     fn memory(&self) -> hw_detect::Result<hw_detect::MemoryInfo> {
+    /// #         Ok(hw_detect::MemoryInfo::new(8 * GIB, 6 * GIB, 0, 0, None))
+    /// #     }
+    /// # }
+    /// let ledger = MemoryLedger::new(Budget::for_class(hw_detect::HardwareClass::Generic, 8 * GIB), Fixed);
+    /// let free = ledger.available_for(Category::Activations)?;
+    /// // Room for 1 MiB now and the rest later: only the 1 MiB is held.
+    /// let mut r = ledger.try_reserve_headroom(Category::Activations, MIB, free - MIB, 0)?;
+    /// assert_eq!(ledger.used(Category::Activations), MIB);
+    /// // A start whose whole need does not fit is refused.
+    /// assert!(ledger.try_reserve_headroom(Category::Activations, MIB, free, 0).is_err());
+    /// r.grow_reusing(MIB, 0)?;
+    /// assert_eq!(r.bytes(), 2 * MIB);
+    /// # Ok::<(), mem_budget::Error>(())
+    /// ```
+    pub fn try_reserve_headroom(
+        &self,
+        category: Category,
+        bytes: u64,
+        headroom: u64,
+        resident: u64,
+    ) -> Result<Reservation> {
+        let mut st = self.inner.state.lock();
+        match self
+            .inner
+            .admit_with_headroom(&mut st, category, bytes, headroom, true, resident)
+        {
+            Ok(()) => Ok(self.reservation(category, bytes)),
+            Err(e) => {
+                if e.is_refusal() {
+                    st.refusals += 1;
+                }
+                drop(st);
+                tracing::debug!(%category, bytes, headroom, resident, error = %e, "reservation refused");
+                Err(e)
+            }
+        }
+    }
+
     /// Reserves `bytes` for `category` as [`MemoryLedger::try_reserve`] does,
     /// except that while the category holds nothing its cap does not apply:
     /// a category's cap shares memory among competitors and is no reason to
@@ -548,20 +600,35 @@ impl Inner {
         capped: bool,
         resident: u64,
     ) -> Result<()> {
-        if bytes > 0 {
+        self.admit_with_headroom(st, category, bytes, 0, capped, resident)
+    }
+
+    /// [`Inner::admit_within`], admitting only if `bytes + headroom` would
+    /// be admitted, and booking `bytes`.
+    fn admit_with_headroom(
+        &self,
+        st: &mut MutexGuard<'_, State>,
+        category: Category,
+        bytes: u64,
+        headroom: u64,
+        capped: bool,
+        resident: u64,
+    ) -> Result<()> {
+        let need = bytes.saturating_add(headroom);
+        if need > 0 {
             self.refresh(st)?;
             let (cat, overall, machine) = self.free(st, category);
-            let limit = if capped && bytes > cat {
+            let limit = if capped && need > cat {
                 Some(Limit::Category)
-            } else if bytes > overall {
+            } else if need > overall {
                 Some(Limit::Overall)
-            } else if bytes.saturating_sub(resident) > machine {
+            } else if need.saturating_sub(resident) > machine {
                 Some(Limit::Machine)
             } else {
                 None
             };
             if let Some(limit) = limit {
-                return Err(self.refusal(category, bytes, (cat, overall, machine), limit));
+                return Err(self.refusal(category, need, (cat, overall, machine), limit));
             }
         }
         self.book(st, category, bytes);
@@ -660,9 +727,18 @@ impl Reservation {
     /// Holds `extra` more bytes, admitted like a new reservation; on refusal
     /// the reservation keeps what it had.
     pub fn grow(&mut self, extra: u64) -> Result<()> {
+        self.grow_reusing(extra, 0)
+    }
+
+    /// Holds `extra` more bytes, admitted as
+    /// [`MemoryLedger::try_reserve_reusing`] admits a new reservation: up to
+    /// `resident` of them are memory the process holds already (a pool's
+    /// idle buffers) and are not asked of the machine again. On refusal the
+    /// reservation keeps what it had.
+    pub fn grow_reusing(&mut self, extra: u64, resident: u64) -> Result<()> {
         let inner = &self.ledger;
         let mut st = inner.state.lock();
-        match inner.admit(&mut st, self.category, extra) {
+        match inner.admit_within(&mut st, self.category, extra, true, resident) {
             Ok(()) => {
                 st.live -= 1; // admit counted a new reservation; this is the same one
                 self.bytes += extra;

@@ -1,8 +1,18 @@
 //! Generative models: GGUF decoders registered under names, loaded lazily
 //! within the ledger, each serving through its own continuous-batching step
-//! loop. KV is admitted per sequence: the blocks for prompt + `max_tokens`
-//! are reserved (in the ledger and against the decoder's KV pool) before the
-//! sequence joins the loop, so a sequence never runs out mid-way.
+//! loop. KV is admitted per sequence and grows with it: a sequence joins
+//! the loop only where its whole prompt + `max_tokens` fits now (in the
+//! ledger and in the decoder's KV pool), but it holds, and the ledger
+//! counts, its prompt and [`KV_GROW_TOKENS`] more; it reserves
+//! `KV_GROW_TOKENS` more each time it reaches the end of what it holds. An
+//! answer that stops early never held KV for tokens it did not generate.
+//!
+//! When a sequence finds no room to grow, it waits out that step and the
+//! loop preempts one running sequence (the lowest priority, latest joined;
+//! perhaps the one that waits) as under pressure below, so the others
+//! grow into its room. A sequence that finds no room while it runs alone
+//! ends with finish reason `memory` and what it has generated: something
+//! outside its loop took the memory it was admitted with.
 //!
 //! Under `Critical` memory pressure the loop preempts every running
 //! sequence but one (the highest priority, first joined): each frees its KV
@@ -97,7 +107,7 @@ pub(crate) struct KvAccount {
 struct KvHold {
     account: Arc<KvAccount>,
     bytes: u64,
-    _reservation: mem_budget::Reservation,
+    reservation: mem_budget::Reservation,
 }
 
 impl Drop for KvHold {
@@ -162,7 +172,12 @@ pub(crate) struct GenSeq {
     history: Vec<u32>,
     read: usize,
     max_tokens: usize,
+    /// KV bytes of its whole length (prompt + `max_tokens`).
     kv_bytes: u64,
+    /// Tokens the KV its hold reserves covers.
+    kv_tokens: usize,
+    /// Why it ended, where the reason alone does not say.
+    error: Option<String>,
     kv: Option<Sequence>,
     hold: Option<KvHold>,
     sampler: models::Sampler,
@@ -214,9 +229,17 @@ impl GenSeq {
     }
 }
 
+/// Tokens of KV a sequence reserves beyond its prompt when it is
+/// admitted, and more each time it reaches the end of what it holds.
+pub const KV_GROW_TOKENS: usize = 32;
+
 /// The step handler of one decoder.
 pub(crate) struct DecoderSteps {
     decoder: Arc<Decoder>,
+    /// Tokens one step may hold (the KV layout's windows count them).
+    step_tokens: usize,
+    /// Running sequences that found no room to grow in the last step.
+    short: usize,
     tokenizer: Arc<models::Tokenizer>,
     ledger: mem_budget::MemoryLedger,
     kv: Arc<KvAccount>,
@@ -238,6 +261,76 @@ impl DecoderSteps {
     fn critical(&self) -> bool {
         self.monitor.level() == mem_budget::PressureLevel::Critical
     }
+
+    /// KV bytes of a sequence of `tokens`.
+    fn kv_bytes_for(&self, tokens: usize) -> u64 {
+        self.decoder
+            .kv_layout()
+            .sequence_bytes(tokens, self.step_tokens) as u64
+    }
+
+    /// Tokens a sequence holds KV for when it is admitted or grows past
+    /// `tokens`: `KV_GROW_TOKENS` more, within its whole length.
+    fn kv_target(&self, s: &GenSeq, tokens: usize) -> usize {
+        (tokens + KV_GROW_TOKENS)
+            .min(s.prompt_tokens + s.max_tokens)
+            .min(self.decoder.context())
+            .max(tokens)
+    }
+
+    /// Pool blocks resident and idle that a new lease takes first (less
+    /// what admitted sequences still have to lease).
+    fn idle_kv_bytes(&self, admitted: u64) -> u64 {
+        // (Blocks the prefix cache holds count as leased by no sequence,
+        // which can only make this smaller.)
+        let cached = self.prefix.as_ref().map_or(0, |p| p.weight());
+        let leased = (self.decoder.kv_bytes_in_use() as u64).saturating_sub(cached);
+        let unleased = admitted.saturating_sub(leased);
+        (self.decoder.kv_bytes_cached() as u64).saturating_sub(unleased)
+    }
+
+    /// Makes `s`'s hold cover `need` tokens (a step is about to write up
+    /// to there). False when neither the KV pool's budget nor the ledger
+    /// has room, after the prefix cache has given way.
+    fn grow(&mut self, s: &mut GenSeq, need: usize) -> bool {
+        if need <= s.kv_tokens {
+            return true;
+        }
+        let target = self.kv_target(s, need);
+        let Some(held) = s.hold.as_ref().map(|h| h.bytes) else {
+            return false;
+        };
+        let extra = self.kv_bytes_for(target).saturating_sub(held);
+        let mut admitted = self.kv.admitted.lock();
+        let cached = self.prefix.as_ref().map_or(0, |p| p.weight());
+        let over = (*admitted + cached + extra).saturating_sub(self.kv.budget);
+        if over > 0 {
+            match &self.prefix {
+                Some(p) if cached > 0 => p.shrink_by(over),
+                _ => return false,
+            }
+            let cached = self.prefix.as_ref().map_or(0, |p| p.weight());
+            if *admitted + cached + extra > self.kv.budget {
+                return false;
+            }
+        }
+        let idle = self.idle_kv_bytes(*admitted);
+        let hold = s.hold.as_mut().expect("checked above");
+        let mut grown = hold.reservation.grow_reusing(extra, idle);
+        if grown.is_err() {
+            if let Some(p) = self.prefix.as_ref().filter(|p| p.weight() > 0) {
+                p.shrink_by(extra);
+                grown = hold.reservation.grow_reusing(extra, idle);
+            }
+        }
+        if grown.is_err() {
+            return false;
+        }
+        hold.bytes += extra;
+        *admitted += extra;
+        s.kv_tokens = target;
+        true
+    }
 }
 
 impl StepHandler for DecoderSteps {
@@ -258,34 +351,34 @@ impl StepHandler for DecoderSteps {
         if self.running > 0 && self.critical() {
             return Admission::Wait;
         }
+        // It starts only where its whole length fits, but holds its prompt
+        // and KV_GROW_TOKENS more.
+        let full = s.kv_bytes;
+        let tokens = self.kv_target(s, s.prompt.len());
+        let initial = self.kv_bytes_for(tokens).min(full);
         let mut admitted = self.kv.admitted.lock();
         // Cached prefixes share the KV budget: they give way first.
         let cached = self.prefix.as_ref().map_or(0, |p| p.weight());
-        let over = (*admitted + cached + s.kv_bytes).saturating_sub(self.kv.budget);
+        let over = (*admitted + cached + full).saturating_sub(self.kv.budget);
         if over > 0 {
             match &self.prefix {
                 Some(p) if cached > 0 => p.shrink_by(over),
                 _ => return Admission::Wait,
             }
             let cached = self.prefix.as_ref().map_or(0, |p| p.weight());
-            if *admitted + cached + s.kv_bytes > self.kv.budget {
+            if *admitted + cached + full > self.kv.budget {
                 return Admission::Wait;
             }
         }
         // Blocks the pool keeps idle are resident already and the new
         // sequence leases them first: those bytes are not asked of the
-        // machine again (less what sequences admitted before it still have
-        // to lease).
-        // (Blocks the prefix cache holds count as leased by no sequence,
-        // which can only make this smaller.)
-        let cached = self.prefix.as_ref().map_or(0, |p| p.weight());
-        let leased = (self.decoder.kv_bytes_in_use() as u64).saturating_sub(cached);
-        let unleased = admitted.saturating_sub(leased);
-        let idle = (self.decoder.kv_bytes_cached() as u64).saturating_sub(unleased);
+        // machine again.
+        let idle = self.idle_kv_bytes(*admitted);
         let reserve = || {
-            self.ledger.try_reserve_reusing(
+            self.ledger.try_reserve_headroom(
                 mem_budget::Category::Activations,
-                s.kv_bytes,
+                initial,
+                full - initial,
                 idle,
             )
         };
@@ -293,7 +386,7 @@ impl StepHandler for DecoderSteps {
         if reserved.is_err() {
             // Cached prefixes are memory the machine counts: they go first.
             if let Some(p) = self.prefix.as_ref().filter(|p| p.weight() > 0) {
-                p.shrink_by(s.kv_bytes);
+                p.shrink_by(full);
                 reserved = reserve();
             }
         }
@@ -311,13 +404,14 @@ impl StepHandler for DecoderSteps {
                 return Admission::Wait;
             }
         };
-        *admitted += s.kv_bytes;
+        *admitted += initial;
         drop(admitted);
         s.hold = Some(KvHold {
             account: Arc::clone(&self.kv),
-            bytes: s.kv_bytes,
-            _reservation: reservation,
+            bytes: initial,
+            reservation,
         });
+        s.kv_tokens = tokens;
         // A cached prefix of what it reads spares computing it.
         let shared = self.prefix.as_ref().and_then(|p| p.lookup(&s.prompt));
         s.kv = Some(match shared.map(|p| (self.decoder.sequence_from_prefix(&p), p.tokens())) {
@@ -333,8 +427,12 @@ impl StepHandler for DecoderSteps {
     }
 
     fn preempt_wanted(&mut self, running: usize) -> usize {
+        let short = std::mem::take(&mut self.short);
         if running > 1 && self.critical() {
             running - 1
+        } else if running > 1 && short > 0 {
+            // One sequence's room lets the others grow.
+            1
         } else {
             0
         }
@@ -346,6 +444,7 @@ impl StepHandler for DecoderSteps {
         // then samples where it stopped.
         s.kv = None;
         s.hold = None;
+        s.kv_tokens = 0;
         self.running = self.running.saturating_sub(1);
         s.prompt.truncate(s.prompt_tokens);
         s.prompt.extend_from_slice(&s.history);
@@ -356,10 +455,44 @@ impl StepHandler for DecoderSteps {
 
     fn step(&mut self, batch: &mut [Scheduled<'_, GenSeq>]) -> Vec<Progress> {
         let n = batch.len();
+        // Each sequence's hold must cover what this step writes; one that
+        // finds no room waits out the step.
+        let mut go = Vec::with_capacity(n);
+        for b in batch.iter_mut() {
+            let s = &mut *b.seq;
+            let feed = if s.read < s.prompt.len() { b.tokens } else { 1 };
+            let need = s.kv.as_ref().map_or(0, Sequence::len) + feed;
+            go.push(self.grow(s, need));
+        }
+        let short = go.iter().filter(|g| !**g).count();
+        self.short = short;
+        if short == n {
+            if self.running <= 1 {
+                // Alone, it has nobody to take room from.
+                return batch
+                    .iter_mut()
+                    .map(|b| {
+                        let s = &mut *b.seq;
+                        let len = s.kv.as_ref().map_or(0, Sequence::len);
+                        let held = s.hold.as_ref().map_or(0, |h| h.bytes);
+                        let want = self.kv_bytes_for(self.kv_target(s, len + 1));
+                        s.reason = Some(FinishReason::Memory);
+                        s.next = None;
+                        s.error = Some(format!(
+                            "no room to grow its KV past {len} tokens: it holds {held} bytes and needs {} more, which neither the ledger nor the KV budget ({} bytes) has",
+                            want.saturating_sub(held),
+                            self.kv.budget
+                        ));
+                        Progress::Done
+                    })
+                    .collect();
+            }
+            return vec![Progress::Continue; n];
+        }
         let mut wants = Vec::with_capacity(n);
         let result = {
             let mut steps = Vec::with_capacity(n);
-            for b in batch.iter_mut() {
+            for (b, _) in batch.iter_mut().zip(&go).filter(|(_, g)| **g) {
                 let tokens = b.tokens;
                 let GenSeq {
                     prompt,
@@ -409,7 +542,14 @@ impl StepHandler for DecoderSteps {
         let context = self.decoder.context();
         let mut generated = 0u64;
         let mut out = Vec::with_capacity(n);
-        for (i, b) in batch.iter_mut().enumerate() {
+        let mut k = 0;
+        for (b, &g) in batch.iter_mut().zip(&go) {
+            if !g {
+                out.push(Progress::Continue);
+                continue;
+            }
+            let i = k;
+            k += 1;
             let s = &mut *b.seq;
             if s.read < s.prompt.len() {
                 let own = (s.read + b.tokens).min(s.prompt_tokens) - s.read.min(s.prompt_tokens);
@@ -505,7 +645,7 @@ impl StepHandler for DecoderSteps {
             s.emit(String::new());
         }
         let (reason, error) = match exit {
-            Exit::Done => (s.reason.unwrap_or(FinishReason::Stop), None),
+            Exit::Done => (s.reason.unwrap_or(FinishReason::Stop), s.error.take()),
             Exit::Cancelled => (FinishReason::Cancelled, None),
             Exit::Deadline => (FinishReason::Deadline, None),
             Exit::NoRoom { waited_ms } => (
@@ -637,6 +777,8 @@ impl LoadedDecoder {
             read: 0,
             max_tokens: p.max_tokens,
             kv_bytes: p.kv_bytes,
+            kv_tokens: 0,
+            error: None,
             kv: None,
             hold: None,
             sampler,
@@ -688,8 +830,9 @@ pub struct GenerativeStatus {
     pub kv_blocks_used: u64,
     /// KV blocks the pool's budget holds beyond those.
     pub kv_blocks_free: u64,
-    /// KV bytes admitted (reserved for prompt + max_tokens of each running
-    /// sequence).
+    /// KV bytes admitted: what the running sequences hold, each its
+    /// prompt and what it has generated, rounded up to
+    /// [`KV_GROW_TOKENS`](crate::KV_GROW_TOKENS) more.
     pub kv_bytes_admitted: u64,
     /// The KV pool's budget.
     pub kv_bytes_budget: u64,
@@ -879,6 +1022,8 @@ impl Decoders {
         let prefix = PrefixCache::new(&decoder, spec.prefix_cache_bytes, &self.ledger).map(Arc::new);
         let handler = DecoderSteps {
             decoder: Arc::clone(&decoder),
+            step_tokens: engine_cfg.max_step_tokens,
+            short: 0,
             tokenizer: Arc::clone(&tokenizer),
             ledger: self.ledger.clone(),
             kv: Arc::clone(&kv),

@@ -100,7 +100,8 @@ pub enum FinishReason {
     Cancelled,
     /// The deadline passed.
     Deadline,
-    /// No room for its KV cache came free in time.
+    /// No room for its KV cache came free in time, or none to grow it
+    /// while it ran alone (see [`Finished::error`]).
     Memory,
     /// The model failed; see [`Finished::error`].
     Error,

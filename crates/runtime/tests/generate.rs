@@ -586,3 +586,108 @@ fn a_shared_system_prompt_is_computed_once_and_answers_do_not_change() {
     assert_eq!(rt.status().generative[0].prefix_bytes, 0);
     assert_eq!(held(&rt), 0);
 }
+
+/// KV bytes of `tokens` positions for `spec`'s decoder, as the step loop
+/// counts them, and the prompt's length in tokens.
+fn kv_bytes_and_prompt(spec: &GenerativeSpec, prompt: &str, tokens: &[usize]) -> (Vec<u64>, usize) {
+    let d = runtime::models::decoder::Decoder::load(&spec.gguf, spec.decoder.clone()).unwrap();
+    let step = spec
+        .engine
+        .max_step_tokens
+        .min(spec.decoder.max_step_tokens);
+    let t = runtime::models::Tokenizer::from_gguf_file(&spec.gguf).unwrap();
+    let p = t.encode(prompt, true, false).unwrap().len();
+    let bytes = tokens
+        .iter()
+        .map(|&n| d.kv_layout().sequence_bytes(p + n, step) as u64)
+        .collect();
+    (bytes, p)
+}
+
+#[test]
+fn kv_is_held_as_the_sequence_grows_not_for_max_tokens() {
+    let mut spec = smol_spec();
+    spec.prefix_cache_bytes = 0;
+    let prompt = "Once upon a time, in a small village by the sea,";
+    let (max, long) = (400, 100);
+    let (bytes, p) = kv_bytes_and_prompt(&spec, prompt, &[max, long]);
+    let (full, hundred) = (bytes[0], bytes[1]);
+    let rt = runtime_with(spec);
+    let high = |rt: &Runtime| {
+        rt.ledger()
+            .stats()
+            .category(runtime::budget::Category::Activations)
+            .high_water
+    };
+    // An answer that stops early (at its first full stop) never held KV for
+    // the 400 tokens it was allowed: at most its length and KV_GROW_TOKENS
+    // more, in whole blocks.
+    let c = rt
+        .generate(
+            SMOL,
+            GenerateRequest {
+                stop: vec![".".into()],
+                ..GenerateRequest::text(prompt).max_tokens(max)
+            },
+        )
+        .unwrap()
+        .wait();
+    assert_eq!(c.finished.reason, FinishReason::Stop, "{:?}", c.finished);
+    let n = c.finished.usage.completion_tokens;
+    let (near, _) = kv_bytes_and_prompt(&smol_spec(), prompt, &[n + runtime::KV_GROW_TOKENS, n]);
+    assert!(
+        high(&rt) <= near[0] && high(&rt) >= near[1] && high(&rt) < full / 4,
+        "{n} tokens: held at most {} bytes; {} cover them and {} more, {full} the 400",
+        high(&rt),
+        near[1],
+        near[0]
+    );
+    // One that runs on grows its hold to cover what it writes.
+    let c = rt
+        .generate(SMOL, GenerateRequest::text(prompt).max_tokens(long))
+        .unwrap()
+        .wait();
+    assert_eq!(c.finished.reason, FinishReason::Length, "{:?}", c.finished);
+    assert_eq!(high(&rt), hundred, "prompt of {p} + {long} tokens");
+    let s = rt.status().generative[0].clone();
+    assert_eq!((s.kv_bytes_admitted, s.running), (0, 0));
+    assert_eq!(rt.ledger().used(runtime::budget::Category::Activations), 0);
+}
+
+#[test]
+fn a_sequence_short_of_room_to_grow_preempts_the_latest_and_answers_do_not_change() {
+    // Room for one sequence's whole length beside another's start, not for
+    // two whole lengths: both are admitted, and when they outgrow the pool
+    // the later one is preempted and recomputes after the first is done.
+    let mut spec = smol_spec();
+    spec.prefix_cache_bytes = 0;
+    spec.engine.max_prefill_chunk = 32;
+    let prompt = "Once upon a time, in a small village by the sea,";
+    let max = 100;
+    let (bytes, _) = kv_bytes_and_prompt(&spec, prompt, &[runtime::KV_GROW_TOKENS, max]);
+    spec.decoder.kv_budget_bytes = (bytes[0] + bytes[1]) as usize;
+    assert!(bytes[0] + bytes[1] < 2 * bytes[1]);
+    let rt = runtime_with(spec);
+    let req = || GenerateRequest::text(prompt).max_tokens(max);
+    let alone = rt.generate(SMOL, req()).unwrap().wait();
+    assert_eq!(
+        alone.finished.reason,
+        FinishReason::Length,
+        "{:?}",
+        alone.finished
+    );
+    let a = rt.generate(SMOL, req()).unwrap();
+    let b = rt.generate(SMOL, req()).unwrap();
+    let status = |rt: &Runtime| rt.status().generative[0].clone();
+    eventually("both running", || status(&rt).running == 2);
+    let (a, b) = (a.wait(), b.wait());
+    for c in [&a, &b] {
+        assert_eq!(c.finished.reason, FinishReason::Length, "{:?}", c.finished);
+        assert_eq!(c.text, alone.text);
+        assert_eq!(c.finished.usage, alone.finished.usage);
+    }
+    let s = status(&rt);
+    assert!(s.preempted >= 1, "{s:?}");
+    assert!(s.recomputed_tokens > 0, "{s:?}");
+    assert_eq!((s.running, s.kv_bytes_admitted), (0, 0));
+}
