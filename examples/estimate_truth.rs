@@ -1,7 +1,10 @@
 //! Estimates against measurement: each case runs in a fresh child process
 //! that builds the runtime with one format, measures the peak resident
 //! growth (`VmHWM` after resetting it through `/proc/self/clear_refs`) and
-//! prints it beside the estimate. Two kinds of case:
+//! the peak growth of the bytes allocated (a counting allocator), and prints
+//! both beside the estimate, with the estimate's ratio to each (to the bytes
+//! allocated for requests only: a load's peak is mostly mapped file pages).
+//! Two kinds of case:
 //!
 //! - **load**: `Runtime::load` (file mapped, weights built, first forward)
 //!   against the variant's load estimate, `max(load peak, weights) +
@@ -229,15 +232,28 @@ fn main() -> Result<(), AnyError> {
         return child(&args, kind);
     }
     let mib = |b: u64| b as f64 / 1048576.0;
-    println!("| case | tokens | estimate | measured | estimate / measured | allocated |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| case | tokens | estimate | measured | estimate / measured | allocated | estimate / allocated |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     let (mut worst_low, mut worst_high) = (f64::INFINITY, 0f64);
-    let mut report = |name: String, c: &Case| {
+    let (mut alloc_low, mut alloc_high) = (f64::INFINITY, 0f64);
+    let mut report = |name: String, c: &Case, request: bool| {
         let ratio = c.estimate as f64 / c.measured.max(1) as f64;
         worst_low = worst_low.min(ratio);
         worst_high = worst_high.max(ratio);
+        // Against the bytes allocated (exact): requests only, as a load's
+        // peak is mostly mapped file pages, which are not allocations.
+        let by_alloc = if request {
+            let r = c.estimate as f64 / c.allocated.max(1) as f64;
+            alloc_low = alloc_low.min(r);
+            alloc_high = alloc_high.max(r);
+            format!("{r:.3}")
+        } else {
+            "—".to_string()
+        };
         println!(
-            "| {name} | {} | {:.2} MiB | {:.2} MiB | {ratio:.2} | {:.2} MiB |",
+            "| {name} | {} | {:.2} MiB | {:.2} MiB | {ratio:.2} | {:.2} MiB | {by_alloc} |",
             c.tokens,
             mib(c.estimate),
             mib(c.measured),
@@ -255,7 +271,7 @@ fn main() -> Result<(), AnyError> {
             ],
         )?;
         let label = runtime::variant_label(f.parse()?);
-        report(format!("load {label}"), &c);
+        report(format!("load {label}"), &c, false);
         for &w in &args.words {
             for &b in &args.batches {
                 let c = run_child(
@@ -271,10 +287,11 @@ fn main() -> Result<(), AnyError> {
                         w.to_string(),
                     ],
                 )?;
-                report(format!("{label} {b} x {w} words"), &c);
+                report(format!("{label} {b} x {w} words"), &c, true);
             }
         }
     }
     println!("\nestimate / measured: lowest {worst_low:.2}, highest {worst_high:.2} (goal: 1.00 to 1.15)");
+    println!("requests, estimate / allocated: lowest {alloc_low:.3}, highest {alloc_high:.3}");
     Ok(())
 }

@@ -379,7 +379,8 @@ pub struct MiniLmMemory {
     /// per row ([`quant::forward_into_bytes`]: the int8 kernel's scratch for
     /// the widest input it reads), or the token ids, type ids and positions
     /// (4 bytes each), live while the embeddings are looked up, if more;
-    /// candle-path layers add [`Self::per_chunk_token`].
+    /// candle-path layers add [`Self::per_chunk_token`],
+    /// [`Self::per_chunk_block`] and [`Self::per_chunk_call`].
     pub per_token: u64,
     /// Bytes per token, for at most [`Self::chunk_rows`] tokens, that a
     /// linear layer on candle's path allocates inside its call (its input
@@ -387,6 +388,19 @@ pub struct MiniLmMemory {
     /// [`quant::ForwardBytes::transient`]); 0 where every layer runs on the
     /// int8 kernel or in f32.
     pub per_chunk_token: u64,
+    /// Bytes per block of [`quant::CANDLE_AMX_BLOCK_ROWS`] rows, for as many
+    /// blocks as candle computes at once ([`quant::candle_blocks_in_flight`]
+    /// of a chunk), that a Q4_K layer on candle's AMX-INT8 kernel allocates
+    /// inside its call (each block's activations repacked:
+    /// [`quant::ForwardBytes::per_block`]); 0 where no layer takes that
+    /// kernel.
+    #[serde(default)]
+    pub per_chunk_block: u64,
+    /// Bytes a call on candle's path allocates whatever its rows (the input
+    /// tensor's bookkeeping and the output's shape:
+    /// [`quant::ForwardBytes::per_call`]); 0 where no layer is on it.
+    #[serde(default)]
+    pub per_chunk_call: u64,
     /// Rows candle's path takes at a time ([`quant::CANDLE_CHUNK_ROWS`]).
     pub chunk_rows: u64,
     /// Bytes per text of a batch: its output vector (hidden f32, and the
@@ -401,11 +415,19 @@ pub struct MiniLmMemory {
 }
 
 impl MiniLmMemory {
-    /// Bytes one batch of `tokens` tokens over `texts` texts adds at its peak.
+    /// Bytes one batch of `tokens` tokens over `texts` texts adds at its
+    /// peak: its activations, the most a candle-path call takes for a chunk
+    /// of them (each of the three candle terms the largest over the layers),
+    /// and the texts' outputs.
     pub fn batch_bytes(&self, tokens: u64, texts: u64) -> u64 {
-        tokens * self.per_token
-            + tokens.min(self.chunk_rows) * self.per_chunk_token
-            + texts * self.per_text
+        let candle = quant::ForwardBytes {
+            scratch: 0,
+            transient: self.per_chunk_token,
+            per_block: self.per_chunk_block,
+            per_call: self.per_chunk_call,
+        };
+        let chunk = usize::try_from(tokens.min(self.chunk_rows)).unwrap_or(usize::MAX);
+        tokens * self.per_token + candle.transient_for(chunk) + texts * self.per_text
     }
 }
 
@@ -441,8 +463,9 @@ impl MiniLm {
         let mut copies = 0u64;
         // Per token of a batch: the largest int8 scratch row and the most
         // one candle-path matmul allocates inside its call (quant's
-        // `forward_into_bytes`), over every linear layer.
-        let (mut scratch, mut transient) = (0u64, 0u64);
+        // `forward_into_bytes`: per row, per AMX block and per call), each
+        // over every linear layer.
+        let (mut scratch, mut transient, mut per_block, mut per_call) = (0u64, 0u64, 0u64, 0u64);
         let mut wide = 0usize;
         for layer in 0..l {
             let n = |r: &str| format!("encoder.layer.{layer}.{r}.weight");
@@ -469,6 +492,8 @@ impl MiniLm {
                 let fwd = quant::forward_into_bytes(fmt, out, inp);
                 scratch = scratch.max(fwd.scratch);
                 transient = transient.max(fwd.transient);
+                per_block = per_block.max(fwd.per_block);
+                per_call = per_call.max(fwd.per_call);
                 if k < 3 {
                     // The q/k/v, attention-output and intermediate
                     // projections write into the work buffer (the last one
@@ -526,6 +551,8 @@ impl MiniLm {
             // the token ids, type ids and positions (u32 each).
             per_token: f32b(2 * stride + wide) + scratch.max(12),
             per_chunk_token: transient,
+            per_chunk_block: per_block,
+            per_chunk_call: per_call,
             chunk_rows: quant::CANDLE_CHUNK_ROWS as u64,
             // The output vector (hidden f32 and its `Vec` in the batch's),
             // and the sequence's (start, length).

@@ -488,6 +488,8 @@ fn memory_facts_match_what_the_loaded_model_holds() {
         let layers = widest.map(|(o, i)| quant::forward_into_bytes(format, o, i));
         let scratch = layers.iter().map(|f| f.scratch).max().unwrap();
         let transient = layers.iter().map(|f| f.transient).max().unwrap();
+        let per_block = layers.iter().map(|f| f.per_block).max().unwrap();
+        let per_call = layers.iter().map(|f| f.per_call).max().unwrap();
         assert_eq!(
             facts.per_token,
             4 * (2 * facts.stride as u64 + 1536) + scratch.max(12),
@@ -495,7 +497,33 @@ fn memory_facts_match_what_the_loaded_model_holds() {
         );
         // Candle's copies are held for one chunk of rows at a time.
         assert_eq!(facts.per_chunk_token, transient, "{format}");
+        assert_eq!(facts.per_chunk_block, per_block, "{format}");
+        assert_eq!(facts.per_chunk_call, per_call, "{format}");
         assert_eq!(facts.chunk_rows, quant::CANDLE_CHUNK_ROWS as u64);
+        // A batch holds one chunk's candle buffers at its peak: the copies
+        // per row, the AMX blocks in flight, the per-call bookkeeping.
+        let one_chunk = |rows: u64| {
+            rows * transient
+                + quant::candle_blocks_in_flight(rows as usize) * per_block
+                + if transient > 0 { per_call } else { 0 }
+        };
+        for (tokens, rows) in [(1, 1), (31, 31), (40, 40), (223, 64)] {
+            assert_eq!(
+                facts.batch_bytes(tokens, 1),
+                tokens * facts.per_token + one_chunk(rows) + facts.per_text,
+                "{format}, {tokens} tokens"
+            );
+        }
+        // Uniform Q4_K: the FFN's 1536-wide input has the largest AMX
+        // blocks (on a CPU with AMX-INT8; none elsewhere), none for others.
+        let ffn_block = quant::forward_into_bytes(Format::Q4_K, 384, 1536).per_block;
+        match format {
+            Format::Q4_K => {
+                assert_eq!(per_block, ffn_block);
+                assert!(per_block == 0 || per_block == 32 * (1536 + 16));
+            }
+            _ => assert_eq!(per_block, 0, "{format}"),
+        }
         assert_eq!(
             facts.batch_bytes(1000, 2) - facts.batch_bytes(999, 2),
             facts.per_token

@@ -53,8 +53,8 @@ mod vnni;
 pub use crate::error::{Error, Result};
 pub use crate::format::Format;
 pub use crate::linear::{
-    forward_into_bytes, int8_kernel_available, ForwardBytes, LinearScratch, QLinear,
-    CANDLE_CHUNK_ROWS,
+    candle_blocks_in_flight, forward_into_bytes, int8_kernel_available, ForwardBytes,
+    LinearScratch, QLinear, CANDLE_AMX_BLOCK_ROWS, CANDLE_CHUNK_ROWS, CANDLE_TENSOR_BYTES,
 };
 pub use crate::model::{
     load_safetensors, quantize_safetensors, quantize_tensors, sha256_file, ArtifactMeta,

@@ -61,8 +61,9 @@ impl LinearScratch {
     }
 }
 
-/// What one [`QLinear::forward_into`] call allocates per input row, besides
-/// the caller's input and output buffers (from [`forward_into_bytes`]).
+/// What one [`QLinear::forward_into`] call allocates, besides the caller's
+/// input and output buffers (from [`forward_into_bytes`]): per input row,
+/// per block of rows candle's AMX kernel takes, and per call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ForwardBytes {
     /// Bytes per row the [`LinearScratch`] grows to: the int8 kernel's
@@ -79,13 +80,45 @@ pub struct ForwardBytes {
     /// 0 on the int8 kernel and for F32 (matrix multiplication straight
     /// from the caller's buffers into theirs).
     pub transient: u64,
+    /// Bytes each block of [`CANDLE_AMX_BLOCK_ROWS`] rows of a chunk adds
+    /// inside the call where candle runs it on its AMX-INT8 kernel (Q4_K,
+    /// chunks of at least [`CANDLE_AMX_BLOCK_ROWS`] rows, output columns a
+    /// multiple of 16, on a CPU with AMX-INT8): each of candle's threads
+    /// repacks the quantized activations of the block it computes into a
+    /// buffer of its own, `in` bytes a row, and lists the block's rows (a
+    /// 16-byte slice reference each); as many such buffers are live at once
+    /// as blocks run at once ([`candle_blocks_in_flight`]). 0 elsewhere.
+    pub per_block: u64,
+    /// Bytes per call on candle's path whatever its rows, live beside its
+    /// buffers: the bookkeeping of the tensor a chunk's input is copied into
+    /// ([`CANDLE_TENSOR_BYTES`]) and the shape candle sizes its output by
+    /// (two `usize`; the output tensor itself is made once candle's
+    /// buffers are freed). 0 on the int8 kernel and for F32.
+    pub per_call: u64,
 }
 
 impl ForwardBytes {
     /// Bytes allocated and freed inside a call of `rows` rows: candle's
-    /// path runs [`CANDLE_CHUNK_ROWS`] rows at a time.
+    /// path runs [`CANDLE_CHUNK_ROWS`] rows at a time, with
+    /// [`candle_blocks_in_flight`] AMX blocks of its chunk at once.
+    ///
+    /// ```
+    /// use quant::{candle_blocks_in_flight, forward_into_bytes, Format};
+    ///
+    /// let q4 = forward_into_bytes(Format::Q4_K, 384, 1536);
+    /// assert_eq!(
+    ///     q4.transient_for(40),
+    ///     40 * q4.transient + candle_blocks_in_flight(40) * q4.per_block + q4.per_call
+    /// );
+    /// // No rows, nothing allocated.
+    /// assert_eq!(q4.transient_for(0), 0);
+    /// ```
     pub fn transient_for(&self, rows: usize) -> u64 {
-        self.transient * rows.min(CANDLE_CHUNK_ROWS) as u64
+        let m = rows.min(CANDLE_CHUNK_ROWS);
+        if m == 0 {
+            return 0;
+        }
+        self.transient * m as u64 + self.per_block * candle_blocks_in_flight(m) + self.per_call
     }
 }
 
@@ -95,41 +128,118 @@ impl ForwardBytes {
 /// it; enough rows that candle's tiled kernels run at full width.
 pub const CANDLE_CHUNK_ROWS: usize = 64;
 
-/// Per-row bytes [`QLinear::forward_into`] allocates for an `[out_dim,
-/// in_dim]` weight requested in `format` (fitted to `in_dim` as
-/// [`QLinear::from_f32`] fits it), on this machine: a memory estimate can
-/// size a forward pass from it without building the layer.
+/// Rows of one block of candle's AMX-INT8 kernel (and the fewest rows a
+/// call must have for candle to take that kernel).
+pub const CANDLE_AMX_BLOCK_ROWS: usize = 32;
+
+/// Bytes of one candle tensor's bookkeeping beside its data, for the 2-D
+/// tensor [`QLinear::forward_into`] copies a chunk's input into on candle's
+/// path: its shared headers (the `Arc` of the tensor and the `Arc` of its
+/// storage's lock) and its shape and strides (two `usize` each), with
+/// candle 0.11.1 on a 64-bit target. Candle's types are private, so this is
+/// measured, not computed: the test `forward_bytes` in this crate counts
+/// the bytes `Tensor::from_slice` allocates beside the data and fails if
+/// they change.
+pub const CANDLE_TENSOR_BYTES: u64 = 256;
+
+/// How many blocks of [`CANDLE_AMX_BLOCK_ROWS`] rows candle's AMX-INT8
+/// kernel computes at once for a call of `rows` rows (at most
+/// [`CANDLE_CHUNK_ROWS`]): one per block, each on one of candle's threads,
+/// so the fewer of the blocks and the threads candle runs
+/// (`CANDLE_NUM_THREADS`, else `RAYON_NUM_THREADS`, else candle's default);
+/// 0 under [`CANDLE_AMX_BLOCK_ROWS`] rows, where candle takes other kernels.
+///
+/// ```
+/// use quant::candle_blocks_in_flight;
+///
+/// assert_eq!(candle_blocks_in_flight(31), 0);
+/// assert_eq!(candle_blocks_in_flight(32), 1);
+/// assert!((1..=2).contains(&candle_blocks_in_flight(64)));
+/// ```
+pub fn candle_blocks_in_flight(rows: usize) -> u64 {
+    if rows < CANDLE_AMX_BLOCK_ROWS {
+        return 0;
+    }
+    rows.div_ceil(CANDLE_AMX_BLOCK_ROWS).min(candle_threads()) as u64
+}
+
+/// The threads candle's CPU kernels run on: candle's own rule (its barrier
+/// pool's workers and the calling thread).
+fn candle_threads() -> usize {
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(|| {
+        std::env::var("CANDLE_NUM_THREADS")
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(candle_core::utils::get_num_threads)
+            .max(1)
+    })
+}
+
+/// Whether candle computes batched Q4_K on its AMX-INT8 kernel on this CPU
+/// (see [`mem_budget::RepackRules`]).
+fn candle_amx() -> bool {
+    static AMX: OnceLock<bool> = OnceLock::new();
+    *AMX.get_or_init(|| mem_budget::RepackRules::this_cpu().x86_amx)
+}
+
+/// The bytes [`QLinear::forward_into`] allocates for an `[out_dim, in_dim]`
+/// weight requested in `format` (fitted to `in_dim` as [`QLinear::from_f32`]
+/// fits it), on this machine, per row, per AMX block and per call
+/// ([`ForwardBytes`]): a memory estimate can size a forward pass from it
+/// without building the layer.
 ///
 /// ```
 /// use quant::{forward_into_bytes, Format};
 ///
 /// // F32 layers multiply straight into the caller's buffer.
 /// let f = forward_into_bytes(Format::F32, 1536, 384);
-/// assert_eq!((f.scratch, f.transient), (0, 0));
+/// assert_eq!((f.scratch, f.transient, f.per_block, f.per_call), (0, 0, 0, 0));
 /// // Other paths allocate something per row, in the scratch or inside the call.
 /// let q = forward_into_bytes(Format::Q8_0, 1536, 384);
 /// assert!(q.scratch + q.transient > 0);
+/// // Q4_K on candle: its copies per row, and on a CPU with AMX-INT8 each
+/// // 32-row block's activations repacked (1536 bytes a row and a slice
+/// // reference of 16).
+/// let q4 = forward_into_bytes(Format::Q4_K, 384, 1536);
+/// assert_eq!(q4.transient, 4 * 1536 + 4 * 384 + 292 * 1536 / 256);
+/// assert!(q4.per_block == 0 || q4.per_block == 32 * (1536 + 16));
 /// ```
 pub fn forward_into_bytes(format: Format, out_dim: usize, in_dim: usize) -> ForwardBytes {
     let format = format.fit(in_dim);
     let (o, i) = (out_dim as u64, in_dim as u64);
+    let candle = |transient: u64, per_block: u64| ForwardBytes {
+        scratch: 0,
+        transient,
+        per_block,
+        per_call: CANDLE_TENSOR_BYTES + 2 * std::mem::size_of::<usize>() as u64,
+    };
     match format {
         Format::F32 => ForwardBytes {
             scratch: 0,
             transient: 0,
+            per_block: 0,
+            per_call: 0,
         },
         Format::Q8_0 if int8_kernel_available() && in_dim.is_multiple_of(32) => ForwardBytes {
             scratch: vnni::scratch_bytes_per_row(in_dim),
             transient: 0,
+            per_block: 0,
+            per_call: 0,
         },
-        Format::F16 => ForwardBytes {
-            scratch: 0,
-            transient: 4 * i + 4 * o + 2 * i,
-        },
-        _ => ForwardBytes {
-            scratch: 0,
-            transient: 4 * i + 4 * o + (292 * i).div_ceil(256),
-        },
+        Format::F16 => candle(4 * i + 4 * o + 2 * i, 0),
+        _ => {
+            // Candle's AMX kernel: a block's activations as i8 (`in` bytes
+            // a row) and its list of row slices (16 bytes a row).
+            let amx = format == Format::Q4_K && candle_amx() && out_dim.is_multiple_of(16);
+            let per_block = if amx {
+                CANDLE_AMX_BLOCK_ROWS as u64 * (i + 16)
+            } else {
+                0
+            };
+            candle(4 * i + 4 * o + (292 * i).div_ceil(256), per_block)
+        }
     }
 }
 
@@ -840,15 +950,30 @@ mod tests {
             assert_eq!(scratch.bytes(), 0);
             assert!(per_row.transient >= 4 * (512 + 40));
         }
-        // Candle's path holds one chunk of rows at a time.
+        // Candle's path holds one chunk of rows at a time, with its AMX
+        // blocks where it takes that kernel (Q4_K on a CPU with AMX-INT8,
+        // 32 rows or more, output columns a multiple of 16: 40 is not).
         let q4 = forward_into_bytes(Format::Q4_K, 40, 512);
         assert!(q4.transient >= 4 * (512 + 40));
-        assert_eq!(q4.transient_for(3), 3 * q4.transient);
+        assert_eq!(q4.per_call, CANDLE_TENSOR_BYTES + 16);
+        assert_eq!(q4.per_block, 0);
+        assert_eq!(q4.transient_for(3), 3 * q4.transient + q4.per_call);
         assert_eq!(
             q4.transient_for(70),
-            CANDLE_CHUNK_ROWS as u64 * q4.transient
+            CANDLE_CHUNK_ROWS as u64 * q4.transient + q4.per_call
         );
-        assert_eq!(forward_into_bytes(Format::F32, 40, 512).transient, 0);
+        let amx = mem_budget::RepackRules::this_cpu().x86_amx;
+        let q4 = forward_into_bytes(Format::Q4_K, 48, 512);
+        assert_eq!(q4.per_block, if amx { 32 * (512 + 16) } else { 0 });
+        assert_eq!(q4.transient_for(31), 31 * q4.transient + q4.per_call);
+        assert_eq!(
+            q4.transient_for(70),
+            64 * q4.transient + candle_blocks_in_flight(64) * q4.per_block + q4.per_call
+        );
+        // Q6_K takes candle's other kernels.
+        assert_eq!(forward_into_bytes(Format::Q6_K, 48, 512).per_block, 0);
+        let f32 = forward_into_bytes(Format::F32, 40, 512);
+        assert_eq!((f32.transient, f32.transient_for(70)), (0, 0));
         // 100 inputs do not fit Q4_K: F16's path (fitted as the layer is).
         assert_eq!(
             forward_into_bytes(Format::Q4_K, 8, 100),

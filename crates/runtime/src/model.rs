@@ -379,6 +379,8 @@ impl MiniLmFacts {
                         per_token: first.per_token.max(m.per_token),
                         stride: if wider { m.stride } else { first.stride },
                         per_chunk_token: first.per_chunk_token.max(m.per_chunk_token),
+                        per_chunk_block: first.per_chunk_block.max(m.per_chunk_block),
+                        per_chunk_call: first.per_chunk_call.max(m.per_chunk_call),
                         chunk_rows: first.chunk_rows.max(m.chunk_rows),
                         ..first
                     }
