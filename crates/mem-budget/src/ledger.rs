@@ -313,21 +313,7 @@ impl MemoryLedger {
         bytes: u64,
         resident: u64,
     ) -> Result<Reservation> {
-        let mut st = self.inner.state.lock();
-        match self
-            .inner
-            .admit_within(&mut st, category, bytes, true, resident)
-        {
-            Ok(()) => Ok(self.reservation(category, bytes)),
-            Err(e) => {
-                if e.is_refusal() {
-                    st.refusals += 1;
-                }
-                drop(st);
-                tracing::debug!(%category, bytes, resident, error = %e, "reservation refused");
-                Err(e)
-            }
-        }
+        self.try_reserve_headroom(category, bytes, 0, resident)
     }
 
     /// Reserves `bytes` for `category`, admitted only if `bytes + headroom`

@@ -107,6 +107,8 @@ pub(crate) struct KvAccount {
 struct KvHold {
     account: Arc<KvAccount>,
     bytes: u64,
+    /// Tokens of KV the bytes cover.
+    tokens: usize,
     reservation: mem_budget::Reservation,
 }
 
@@ -174,8 +176,6 @@ pub(crate) struct GenSeq {
     max_tokens: usize,
     /// KV bytes of its whole length (prompt + `max_tokens`).
     kv_bytes: u64,
-    /// Tokens the KV its hold reserves covers.
-    kv_tokens: usize,
     /// Why it ended, where the reason alone does not say.
     error: Option<String>,
     kv: Option<Sequence>,
@@ -293,43 +293,62 @@ impl DecoderSteps {
     /// to there). False when neither the KV pool's budget nor the ledger
     /// has room, after the prefix cache has given way.
     fn grow(&mut self, s: &mut GenSeq, need: usize) -> bool {
-        if need <= s.kv_tokens {
-            return true;
-        }
         let target = self.kv_target(s, need);
-        let Some(held) = s.hold.as_ref().map(|h| h.bytes) else {
+        let Some(hold) = s.hold.as_mut() else {
             return false;
         };
-        let extra = self.kv_bytes_for(target).saturating_sub(held);
+        if need <= hold.tokens {
+            return true;
+        }
+        let extra = self.kv_bytes_for(target).saturating_sub(hold.bytes);
         let mut admitted = self.kv.admitted.lock();
-        let cached = self.prefix.as_ref().map_or(0, |p| p.weight());
-        let over = (*admitted + cached + extra).saturating_sub(self.kv.budget);
-        if over > 0 {
-            match &self.prefix {
-                Some(p) if cached > 0 => p.shrink_by(over),
-                _ => return false,
-            }
-            let cached = self.prefix.as_ref().map_or(0, |p| p.weight());
-            if *admitted + cached + extra > self.kv.budget {
-                return false;
-            }
+        if !self.budget_has_room(*admitted, extra) {
+            return false;
         }
         let idle = self.idle_kv_bytes(*admitted);
-        let hold = s.hold.as_mut().expect("checked above");
-        let mut grown = hold.reservation.grow_reusing(extra, idle);
-        if grown.is_err() {
-            if let Some(p) = self.prefix.as_ref().filter(|p| p.weight() > 0) {
-                p.shrink_by(extra);
-                grown = hold.reservation.grow_reusing(extra, idle);
-            }
-        }
-        if grown.is_err() {
+        let reservation = &mut hold.reservation;
+        if self
+            .reserve_or_shrink(extra, || reservation.grow_reusing(extra, idle))
+            .is_err()
+        {
             return false;
         }
         hold.bytes += extra;
+        hold.tokens = target;
         *admitted += extra;
-        s.kv_tokens = target;
         true
+    }
+
+    /// Whether `bytes` more fit the KV pool's budget beside `admitted`,
+    /// once the cached prefixes, which share the budget, have given way.
+    fn budget_has_room(&self, admitted: u64, bytes: u64) -> bool {
+        let cached = || self.prefix.as_ref().map_or(0, |p| p.weight());
+        let over = (admitted + cached() + bytes).saturating_sub(self.kv.budget);
+        if over == 0 {
+            return true;
+        }
+        match &self.prefix {
+            Some(p) if cached() > 0 => p.shrink_by(over),
+            _ => return false,
+        }
+        admitted + cached() + bytes <= self.kv.budget
+    }
+
+    /// `reserve`, tried once more after the cached prefixes (memory the
+    /// machine counts) have given way `bytes` when the ledger refuses.
+    fn reserve_or_shrink<T>(
+        &self,
+        bytes: u64,
+        mut reserve: impl FnMut() -> mem_budget::Result<T>,
+    ) -> mem_budget::Result<T> {
+        let reserved = reserve();
+        match self.prefix.as_ref().filter(|p| p.weight() > 0) {
+            Some(p) if reserved.is_err() => {
+                p.shrink_by(bytes);
+                reserve()
+            }
+            _ => reserved,
+        }
     }
 }
 
@@ -357,39 +376,21 @@ impl StepHandler for DecoderSteps {
         let tokens = self.kv_target(s, s.prompt.len());
         let initial = self.kv_bytes_for(tokens).min(full);
         let mut admitted = self.kv.admitted.lock();
-        // Cached prefixes share the KV budget: they give way first.
-        let cached = self.prefix.as_ref().map_or(0, |p| p.weight());
-        let over = (*admitted + cached + full).saturating_sub(self.kv.budget);
-        if over > 0 {
-            match &self.prefix {
-                Some(p) if cached > 0 => p.shrink_by(over),
-                _ => return Admission::Wait,
-            }
-            let cached = self.prefix.as_ref().map_or(0, |p| p.weight());
-            if *admitted + cached + full > self.kv.budget {
-                return Admission::Wait;
-            }
+        if !self.budget_has_room(*admitted, full) {
+            return Admission::Wait;
         }
         // Blocks the pool keeps idle are resident already and the new
         // sequence leases them first: those bytes are not asked of the
         // machine again.
         let idle = self.idle_kv_bytes(*admitted);
-        let reserve = || {
+        let reserved = self.reserve_or_shrink(full, || {
             self.ledger.try_reserve_headroom(
                 mem_budget::Category::Activations,
                 initial,
                 full - initial,
                 idle,
             )
-        };
-        let mut reserved = reserve();
-        if reserved.is_err() {
-            // Cached prefixes are memory the machine counts: they go first.
-            if let Some(p) = self.prefix.as_ref().filter(|p| p.weight() > 0) {
-                p.shrink_by(full);
-                reserved = reserve();
-            }
-        }
+        });
         let reservation = match reserved {
             Ok(r) => r,
             Err(_) => {
@@ -409,9 +410,9 @@ impl StepHandler for DecoderSteps {
         s.hold = Some(KvHold {
             account: Arc::clone(&self.kv),
             bytes: initial,
+            tokens,
             reservation,
         });
-        s.kv_tokens = tokens;
         // A cached prefix of what it reads spares computing it.
         let shared = self.prefix.as_ref().and_then(|p| p.lookup(&s.prompt));
         s.kv = Some(match shared.map(|p| (self.decoder.sequence_from_prefix(&p), p.tokens())) {
@@ -444,7 +445,6 @@ impl StepHandler for DecoderSteps {
         // then samples where it stopped.
         s.kv = None;
         s.hold = None;
-        s.kv_tokens = 0;
         self.running = self.running.saturating_sub(1);
         s.prompt.truncate(s.prompt_tokens);
         s.prompt.extend_from_slice(&s.history);
@@ -777,7 +777,6 @@ impl LoadedDecoder {
             read: 0,
             max_tokens: p.max_tokens,
             kv_bytes: p.kv_bytes,
-            kv_tokens: 0,
             error: None,
             kv: None,
             hold: None,
