@@ -61,7 +61,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -291,6 +291,9 @@ pub struct ContinuousStats {
     pub running: usize,
     /// Sequences queued now.
     pub queued: usize,
+    /// Tokens one step holds at most now (see
+    /// [`ContinuousBatcher::set_max_step_tokens`]).
+    pub step_tokens: usize,
 }
 
 struct Entry<S> {
@@ -313,6 +316,9 @@ struct Inner<S> {
     state: Mutex<Shared<S>>,
     wake: Condvar,
     config: ContinuousConfig,
+    /// The step budget now: `config.max_step_tokens` until
+    /// [`ContinuousBatcher::set_max_step_tokens`] lowers it.
+    step_tokens: AtomicUsize,
 }
 
 /// A continuous-batching step loop over a [`StepHandler`] (see the
@@ -398,6 +404,7 @@ impl<S: Send + 'static> ContinuousBatcher<S> {
                 stats: ContinuousStats::default(),
             }),
             wake: Condvar::new(),
+            step_tokens: AtomicUsize::new(config.max_step_tokens),
             config,
         });
         let loop_inner = Arc::clone(&inner);
@@ -464,7 +471,51 @@ impl<S: Send + 'static> ContinuousBatcher<S> {
 
     /// The counters now.
     pub fn stats(&self) -> ContinuousStats {
-        self.inner.state.lock().stats.clone()
+        let mut stats = self.inner.state.lock().stats.clone();
+        stats.step_tokens = self.max_step_tokens();
+        stats
+    }
+
+    /// Tokens one step holds at most now: the configured
+    /// [`max_step_tokens`](ContinuousConfig::max_step_tokens) unless
+    /// [`set_max_step_tokens`](Self::set_max_step_tokens) changed it.
+    pub fn max_step_tokens(&self) -> usize {
+        self.inner.step_tokens.load(Ordering::Relaxed)
+    }
+
+    /// Changes the step budget of the running loop (to follow the memory
+    /// free now, typically) and returns the one before. It applies from the
+    /// next step planned; a step already planned runs as planned. `tokens`
+    /// must be at least 1 and at most the configured
+    /// [`max_step_tokens`](ContinuousConfig::max_step_tokens), which the
+    /// handler sized its scratch for. Below
+    /// [`max_running`](ContinuousConfig::max_running), at most `tokens`
+    /// sequences run at once (those running already finish; decodes go
+    /// first, in priority order, so a lower-priority one may wait a step).
+    ///
+    /// ```
+    /// # use batcher::{ContinuousBatcher, ContinuousConfig, Exit, Progress, Scheduled, StepHandler};
+    /// # struct H;
+    /// # impl StepHandler for H {
+    /// #     type Seq = ();
+    /// #     fn pending_tokens(&self, _: &()) -> usize { 1 }
+    /// #     fn step(&mut self, b: &mut [Scheduled<'_, ()>]) -> Vec<Progress> { vec![Progress::Done; b.len()] }
+    /// #     fn finish(&mut self, _: (), _: Exit) {}
+    /// # }
+    /// let engine = ContinuousBatcher::new(ContinuousConfig::default(), H).unwrap();
+    /// assert_eq!(engine.set_max_step_tokens(128).unwrap(), 512);
+    /// assert_eq!(engine.stats().step_tokens, 128);
+    /// assert!(engine.set_max_step_tokens(1024).is_err()); // above the configured 512
+    /// ```
+    pub fn set_max_step_tokens(&self, tokens: usize) -> Result<usize, Error> {
+        if tokens == 0 || tokens > self.inner.config.max_step_tokens {
+            return Err(Error::InvalidConfig {
+                field: "max_step_tokens",
+                value: format!("{tokens} (configured {})", self.inner.config.max_step_tokens),
+                reason: "at least 1 and at most the configured max_step_tokens",
+            });
+        }
+        Ok(self.inner.step_tokens.swap(tokens, Ordering::Relaxed))
     }
 
     /// The configuration.
@@ -617,7 +668,12 @@ impl<H: StepHandler> Loop<H> {
     }
 
     fn admit(&mut self) {
-        while self.running.len() < self.inner.config.max_running {
+        let max_running = self
+            .inner
+            .config
+            .max_running
+            .min(self.inner.step_tokens.load(Ordering::Relaxed));
+        while self.running.len() < max_running {
             let Some(head) = self.queue.front_mut() else {
                 break;
             };
@@ -658,7 +714,7 @@ impl<H: StepHandler> Loop<H> {
             .iter()
             .map(|e| self.handler.pending_tokens(&e.seq))
             .collect();
-        let mut budget = cfg.max_step_tokens;
+        let mut budget = self.inner.step_tokens.load(Ordering::Relaxed);
         let mut plan = Vec::new();
         for &i in &order {
             if pending[i] == 1 && budget > 0 {

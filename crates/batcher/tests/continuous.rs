@@ -374,6 +374,57 @@ fn prefill_is_chunked_beside_decodes() {
 }
 
 #[test]
+fn a_lowered_step_budget_bounds_every_later_step_and_the_sequences_admitted() {
+    let config = ContinuousConfig {
+        max_step_tokens: 64,
+        max_running: 8,
+        max_prefill_chunk: 64,
+        ..ContinuousConfig::default()
+    };
+    let (eng, seen, rx) = engine(config, 100);
+    assert_eq!(eng.max_step_tokens(), 64);
+    assert!(matches!(
+        eng.set_max_step_tokens(0),
+        Err(Error::InvalidConfig { field: "max_step_tokens", .. })
+    ));
+    assert!(matches!(
+        eng.set_max_step_tokens(65),
+        Err(Error::InvalidConfig { field: "max_step_tokens", .. })
+    ));
+    assert_eq!(eng.set_max_step_tokens(4).unwrap(), 64);
+    assert_eq!(eng.stats().step_tokens, 4);
+    let seq = |id| Seq {
+        id,
+        prompt: 50,
+        decode: 6,
+        poison: false,
+        room: 1,
+        held: 0,
+    };
+    let handles: Vec<_> = (0..6)
+        .map(|id| eng.join(seq(id), JoinOptions::default()).unwrap())
+        .collect();
+    for _ in 0..6 {
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+    {
+        let mut s = seen.lock();
+        assert!(s.exits.values().all(|e| e == &vec![Exit::Done]), "{:?}", s.exits);
+        assert_eq!(s.max_step_tokens, 4, "a step held more than the lowered budget");
+        assert!(s.max_batch <= 4, "{} sequences ran in one step", s.max_batch);
+        s.max_step_tokens = 0;
+    }
+    drop(handles);
+    // Raised again, a long prompt is read in steps of the whole budget.
+    assert_eq!(eng.set_max_step_tokens(64).unwrap(), 4);
+    let h = eng.join(seq(10), JoinOptions::default()).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 10);
+    drop(h);
+    assert_eq!(seen.lock().max_step_tokens, 50);
+    assert_eq!(eng.stats().prefill_tokens, 6 * 50 + 50);
+}
+
+#[test]
 fn a_sequence_without_room_waits_then_leaves_with_no_room() {
     let config = ContinuousConfig {
         max_queue_wait: Duration::from_millis(100),

@@ -296,6 +296,44 @@ fn bad_input_is_a_clear_error() {
 }
 
 #[test]
+fn lowered_scratch_tokens_free_the_step_scratch_and_leave_logits_alone() {
+    // A decoder of its own: the shared ones run other tests' steps.
+    let dec = Decoder::load(
+        model(SMOLLM2),
+        DecoderConfig {
+            max_step_tokens: 256,
+            kv_budget_bytes: 16 << 20,
+            ..DecoderConfig::default()
+        },
+    )
+    .unwrap();
+    let prompt: Vec<u32> = (0..200).map(|i| 200 + 7 * i).collect();
+    let chunked_before = alone(&dec, std::slice::from_ref(&prompt), 32);
+    let before = alone(&dec, std::slice::from_ref(&prompt), 200);
+    let full = dec.scratch_bytes_held();
+    assert!(full > 0, "a step of 200 tokens left no scratch");
+    assert_eq!(dec.scratch_tokens(), 256);
+    // Kept for 32 tokens: a 200-token scratch is freed at once.
+    dec.set_scratch_tokens(32);
+    assert_eq!(dec.scratch_tokens(), 32);
+    assert_eq!(dec.scratch_bytes_held(), 0);
+    // Steps within it keep theirs; a larger one runs and frees its own.
+    let chunked = alone(&dec, std::slice::from_ref(&prompt), 32);
+    let small = dec.scratch_bytes_held();
+    assert!(small > 0 && small * 6 <= full, "{small} of {full}");
+    let after = alone(&dec, std::slice::from_ref(&prompt), 200);
+    assert_eq!(dec.scratch_bytes_held(), 0);
+    // The same steps give the same logits, whatever scratch they found.
+    assert_eq!(before, after);
+    assert_eq!(chunked_before, chunked);
+    // Clamped to the configured step budget.
+    dec.set_scratch_tokens(10_000);
+    assert_eq!(dec.scratch_tokens(), 256);
+    alone(&dec, std::slice::from_ref(&prompt), 200);
+    assert_eq!(dec.scratch_bytes_held(), full);
+}
+
+#[test]
 fn kv_budget_too_small_for_one_block() {
     let e = Decoder::load(
         model(SMOLLM2),
@@ -564,3 +602,4 @@ fn smollm2_greedy_tokens_equal_llama_cpp() {
 fn gemma3_greedy_tokens_equal_llama_cpp() {
     greedy_agrees(gemma3(), "gemma3-270m");
 }
+

@@ -145,8 +145,16 @@ impl Runtime {
         Ok(report)
     }
 
-    /// Re-plans from the memory free now: batch tokens, cache capacity and
-    /// the longest input, applied at once.
+    /// Re-plans from the memory free now, applied at once: batch tokens,
+    /// cache capacity and the longest input of embeddings, and each loaded
+    /// generative model's step budget (its scratch, released to the ledger
+    /// when the step shrinks) and KV budget (what its sequences may hold
+    /// together). The rules are in the runtime docs under "Re-planning";
+    /// [`Plan::generation`] shows the budgets now.
+    ///
+    /// Call it when the memory free has changed (a pressure hook, a timer,
+    /// the server's `POST /optimize-for-hardware`): a KV budget lowered by a
+    /// shortage rises again only when it is called once memory is back.
     pub fn reoptimize(&self) -> Result<Reoptimized> {
         let inner = &self.inner;
         let memory = inner.registry.ledger().probe().memory()?;
@@ -170,16 +178,34 @@ impl Runtime {
         new.max_input_tokens = sizes.max_input_tokens;
         let free = sizes.free;
         new.reasons = vec![format!("re-planned for {} MiB free", free >> 20)];
+        new.generation = inner.decoders.replan(free);
+        for (g, before) in new.generation.iter().map(|g| {
+            (g, previous.generation.iter().find(|p| p.model == g.model))
+        }) {
+            if before != Some(g) {
+                new.reasons.push(format!(
+                    "{}: steps of at most {} tokens (configured {}), KV budget {} MiB (configured {} MiB)",
+                    g.model,
+                    g.step_tokens,
+                    g.step_tokens_configured,
+                    g.kv_budget_bytes >> 20,
+                    g.kv_budget_configured >> 20
+                ));
+            }
+        }
         let changed = new.cache_bytes != previous.cache_bytes
             || new.batch_tokens != previous.batch_tokens
-            || new.max_input_tokens != previous.max_input_tokens;
+            || new.max_input_tokens != previous.max_input_tokens
+            || new.generation != previous.generation;
         if !changed {
             inner.plan.lock().memory_available = memory.effective_available;
             return Ok(Reoptimized::Optimal);
         }
         inner.cache.set_capacity(new.cache_bytes);
         inner.registry.set_batch_tokens(new.batch_tokens);
-        *inner.plan.lock() = new.clone();
+        let mut stored = new.clone();
+        stored.generation.clear(); // `plan()` reads it live
+        *inner.plan.lock() = stored;
         Ok(Reoptimized::Adjusted {
             previous: Box::new(previous),
             new: Box::new(new),

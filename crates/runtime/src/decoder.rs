@@ -98,7 +98,15 @@ impl GenerativeSpec {
 #[derive(Debug, Default)]
 pub(crate) struct KvAccount {
     pub(crate) admitted: Mutex<u64>,
-    pub(crate) budget: u64,
+    /// The KV budget now: the configured one, or what `reoptimize` planned
+    /// for the memory free (see [`Decoders::replan`]).
+    pub(crate) budget: AtomicU64,
+}
+
+impl KvAccount {
+    pub(crate) fn budget(&self) -> u64 {
+        self.budget.load(Ordering::Relaxed)
+    }
 }
 
 /// What one admitted sequence holds: its share of the KV pool and its
@@ -323,7 +331,8 @@ impl DecoderSteps {
     /// once the cached prefixes, which share the budget, have given way.
     fn budget_has_room(&self, admitted: u64, bytes: u64) -> bool {
         let cached = || self.prefix.as_ref().map_or(0, |p| p.weight());
-        let over = (admitted + cached() + bytes).saturating_sub(self.kv.budget);
+        let budget = self.kv.budget();
+        let over = (admitted + cached() + bytes).saturating_sub(budget);
         if over == 0 {
             return true;
         }
@@ -331,7 +340,7 @@ impl DecoderSteps {
             Some(p) if cached() > 0 => p.shrink_by(over),
             _ => return false,
         }
-        admitted + cached() + bytes <= self.kv.budget
+        admitted + cached() + bytes <= budget
     }
 
     /// `reserve`, tried once more after the cached prefixes (memory the
@@ -481,7 +490,7 @@ impl StepHandler for DecoderSteps {
                         s.error = Some(format!(
                             "no room to grow its KV past {len} tokens: it holds {held} bytes and needs {} more, which neither the ledger nor the KV budget ({} bytes) has",
                             want.saturating_sub(held),
-                            self.kv.budget
+                            self.kv.budget()
                         ));
                         Progress::Done
                     })
@@ -690,10 +699,13 @@ pub(crate) struct LoadedDecoder {
     pub(crate) engine: batcher::ContinuousBatcher<GenSeq>,
     pub(crate) decoder: Arc<Decoder>,
     pub(crate) layout: KvLayout,
+    /// Tokens one step holds at most as configured (the step loop's budget
+    /// now may be lower: [`Decoders::replan`]). KV is counted for it.
     pub(crate) step_tokens: usize,
     pub(crate) kv: Arc<KvAccount>,
     pub(crate) counters: Arc<GenCounters>,
-    pub(crate) reservation: mem_budget::Reservation,
+    /// Weights, repacked copies and the scratch of a step of the budget now.
+    pub(crate) reservation: Mutex<mem_budget::Reservation>,
     pub(crate) prefix: Option<Arc<PrefixCache>>,
 }
 
@@ -701,7 +713,7 @@ impl std::fmt::Debug for LoadedDecoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LoadedDecoder")
             .field("decoder", &self.decoder)
-            .field("reserved", &self.reservation.bytes())
+            .field("reserved", &self.reservation.lock().bytes())
             .finish_non_exhaustive()
     }
 }
@@ -742,10 +754,11 @@ impl LoadedDecoder {
         let kv_bytes =
             self.layout
                 .sequence_bytes(prompt.len() + max_tokens, self.step_tokens) as u64;
-        if kv_bytes > self.kv.budget {
+        let budget = self.kv.budget();
+        if kv_bytes > budget {
             return Err(Error::KvTooLarge {
                 needed: kv_bytes,
-                budget: self.kv.budget,
+                budget,
                 tokens: prompt.len() + max_tokens,
             });
         }
@@ -857,6 +870,53 @@ pub struct GenerativeStatus {
     pub idle_secs: f64,
     /// Its step loop's counters, when loaded.
     pub engine: Option<batcher::ContinuousStats>,
+}
+
+/// A loaded decoder's step and KV budgets, part of the [`Plan`](crate::Plan).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GenerationPlan {
+    /// The model's name.
+    pub model: String,
+    /// Tokens one step holds at most now.
+    pub step_tokens: usize,
+    /// ... as configured (the most it may hold).
+    pub step_tokens_configured: usize,
+    /// Bytes of KV all its sequences and its prefix cache may hold now.
+    pub kv_budget_bytes: u64,
+    /// ... as configured (`DecoderConfig::kv_budget_bytes`).
+    pub kv_budget_configured: u64,
+    /// Bytes the ledger holds for its weights and step scratch.
+    pub reserved_bytes: u64,
+}
+
+/// Tokens a step holds for `free` bytes: `configured`, halved under 1 GiB
+/// and quartered under 256 MiB, never under 64 (or `configured`).
+pub(crate) fn step_tokens_for(configured: usize, free: u64) -> usize {
+    let t = if free < (256 << 20) {
+        configured / 4
+    } else if free < (1 << 30) {
+        configured / 2
+    } else {
+        configured
+    };
+    t.max(configured.min(64)).max(1)
+}
+
+/// Bytes a decoder reserves for its weights, repacked copies and the
+/// scratch of a step of `step_tokens` (KV is reserved per sequence): while
+/// it loads, with the largest tensor's transient copy; once loaded, without.
+fn model_bytes(spec: &GenerativeSpec, step_tokens: usize, loading: bool) -> Result<u64> {
+    let cfg = DecoderConfig {
+        max_step_tokens: step_tokens,
+        ..spec.decoder.clone()
+    };
+    let est = Decoder::estimate(&spec.gguf, &cfg, 1, 1)?;
+    let bytes = if loading {
+        est.peak_bytes()
+    } else {
+        est.running_bytes()
+    };
+    Ok(bytes.saturating_sub(est.kv_bytes))
 }
 
 /// The generative models: lazy loads within the ledger, idle unloads.
@@ -988,8 +1048,8 @@ impl Decoders {
         engine_cfg.thread_name = format!("snug-gen-{}", spec.name);
         // Weights, repacked copies and scratch are reserved now; KV per
         // sequence at admission.
-        let est = Decoder::estimate(&spec.gguf, &spec.decoder, 1, 1)?;
-        let bytes = est.peak_bytes().saturating_sub(est.kv_bytes);
+        let bytes = model_bytes(spec, engine_cfg.max_step_tokens, true)?;
+        let running_bytes = model_bytes(spec, engine_cfg.max_step_tokens, false)?;
         let reservation = self
             .ledger
             .try_reserve_alone(mem_budget::Category::Model, bytes)
@@ -1012,10 +1072,16 @@ impl Decoders {
             models::ChatTemplate::plain_fallback()
         };
         let decoder = Arc::new(Decoder::load(&spec.gguf, spec.decoder.clone())?);
+        // Loaded: the transient copy of the load is gone.
+        let mut reservation = reservation;
+        if running_bytes < reservation.bytes() {
+            let less = reservation.bytes() - running_bytes;
+            reservation.shrink(less);
+        }
         let layout = decoder.kv_layout().clone();
         let kv = Arc::new(KvAccount {
             admitted: Mutex::new(0),
-            budget: spec.decoder.kv_budget_bytes as u64,
+            budget: AtomicU64::new(spec.decoder.kv_budget_bytes as u64),
         });
         let counters = Arc::new(GenCounters::default());
         let prefix = PrefixCache::new(&decoder, spec.prefix_cache_bytes, &self.ledger).map(Arc::new);
@@ -1043,7 +1109,7 @@ impl Decoders {
             step_tokens,
             kv,
             counters,
-            reservation,
+            reservation: Mutex::new(reservation),
             prefix,
         }))
     }
@@ -1072,7 +1138,7 @@ impl Decoders {
             }
         };
         taken.map_or(0, |l| {
-            let b = l.reservation.bytes();
+            let b = l.reservation.lock().bytes();
             drop(l);
             b
         })
@@ -1130,6 +1196,98 @@ impl Decoders {
         drop(taken);
     }
 
+    /// The loaded decoders with their specs, sorted by name.
+    fn loaded(&self) -> Vec<(GenerativeSpec, Arc<LoadedDecoder>)> {
+        let mut v: Vec<_> = self
+            .slots
+            .lock()
+            .values()
+            .filter_map(|s| match &s.state {
+                GenState::Loaded(l) => Some((s.spec.clone(), Arc::clone(l))),
+                _ => None,
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        v
+    }
+
+    /// The step and KV budgets of each loaded decoder now.
+    pub(crate) fn plans(&self) -> Vec<GenerationPlan> {
+        self.loaded()
+            .iter()
+            .map(|(spec, l)| GenerationPlan {
+                model: spec.name.clone(),
+                step_tokens: l.engine.max_step_tokens(),
+                step_tokens_configured: l.step_tokens,
+                kv_budget_bytes: l.kv.budget(),
+                kv_budget_configured: spec.decoder.kv_budget_bytes as u64,
+                reserved_bytes: l.reservation.lock().bytes(),
+            })
+            .collect()
+    }
+
+    /// Re-plans each loaded decoder's step and KV budgets for `free` bytes
+    /// (the machine's available memory less the safety margin) and returns
+    /// the budgets now. The rules are in the runtime docs ("Re-planning"):
+    ///
+    /// - **Steps** hold the configured tokens, half of them under 1 GiB
+    ///   free and a quarter under 256 MiB (never fewer than 64, or the
+    ///   configured count if smaller), the rule batches of embeddings follow.
+    ///   The ledger's reservation for the decoder shrinks to the weights and
+    ///   the scratch of the smaller step, and the scratch is freed; it grows
+    ///   back only if the ledger has room for it.
+    /// - **KV** may hold, over all sequences and the prefix cache, what they
+    ///   hold now plus the pool's idle blocks plus what the ledger could
+    ///   reserve for activations now (and no more than `free`), never more
+    ///   than configured. A request
+    ///   whose whole length no longer fits is refused at once with the
+    ///   numbers (`auto` goes on to the next tier) instead of waiting;
+    ///   running sequences that outgrow it are preempted by the rule of
+    ///   KV growth.
+    pub(crate) fn replan(&self, free: u64) -> Vec<GenerationPlan> {
+        for (spec, l) in self.loaded() {
+            let target = step_tokens_for(l.step_tokens, free);
+            let now = l.engine.max_step_tokens();
+            if target != now {
+                let bytes = model_bytes(&spec, target, false);
+                match bytes {
+                    Ok(bytes) if target < now => {
+                        if l.engine.set_max_step_tokens(target).is_ok() {
+                            l.decoder.set_scratch_tokens(target);
+                            let mut r = l.reservation.lock();
+                            let less = r.bytes().saturating_sub(bytes);
+                            r.shrink(less);
+                        }
+                    }
+                    Ok(bytes) => {
+                        let grown = l.reservation.lock().resize(bytes).is_ok();
+                        if grown {
+                            l.decoder.set_scratch_tokens(target);
+                            if l.engine.set_max_step_tokens(target).is_err() {
+                                l.decoder.set_scratch_tokens(now);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(model = %spec.name, error = %e, "could not re-plan the step budget"),
+                }
+            }
+            let held = *l.kv.admitted.lock() + l.prefix.as_ref().map_or(0, |p| p.weight());
+            let leased = l.decoder.kv_bytes_in_use() as u64;
+            let unleased = held.saturating_sub(leased);
+            let idle = (l.decoder.kv_bytes_cached() as u64).saturating_sub(unleased);
+            // The ledger's reading of the machine may be a little older
+            // than `free`: the lesser of the two.
+            let room = self
+                .ledger
+                .available_for(mem_budget::Category::Activations)
+                .unwrap_or(0)
+                .min(free);
+            let budget = (spec.decoder.kv_budget_bytes as u64).min(held + idle + room);
+            l.kv.budget.store(budget, Ordering::Relaxed);
+        }
+        self.plans()
+    }
+
     pub(crate) fn status(&self) -> Vec<GenerativeStatus> {
         let now = Instant::now();
         let slots = self.slots.lock();
@@ -1177,11 +1335,12 @@ impl Decoders {
                     let prefix_bytes = l.prefix.as_ref().map_or(0, |p| p.weight());
                     let leased = l.decoder.kv_bytes_in_use() as u64;
                     let in_use = leased.saturating_sub(prefix_bytes);
-                    st.reserved_bytes = l.reservation.bytes();
+                    st.reserved_bytes = l.reservation.lock().bytes();
+                    st.kv_bytes_budget = l.kv.budget();
                     st.running = e.running;
                     st.queued = e.queued;
                     st.kv_blocks_used = l.layout.groups.first().map_or(0, |_| in_use / block);
-                    st.kv_blocks_free = l.kv.budget.saturating_sub(leased) / block;
+                    st.kv_blocks_free = l.kv.budget().saturating_sub(leased) / block;
                     st.kv_bytes_admitted = *l.kv.admitted.lock();
                     st.tokens_per_second = l.counters.tokens_per_second();
                     st.tokens_generated = l.counters.generated.load(Ordering::Relaxed);

@@ -40,6 +40,10 @@ pub struct Plan {
     pub max_delay_ms: u64,
     /// Longest input in tokens that fits the activation budget.
     pub max_input_tokens: u64,
+    /// The step and KV budgets of each generative model loaded now (none
+    /// until one loads; [`Runtime::reoptimize`](crate::Runtime::reoptimize)
+    /// re-plans them).
+    pub generation: Vec<crate::decoder::GenerationPlan>,
     /// Why each choice was made.
     pub reasons: Vec<String>,
 }
@@ -95,6 +99,21 @@ impl fmt::Display for Plan {
             ),
             ("max input", format!("{} tokens", self.max_input_tokens)),
         ];
+        let mut rows = rows;
+        for g in &self.generation {
+            rows.push((
+                "generation",
+                format!(
+                    "{}: steps ≤ {} tokens (of {}), KV {} (of {}), {} reserved",
+                    g.model,
+                    g.step_tokens,
+                    g.step_tokens_configured,
+                    mib(g.kv_budget_bytes),
+                    mib(g.kv_budget_configured),
+                    mib(g.reserved_bytes)
+                ),
+            ));
+        }
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         for (k, v) in rows {
             writeln!(f, "{k:<width$}  {v}")?;
@@ -243,6 +262,7 @@ pub(crate) fn initial_plan(
         batch_size: config.batch.max_batch_size,
         max_delay_ms: config.batch.max_delay.as_millis() as u64,
         max_input_tokens: sizes.max_input_tokens,
+        generation: Vec::new(),
         reasons,
     }
 }

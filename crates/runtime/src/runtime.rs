@@ -104,7 +104,9 @@ impl Runtime {
 
     /// The plan: what was chosen for this machine and why.
     pub fn plan(&self) -> Plan {
-        self.inner.plan.lock().clone()
+        let mut plan = self.inner.plan.lock().clone();
+        plan.generation = self.inner.decoders.plans();
+        plan
     }
 
     /// The hardware profile the plan was made from.

@@ -691,3 +691,70 @@ fn a_sequence_short_of_room_to_grow_preempts_the_latest_and_answers_do_not_chang
     assert!(s.recomputed_tokens > 0, "{s:?}");
     assert_eq!((s.running, s.kv_bytes_admitted), (0, 0));
 }
+
+#[test]
+fn reoptimize_replans_the_step_and_kv_budgets_for_the_memory_free() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let probe = Arc::new(Adjustable(std::sync::atomic::AtomicU64::new(12 << 30)));
+    let rt = Runtime::builder()
+        .config(config())
+        .memory_probe(Arc::clone(&probe) as Arc<dyn runtime::hw::MemoryProbe>)
+        .without_local_model()
+        .generative(smol_spec())
+        .build()
+        .unwrap();
+    assert!(rt.plan().generation.is_empty(), "nothing is loaded yet");
+    let req = || GenerateRequest::text("The three primary colours are").max_tokens(16);
+    let first = rt.generate(SMOL, req()).unwrap().wait();
+    assert_eq!(first.finished.reason, FinishReason::Length);
+    let loaded = rt.plan().generation;
+    assert_eq!(loaded.len(), 1);
+    let full = loaded[0].clone();
+    assert_eq!(full.model, SMOL);
+    assert_eq!(full.step_tokens, full.step_tokens_configured);
+    assert_eq!(full.kv_budget_bytes, full.kv_budget_configured);
+    assert_eq!(rt.reoptimize().unwrap(), runtime::Reoptimized::Optimal);
+
+    // 8 MiB free above the margin: steps of a quarter, a KV budget of
+    // what the machine has, the scratch of the smaller step given back.
+    let margin = rt.ledger().budget().safety_margin;
+    probe.0.store(margin + (8 << 20), Relaxed);
+    let runtime::Reoptimized::Adjusted { previous, new } = rt.reoptimize().unwrap() else {
+        panic!("8 MiB free must change the plan");
+    };
+    assert_eq!(previous.generation, vec![full.clone()]);
+    let short = new.generation[0].clone();
+    assert_eq!(short.step_tokens, full.step_tokens_configured / 4);
+    assert!(
+        short.kv_budget_bytes <= 9 << 20 && short.kv_budget_bytes >= 8 << 20,
+        "KV budget {} for 8 MiB free",
+        short.kv_budget_bytes
+    );
+    assert!(short.reserved_bytes < full.reserved_bytes, "{short:?}");
+    assert!(new.reasons.iter().any(|r| r.contains(SMOL)), "{:?}", new.reasons);
+    assert_eq!(rt.plan().generation, vec![short.clone()]);
+    let status = rt.status().generative[0].clone();
+    assert_eq!(status.kv_bytes_budget, short.kv_budget_bytes);
+    assert_eq!(status.reserved_bytes, short.reserved_bytes);
+    assert_eq!(status.engine.unwrap().step_tokens, short.step_tokens);
+    // What fits is answered as before; what never fits now is refused at
+    // once with the numbers.
+    assert_eq!(rt.generate(SMOL, req()).unwrap().wait().text, first.text);
+    let long = || GenerateRequest::text("The three primary colours are").max_tokens(2000);
+    match rt.generate(SMOL, long()) {
+        Err(Error::KvTooLarge { needed, budget, .. }) => {
+            assert_eq!(budget, short.kv_budget_bytes);
+            assert!(needed > budget);
+        }
+        other => panic!("expected KvTooLarge, got {:?}", other.map(|g| g.served().clone())),
+    }
+
+    // Memory back: the configured budgets, the reservation grown again.
+    probe.0.store(12 << 30, Relaxed);
+    assert!(matches!(
+        rt.reoptimize().unwrap(),
+        runtime::Reoptimized::Adjusted { .. }
+    ));
+    assert_eq!(rt.plan().generation, vec![full]);
+    drop(rt.generate(SMOL, long()).expect("fits the configured KV budget"));
+}

@@ -43,6 +43,35 @@ impl Scratch {
             + cfg.rope_dims * cfg.layer_groups().len(); // cos + sin per base
         per_token * tokens
     }
+
+    /// f32 values the activation buffers have room for.
+    pub(crate) fn floats_held(&self) -> usize {
+        [
+            &self.x, &self.h, &self.q, &self.k, &self.v, &self.o, &self.a, &self.g, &self.u,
+        ]
+        .iter()
+        .map(|v| v.capacity())
+        .sum()
+    }
+
+    /// Frees the buffers when they hold more than a step of `tokens` needs
+    /// (the next step allocates what it uses). True if it freed them.
+    pub(crate) fn trim(&mut self, cfg: &super::ModelConfig, tokens: usize) -> bool {
+        if self.floats_held() <= Self::floats_for(cfg, tokens) {
+            return false;
+        }
+        *self = Scratch::default();
+        true
+    }
+}
+
+/// [`grow`] for the step scratch: no more capacity than asked, so that
+/// [`Scratch::trim`] compares what the buffers hold with what a step needs.
+fn grow_exact(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.reserve_exact(n - v.len());
+    }
+    grow(v, n)
 }
 
 fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -100,7 +129,7 @@ pub(crate) fn run(
     let t_all = row;
 
     // Embeddings: only the rows used are dequantized.
-    let x = grow(&mut s.x, t_all * hsz);
+    let x = grow_exact(&mut s.x, t_all * hsz);
     for (r, tok) in steps.iter().flat_map(|st| st.tokens.iter()).enumerate() {
         let xr = &mut x[r * hsz..(r + 1) * hsz];
         w.embd.dequantize_row(*tok as usize, xr)?;
@@ -132,11 +161,11 @@ pub(crate) fn run(
     let n_layers = cfg.n_layers;
     for (il, layer) in w.layers.iter().enumerate() {
         let x = &mut s.x[..t * hsz];
-        let h = grow(&mut s.h, t * hsz);
+        let h = grow_exact(&mut s.h, t * hsz);
         ops::rms_norm(x, &layer.attn_norm, cfg.rms_eps, h);
-        let q = grow(&mut s.q, t * qd);
-        let k = grow(&mut s.k, t * kvd);
-        let v = grow(&mut s.v, t * kvd);
+        let q = grow_exact(&mut s.q, t * qd);
+        let k = grow_exact(&mut s.k, t * kvd);
+        let v = grow_exact(&mut s.v, t * kvd);
         layer.wq.matmul(h, t, q)?;
         layer.wk.matmul(h, t, k)?;
         layer.wv.matmul(h, t, v)?;
@@ -163,7 +192,7 @@ pub(crate) fn run(
                 &v[r0 * kvd..(r0 + n) * kvd],
             );
         }
-        let o = grow(&mut s.o, t * qd);
+        let o = grow_exact(&mut s.o, t * qd);
         attention(dec, il, kind.window, steps, &spans, f16_attn, q, o);
 
         if il + 1 == n_layers {
@@ -184,24 +213,24 @@ pub(crate) fn run(
             }
         }
         let o = &s.o[..t * qd];
-        let a = grow(&mut s.a, t * hsz);
+        let a = grow_exact(&mut s.a, t * hsz);
         layer.wo.matmul(o, t, a)?;
         if let Some(pn) = &layer.post_attn_norm {
             ops::rms_norm_inplace(a, pn, cfg.rms_eps);
         }
         let x = &mut s.x[..t * hsz];
         ops::add_inplace(x, a);
-        let h = grow(&mut s.h, t * hsz);
+        let h = grow_exact(&mut s.h, t * hsz);
         ops::rms_norm(x, &layer.ffn_norm, cfg.rms_eps, h);
-        let g = grow(&mut s.g, t * cfg.ffn);
-        let u = grow(&mut s.u, t * cfg.ffn);
+        let g = grow_exact(&mut s.g, t * cfg.ffn);
+        let u = grow_exact(&mut s.u, t * cfg.ffn);
         layer.gate.matmul(h, t, g)?;
         layer.up.matmul(h, t, u)?;
         match cfg.arch {
             super::Architecture::Llama => ops::silu_mul(g, u),
             super::Architecture::Gemma3 => ops::gelu_mul(g, u),
         }
-        let a = grow(&mut s.a, t * hsz);
+        let a = grow_exact(&mut s.a, t * hsz);
         layer.down.matmul(g, t, a)?;
         if let Some(pn) = &layer.post_ffw_norm {
             ops::rms_norm_inplace(a, pn, cfg.rms_eps);
@@ -209,7 +238,7 @@ pub(crate) fn run(
         ops::add_inplace(&mut s.x[..t * hsz], a);
     }
 
-    let h = grow(&mut s.h, t * hsz);
+    let h = grow_exact(&mut s.h, t * hsz);
     ops::rms_norm(&s.x[..t * hsz], &w.out_norm, cfg.rms_eps, h);
     let out = w.output.as_ref().unwrap_or(&w.embd);
     let mut data = vec![0f32; t * cfg.vocab];

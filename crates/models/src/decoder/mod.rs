@@ -164,6 +164,9 @@ pub struct Decoder {
     _pool: BufferPool,
     kv: NamedPool,
     scratch: Mutex<Scratch>,
+    /// Tokens the step scratch is kept for between steps (see
+    /// [`Decoder::set_scratch_tokens`]).
+    scratch_tokens: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -257,6 +260,7 @@ impl Decoder {
             _pool: pool,
             kv,
             scratch: Mutex::new(Scratch::default()),
+            scratch_tokens: std::sync::atomic::AtomicUsize::new(opts.max_step_tokens),
             weights,
             opts,
         })
@@ -429,11 +433,39 @@ impl Decoder {
             s.seq.reserve(&self.layout, &self.kv, s.tokens.len(), i)?;
         }
         let mut scratch = self.scratch.lock();
-        let logits = forward::run(self, &mut scratch, steps)?;
+        let logits = forward::run(self, &mut scratch, steps);
+        scratch.trim(&self.cfg, self.scratch_tokens());
+        let logits = logits?;
         for s in steps.iter_mut() {
             s.seq.advance(&self.layout, s.tokens.len());
         }
         Ok(logits)
+    }
+
+    /// Tokens the step scratch is kept for between steps: the configured
+    /// [`max_step_tokens`](DecoderConfig::max_step_tokens) unless
+    /// [`set_scratch_tokens`](Self::set_scratch_tokens) lowered it.
+    pub fn scratch_tokens(&self) -> usize {
+        self.scratch_tokens.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes the step's activation buffers hold between steps.
+    pub fn scratch_bytes_held(&self) -> usize {
+        self.scratch.lock().floats_held() * std::mem::size_of::<f32>()
+    }
+
+    /// Keeps the step scratch (activations of one step, the bulk of
+    /// [`DecoderEstimate::scratch_bytes`]) only for steps of at most
+    /// `tokens` (clamped to 1..=`max_step_tokens`) between steps: it is
+    /// freed now if it holds more, and after any step that grew it past
+    /// that. A larger step still runs (it allocates what it needs and frees
+    /// it after). For a caller that lowers its step budget to give memory
+    /// back (the runtime's `reoptimize`). Waits for a step in progress.
+    pub fn set_scratch_tokens(&self, tokens: usize) {
+        let tokens = tokens.clamp(1, self.opts.max_step_tokens);
+        self.scratch_tokens
+            .store(tokens, std::sync::atomic::Ordering::Relaxed);
+        self.scratch.lock().trim(&self.cfg, tokens);
     }
 
     /// The memory this file needs with `opts`, from the header alone.
