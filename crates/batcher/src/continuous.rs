@@ -511,7 +511,10 @@ impl<S: Send + 'static> ContinuousBatcher<S> {
         if tokens == 0 || tokens > self.inner.config.max_step_tokens {
             return Err(Error::InvalidConfig {
                 field: "max_step_tokens",
-                value: format!("{tokens} (configured {})", self.inner.config.max_step_tokens),
+                value: format!(
+                    "{tokens} (configured {})",
+                    self.inner.config.max_step_tokens
+                ),
                 reason: "at least 1 and at most the configured max_step_tokens",
             });
         }

@@ -385,11 +385,17 @@ fn a_lowered_step_budget_bounds_every_later_step_and_the_sequences_admitted() {
     assert_eq!(eng.max_step_tokens(), 64);
     assert!(matches!(
         eng.set_max_step_tokens(0),
-        Err(Error::InvalidConfig { field: "max_step_tokens", .. })
+        Err(Error::InvalidConfig {
+            field: "max_step_tokens",
+            ..
+        })
     ));
     assert!(matches!(
         eng.set_max_step_tokens(65),
-        Err(Error::InvalidConfig { field: "max_step_tokens", .. })
+        Err(Error::InvalidConfig {
+            field: "max_step_tokens",
+            ..
+        })
     ));
     assert_eq!(eng.set_max_step_tokens(4).unwrap(), 64);
     assert_eq!(eng.stats().step_tokens, 4);
@@ -409,9 +415,20 @@ fn a_lowered_step_budget_bounds_every_later_step_and_the_sequences_admitted() {
     }
     {
         let mut s = seen.lock();
-        assert!(s.exits.values().all(|e| e == &vec![Exit::Done]), "{:?}", s.exits);
-        assert_eq!(s.max_step_tokens, 4, "a step held more than the lowered budget");
-        assert!(s.max_batch <= 4, "{} sequences ran in one step", s.max_batch);
+        assert!(
+            s.exits.values().all(|e| e == &vec![Exit::Done]),
+            "{:?}",
+            s.exits
+        );
+        assert_eq!(
+            s.max_step_tokens, 4,
+            "a step held more than the lowered budget"
+        );
+        assert!(
+            s.max_batch <= 4,
+            "{} sequences ran in one step",
+            s.max_batch
+        );
         s.max_step_tokens = 0;
     }
     drop(handles);

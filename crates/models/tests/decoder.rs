@@ -602,4 +602,3 @@ fn smollm2_greedy_tokens_equal_llama_cpp() {
 fn gemma3_greedy_tokens_equal_llama_cpp() {
     greedy_agrees(gemma3(), "gemma3-270m");
 }
-

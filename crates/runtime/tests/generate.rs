@@ -731,7 +731,11 @@ fn reoptimize_replans_the_step_and_kv_budgets_for_the_memory_free() {
         short.kv_budget_bytes
     );
     assert!(short.reserved_bytes < full.reserved_bytes, "{short:?}");
-    assert!(new.reasons.iter().any(|r| r.contains(SMOL)), "{:?}", new.reasons);
+    assert!(
+        new.reasons.iter().any(|r| r.contains(SMOL)),
+        "{:?}",
+        new.reasons
+    );
     assert_eq!(rt.plan().generation, vec![short.clone()]);
     let status = rt.status().generative[0].clone();
     assert_eq!(status.kv_bytes_budget, short.kv_budget_bytes);
@@ -746,7 +750,10 @@ fn reoptimize_replans_the_step_and_kv_budgets_for_the_memory_free() {
             assert_eq!(budget, short.kv_budget_bytes);
             assert!(needed > budget);
         }
-        other => panic!("expected KvTooLarge, got {:?}", other.map(|g| g.served().clone())),
+        other => panic!(
+            "expected KvTooLarge, got {:?}",
+            other.map(|g| g.served().clone())
+        ),
     }
 
     // Memory back: the configured budgets, the reservation grown again.
@@ -756,5 +763,8 @@ fn reoptimize_replans_the_step_and_kv_budgets_for_the_memory_free() {
         runtime::Reoptimized::Adjusted { .. }
     ));
     assert_eq!(rt.plan().generation, vec![full]);
-    drop(rt.generate(SMOL, long()).expect("fits the configured KV budget"));
+    drop(
+        rt.generate(SMOL, long())
+            .expect("fits the configured KV budget"),
+    );
 }

@@ -446,7 +446,8 @@ impl Decoder {
     /// [`max_step_tokens`](DecoderConfig::max_step_tokens) unless
     /// [`set_scratch_tokens`](Self::set_scratch_tokens) lowered it.
     pub fn scratch_tokens(&self) -> usize {
-        self.scratch_tokens.load(std::sync::atomic::Ordering::Relaxed)
+        self.scratch_tokens
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Bytes the step's activation buffers hold between steps.
