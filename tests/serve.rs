@@ -294,6 +294,15 @@ fn unknown_models_full_queues_health_and_metrics() {
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["error"]["code"], "model_not_found");
     assert!(v["error"]["message"].as_str().unwrap().contains(SMOL));
+    // A sampling value out of range is refused, naming it and its range.
+    let (status, _, text) = post(
+        &server,
+        "/v1/chat/completions",
+        &serde_json::json!({"model": SMOL, "messages": [{"role": "user", "content": "hi"}],
+                            "temperature": 0.5, "min_p": 1.5}),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("min_p") && text.contains("1.5"), "{text}");
     let (status, _, text) = post(
         &server,
         "/v1/embeddings",

@@ -63,6 +63,10 @@ struct Common {
     seed: Option<u64>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
+    /// Extensions llama.cpp's server, vLLM and Ollama take too.
+    top_k: Option<usize>,
+    min_p: Option<f32>,
+    repeat_penalty: Option<f32>,
     /// snug's own: the caller's difficulty in [0, 1], for `model: "auto"`.
     difficulty: Option<f32>,
 }
@@ -136,6 +140,18 @@ fn request(
     if let Some(p) = c.frequency_penalty {
         sampling.frequency_penalty = p;
     }
+    if let Some(k) = c.top_k {
+        sampling.top_k = k;
+    }
+    if let Some(p) = c.min_p {
+        sampling.min_p = p;
+    }
+    if let Some(p) = c.repeat_penalty {
+        sampling.repeat_penalty = p;
+    }
+    sampling
+        .validate()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let stop = match &c.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s.clone()],

@@ -128,6 +128,11 @@ impl RemoteTier {
 /// The request as the server takes it: a chat as it is, a text prompt as
 /// one user message (chat servers render their own template; raw
 /// continuation through `/v1/completions` is not offered by every one).
+/// Each sampling setting that is not off goes with it: OpenAI's fields, and
+/// `top_k`, `min_p` and `repeat_penalty` where the server's configuration
+/// allows them (`sampling_extensions`). The penalties' window
+/// (`penalty_last_n`) and stop token ids have no common field and stay
+/// behind.
 fn chat_request(req: &GenerateRequest) -> ChatRequest {
     let messages = match &req.prompt {
         Prompt::Chat(m) => m
@@ -152,7 +157,39 @@ fn chat_request(req: &GenerateRequest) -> ChatRequest {
         top_p: (s.top_p < 1.0).then_some(s.top_p),
         seed: s.seed,
         stop,
+        presence_penalty: (s.presence_penalty != 0.0).then_some(s.presence_penalty),
+        frequency_penalty: (s.frequency_penalty != 0.0).then_some(s.frequency_penalty),
+        top_k: (s.top_k > 0).then_some(s.top_k),
+        min_p: (s.min_p > 0.0).then_some(s.min_p),
+        repeat_penalty: (s.repeat_penalty != 1.0).then_some(s.repeat_penalty),
     }
+}
+
+/// How often a stream waiting for its server's next piece looks at its
+/// cancel flag and deadline.
+const POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// One read of the stream: an event, its end, or why it broke.
+type Read = std::result::Result<Option<ChatEvent>, BackendError>;
+
+/// Reads `stream` on a thread of its own into a channel, until its end, an
+/// error, or the receiver is dropped (then after the read in progress).
+fn read_ahead(mut stream: tier_router::ChatStream) -> mpsc::Receiver<Read> {
+    let (tx, rx) = mpsc::sync_channel::<Read>(64);
+    let spawned = std::thread::Builder::new()
+        .name("snug-remote-read".into())
+        .spawn(move || loop {
+            let event = stream.next_event();
+            let last = !matches!(event, Ok(Some(ref e)) if *e != ChatEvent::Done);
+            if tx.send(event).is_err() || last {
+                break;
+            }
+        });
+    if let Err(e) = spawned {
+        // The receiver reports it as the stream's break.
+        tracing::warn!(error = %e, "the remote stream's reader thread could not start");
+    }
+    rx
 }
 
 /// One stream, on its thread.
@@ -195,7 +232,7 @@ impl Run {
             }
         };
         let deadline = self.deadline.map_or(Deadline::none(), Deadline::at);
-        let mut stream = match tier.client.stream(&self.request, deadline) {
+        let stream = match tier.client.stream(&self.request, deadline) {
             Ok(s) => s,
             Err(_) if self.deadline.is_some_and(|d| Instant::now() >= d) => {
                 // The request's own deadline cut the exchange short: it
@@ -212,6 +249,11 @@ impl Run {
             }
         };
         let answered = Instant::now();
+        // The blocking reads run on a thread of their own, so that a cancel
+        // or the deadline ends the generation within `POLL` even while a
+        // silent server keeps a read waiting (up to `read_timeout`); that
+        // thread closes the connection once its read returns.
+        let events = read_ahead(stream);
         let mut tx = Some(tx);
         let mut first: Option<Instant> = None;
         let mut deltas = 0usize;
@@ -229,7 +271,13 @@ impl Run {
                 stopped = Some(FinishReason::Deadline);
                 break;
             }
-            let event = stream.next_event();
+            let event = match events.recv_timeout(POLL) {
+                Ok(e) => e,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => Err(BackendError::transient(
+                    "the thread reading the stream ended without a word".to_string(),
+                )),
+            };
             if self.cancel.load(Ordering::Acquire) {
                 // Cancelled while the read was waiting: what it brought is
                 // not forwarded.
@@ -267,7 +315,7 @@ impl Run {
                 }
             }
         }
-        drop(stream);
+        drop(events);
         if stopped.is_none() && self.deadline.is_some_and(|d| Instant::now() >= d) {
             // A read cut short by the deadline is the deadline's doing.
             stopped = Some(FinishReason::Deadline);

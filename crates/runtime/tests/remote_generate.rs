@@ -45,6 +45,9 @@ enum Mode {
     Unavailable,
     /// HTTP 400 before any stream.
     BadRequest,
+    /// The role chunk and the first piece, then nothing for a minute (the
+    /// connection stays open).
+    Silent,
 }
 
 #[derive(Debug)]
@@ -173,6 +176,13 @@ async fn chat(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
         let _ = tx
             .send(Ok(chunk(json!({"role": "assistant", "content": ""}), None)))
             .await;
+        if mode == Mode::Silent {
+            let _ = tx
+                .send(Ok(chunk(json!({ "content": PIECES[0] }), None)))
+                .await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            return;
+        }
         for p in PIECES {
             tokio::time::sleep(pace).await;
             let _ = tx.send(Ok(chunk(json!({ "content": p }), None))).await;
@@ -479,6 +489,129 @@ fn cancelling_a_remote_generation_ends_it_with_cancelled() {
 }
 
 #[test]
+fn a_cancel_ends_the_generation_at_once_while_a_silent_server_keeps_the_read_waiting() {
+    within(|| {
+        let server = FakeServer::start(Mode::Silent);
+        let mut config = remote_config(server.base_url());
+        config.server.read_timeout = Duration::from_secs(20);
+        let rt = Runtime::builder()
+            .config(RuntimeConfig {
+                configure_global_pool: false,
+                ..RuntimeConfig::default()
+            })
+            .without_local_model()
+            .remote_generation(config)
+            .build()
+            .unwrap();
+        let mut generation = rt.generate(AUTO, GenerateRequest::chat("hi")).unwrap();
+        assert_eq!(generation.served().tier, Tier::Remote);
+        match generation.next() {
+            Some(GenerationEvent::Delta { text, .. }) => assert_eq!(text, PIECES[0]),
+            other => panic!("{other:?}"),
+        }
+        // The server says nothing more: the stream's read waits.
+        std::thread::sleep(Duration::from_millis(200));
+        let t = Instant::now();
+        generation.cancel();
+        let c = generation.wait();
+        let waited = t.elapsed();
+        assert_eq!(
+            c.finished.reason,
+            FinishReason::Cancelled,
+            "{:?}",
+            c.finished
+        );
+        assert_eq!(c.text, PIECES[0]);
+        assert!(
+            waited < Duration::from_secs(2),
+            "the cancel waited {waited:?} for a read of up to 20 s"
+        );
+        // A cancel is not the server's failure.
+        let stats = rt.remote_generation_breaker().unwrap().stats();
+        assert_eq!(stats.failures, 0, "{stats:?}");
+    });
+}
+
+#[test]
+fn every_sampling_setting_that_is_not_off_goes_over_the_wire() {
+    within(|| {
+        let server = FakeServer::start(Mode::Ok);
+        let rt = runtime_for(server.base_url());
+        let mut req = GenerateRequest::chat("hi").max_tokens(3);
+        req.sampling = runtime::models::SamplingConfig {
+            temperature: 0.7,
+            top_k: 20,
+            top_p: 0.9,
+            min_p: 0.1,
+            repeat_penalty: 1.1,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            seed: Some(7),
+            ..runtime::models::SamplingConfig::default()
+        };
+        rt.generate(AUTO, req).unwrap().wait();
+        let body = server.last_body();
+        let f = |k: &str| {
+            body[k]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{k} missing: {body}"))
+        };
+        assert!((f("temperature") - 0.7).abs() < 1e-6);
+        assert!((f("top_p") - 0.9).abs() < 1e-6);
+        assert!((f("min_p") - 0.1).abs() < 1e-6);
+        assert!((f("repeat_penalty") - 1.1).abs() < 1e-6);
+        assert!((f("presence_penalty") - 0.5).abs() < 1e-6);
+        assert!((f("frequency_penalty") - 0.25).abs() < 1e-6);
+        assert_eq!(body["top_k"], 20);
+        assert_eq!(body["seed"], 7);
+
+        // Greedy, with every other setting off: none of them is sent.
+        let mut req = GenerateRequest::chat("hi").max_tokens(3);
+        req.sampling = runtime::models::SamplingConfig {
+            top_k: 0,
+            min_p: 0.0,
+            ..runtime::models::SamplingConfig::greedy()
+        };
+        rt.generate(AUTO, req).unwrap().wait();
+        let body = server.last_body();
+        for k in [
+            "top_k",
+            "min_p",
+            "repeat_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        ] {
+            assert!(body.get(k).is_none(), "{k} sent: {body}");
+        }
+        assert_eq!(body["temperature"], 0.0);
+
+        // A server that refuses unknown fields gets OpenAI's only.
+        let mut config = remote_config(server.base_url());
+        config.server.sampling_extensions = false;
+        let rt = Runtime::builder()
+            .config(RuntimeConfig {
+                configure_global_pool: false,
+                ..RuntimeConfig::default()
+            })
+            .without_local_model()
+            .remote_generation(config)
+            .build()
+            .unwrap();
+        let mut req = GenerateRequest::chat("hi").max_tokens(3);
+        req.sampling.top_k = 20;
+        req.sampling.min_p = 0.1;
+        req.sampling.repeat_penalty = 1.1;
+        req.sampling.presence_penalty = 0.5;
+        rt.generate(AUTO, req).unwrap().wait();
+        let body = server.last_body();
+        for k in ["top_k", "min_p", "repeat_penalty"] {
+            assert!(body.get(k).is_none(), "{k} sent: {body}");
+        }
+        assert_eq!(body["presence_penalty"], 0.5);
+    });
+}
+
+#[test]
 fn a_deadline_passing_mid_stream_ends_it_with_deadline() {
     within(|| {
         let server = FakeServer::start(Mode::Slow);
@@ -632,7 +765,9 @@ impl Drop for LlamaServer {
 
 /// The manual check against a real engine (not run in CI, never builds
 /// llama.cpp): llama.cpp's `llama-server` serving Gemma-3-270M streams
-/// through the remote tier; killed, requests fall to the rule-based tier
+/// through the remote tier, takes every sampling setting (a seeded sampled
+/// answer repeats), and a cancel mid-answer ends it at once; killed,
+/// requests fall to the rule-based tier
 /// and the breaker opens; started again on the same port, a probe after
 /// the cool-down closes the breaker.
 ///
@@ -685,6 +820,48 @@ fn llama_server_streams_and_the_breaker_follows_it_down_and_up() {
     );
     assert!(finished.usage.completion_tokens > 0 && finished.usage.completion_tokens <= 8);
     assert!(finished.usage.prompt_tokens > 5, "{finished:?}");
+
+    // Every sampling setting goes over the wire, llama.cpp's extensions
+    // among them, and the server takes them: with a seed, the same
+    // sampled answer twice.
+    let sampled = || {
+        let mut req = ask().max_tokens(16);
+        req.sampling = runtime::models::SamplingConfig {
+            temperature: 0.9,
+            top_k: 20,
+            top_p: 0.9,
+            min_p: 0.05,
+            repeat_penalty: 1.1,
+            presence_penalty: 0.3,
+            frequency_penalty: 0.2,
+            seed: Some(42),
+            ..runtime::models::SamplingConfig::default()
+        };
+        rt.generate(AUTO, req).unwrap().wait()
+    };
+    let (a, b) = (sampled(), sampled());
+    eprintln!("sampled: {:?} / {:?}", a.text, b.text);
+    assert_eq!(a.finished.served.tier, Tier::Remote);
+    assert!(
+        matches!(a.finished.reason, FinishReason::Stop | FinishReason::Length),
+        "{:?}",
+        a.finished
+    );
+    assert_eq!(a.text, b.text, "the same seed and settings");
+
+    // A cancel while the server is generating ends the generation at once.
+    let mut long = rt.generate(AUTO, ask().max_tokens(400)).unwrap();
+    assert!(matches!(long.next(), Some(GenerationEvent::Delta { .. })));
+    let t = Instant::now();
+    long.cancel();
+    let c = long.wait();
+    assert_eq!(
+        c.finished.reason,
+        FinishReason::Cancelled,
+        "{:?}",
+        c.finished
+    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 
     // Killed: the requests fall to the rule-based tier, the breaker opens.
     drop(server);

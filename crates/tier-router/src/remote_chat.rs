@@ -42,6 +42,12 @@ pub struct RemoteChatConfig {
     pub max_line_bytes: usize,
     /// Bytes of the whole streamed response at most. Default 64 MiB.
     pub max_response_bytes: u64,
+    /// Whether [`ChatRequest::top_k`], [`min_p`](ChatRequest::min_p) and
+    /// [`repeat_penalty`](ChatRequest::repeat_penalty) go over the wire.
+    /// They are not in OpenAI's API, but llama.cpp's `llama-server`, vLLM,
+    /// Ollama and snug's own server take them under these names; turn this
+    /// off for a server that refuses fields it does not know. Default true.
+    pub sampling_extensions: bool,
 }
 
 impl Default for RemoteChatConfig {
@@ -54,6 +60,7 @@ impl Default for RemoteChatConfig {
             read_timeout: Duration::from_secs(30),
             max_line_bytes: 1 << 20,
             max_response_bytes: 64 << 20,
+            sampling_extensions: true,
         }
     }
 }
@@ -84,6 +91,20 @@ pub struct ChatRequest {
     pub seed: Option<u64>,
     /// Stop strings.
     pub stop: Vec<String>,
+    /// Subtracted from the logit of each token already seen (OpenAI's
+    /// `presence_penalty`).
+    pub presence_penalty: Option<f32>,
+    /// Subtracted per occurrence of each token already seen (OpenAI's
+    /// `frequency_penalty`).
+    pub frequency_penalty: Option<f32>,
+    /// Keep the k most likely tokens (an extension; see
+    /// [`RemoteChatConfig::sampling_extensions`]).
+    pub top_k: Option<usize>,
+    /// Drop tokens less likely than this times the most likely one (an
+    /// extension).
+    pub min_p: Option<f32>,
+    /// llama.cpp's repetition penalty (an extension).
+    pub repeat_penalty: Option<f32>,
 }
 
 /// Token counts the server reported (the chunk with `usage`).
@@ -154,6 +175,16 @@ struct WireRequest<'a> {
     seed: Option<u64>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repeat_penalty: Option<f32>,
 }
 
 #[derive(Serialize)]
@@ -279,6 +310,13 @@ impl RemoteChat {
             top_p: request.top_p,
             seed: request.seed,
             stop: &request.stop,
+            presence_penalty: request.presence_penalty,
+            frequency_penalty: request.frequency_penalty,
+            top_k: request.top_k.filter(|_| self.config.sampling_extensions),
+            min_p: request.min_p.filter(|_| self.config.sampling_extensions),
+            repeat_penalty: request
+                .repeat_penalty
+                .filter(|_| self.config.sampling_extensions),
         };
         let resp = req.send_json(&body).map_err(|e| map_error(&self.url, e))?;
         let status = resp.status().as_u16();
