@@ -238,13 +238,18 @@ fn remote_config(base_url: String) -> RemoteGenerationConfig {
 
 /// A runtime with no local model: the remote, then the rule-based tier.
 fn runtime_for(base_url: String) -> Runtime {
+    runtime_with_remote(remote_config(base_url))
+}
+
+/// A runtime with no local model and the remote tier `config`.
+fn runtime_with_remote(config: RemoteGenerationConfig) -> Runtime {
     Runtime::builder()
         .config(RuntimeConfig {
             configure_global_pool: false,
             ..RuntimeConfig::default()
         })
         .without_local_model()
-        .remote_generation(remote_config(base_url))
+        .remote_generation(config)
         .build()
         .unwrap()
 }
@@ -494,15 +499,7 @@ fn a_cancel_ends_the_generation_at_once_while_a_silent_server_keeps_the_read_wai
         let server = FakeServer::start(Mode::Silent);
         let mut config = remote_config(server.base_url());
         config.server.read_timeout = Duration::from_secs(20);
-        let rt = Runtime::builder()
-            .config(RuntimeConfig {
-                configure_global_pool: false,
-                ..RuntimeConfig::default()
-            })
-            .without_local_model()
-            .remote_generation(config)
-            .build()
-            .unwrap();
+        let rt = runtime_with_remote(config);
         let mut generation = rt.generate(AUTO, GenerateRequest::chat("hi")).unwrap();
         assert_eq!(generation.served().tier, Tier::Remote);
         match generation.next() {
@@ -588,15 +585,7 @@ fn every_sampling_setting_that_is_not_off_goes_over_the_wire() {
         // A server that refuses unknown fields gets OpenAI's only.
         let mut config = remote_config(server.base_url());
         config.server.sampling_extensions = false;
-        let rt = Runtime::builder()
-            .config(RuntimeConfig {
-                configure_global_pool: false,
-                ..RuntimeConfig::default()
-            })
-            .without_local_model()
-            .remote_generation(config)
-            .build()
-            .unwrap();
+        let rt = runtime_with_remote(config);
         let mut req = GenerateRequest::chat("hi").max_tokens(3);
         req.sampling.top_k = 20;
         req.sampling.min_p = 0.1;
@@ -785,15 +774,7 @@ fn llama_server_streams_and_the_breaker_follows_it_down_and_up() {
     let mut config = remote_config(format!("http://127.0.0.1:{port}"));
     config.server.model = "gemma3-270m".into();
     config.server.read_timeout = Duration::from_secs(60);
-    let rt = Runtime::builder()
-        .config(RuntimeConfig {
-            configure_global_pool: false,
-            ..RuntimeConfig::default()
-        })
-        .without_local_model()
-        .remote_generation(config)
-        .build()
-        .unwrap();
+    let rt = runtime_with_remote(config);
     let ask = || GenerateRequest::chat("The capital of France is").max_tokens(8);
     let mut generation = rt.generate(AUTO, ask()).unwrap();
     assert_eq!(generation.served().tier, Tier::Remote);
