@@ -11,8 +11,10 @@
 //! loop preempts one running sequence (the lowest priority, latest joined;
 //! perhaps the one that waits) as under pressure below, so the others
 //! grow into its room. A sequence that finds no room while it runs alone
-//! ends with finish reason `memory` and what it has generated: something
-//! outside its loop took the memory it was admitted with.
+//! waits for room up to [`ALONE_ROOM_WAIT`] (freed heap goes back to the
+//! OS, the kernel reclaims page cache, the ledger reads the machine again),
+//! then ends with finish reason `memory` and what it has generated:
+//! something outside its loop took the memory it was admitted with.
 //!
 //! Under `Critical` memory pressure the loop preempts every running
 //! sequence but one (the highest priority, first joined): each frees its KV
@@ -258,12 +260,22 @@ pub(crate) struct DecoderSteps {
     /// When freed heap was last handed back to the OS for a sequence that
     /// found no room.
     last_trim: Option<Instant>,
+    /// Since when the one running sequence has found no room to grow.
+    alone_short_since: Option<Instant>,
     prefix: Option<Arc<PrefixCache>>,
 }
 
 /// How often a step loop with nothing running and a sequence waiting for
 /// room hands freed heap back to the OS.
 const TRIM_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a sequence that runs alone and finds no room to grow waits for
+/// room (freed heap handed back to the OS, page cache the kernel reclaims,
+/// another program's memory) before it ends with finish reason `memory`.
+pub const ALONE_ROOM_WAIT: Duration = Duration::from_secs(5);
+
+/// How often a sequence waiting alone for room tries again.
+const ALONE_ROOM_POLL: Duration = Duration::from_millis(20);
 
 impl DecoderSteps {
     fn critical(&self) -> bool {
@@ -475,9 +487,27 @@ impl StepHandler for DecoderSteps {
         }
         let short = go.iter().filter(|g| !**g).count();
         self.short = short;
+        if short < n {
+            self.alone_short_since = None;
+        }
         if short == n {
             if self.running <= 1 {
-                // Alone, it has nobody to take room from.
+                // Alone, it has nobody to take room from. The room it was
+                // admitted with may come back: the heap hands freed memory
+                // back to the OS, the kernel reclaims page cache, and the
+                // ledger reads the machine again. It waits for that a
+                // while before it gives up.
+                let now = Instant::now();
+                let since = *self.alone_short_since.get_or_insert(now);
+                if now.duration_since(since) < ALONE_ROOM_WAIT {
+                    if self.last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
+                        crate::cleanup::release_to_os();
+                        self.last_trim = Some(now);
+                    }
+                    std::thread::sleep(ALONE_ROOM_POLL);
+                    return vec![Progress::Continue; n];
+                }
+                self.alone_short_since = None;
                 return batch
                     .iter_mut()
                     .map(|b| {
@@ -1096,6 +1126,7 @@ impl Decoders {
             monitor: self.monitor.clone(),
             running: 0,
             last_trim: None,
+            alone_short_since: None,
             prefix: prefix.clone(),
         };
         let step_tokens = engine_cfg.max_step_tokens;

@@ -80,7 +80,9 @@ mod status;
 pub use crate::builder::RuntimeBuilder;
 pub use crate::cleanup::{CleanupReport, Reoptimized};
 pub use crate::config::{BatchSettings, RuntimeConfig};
-pub use crate::decoder::{GenerationPlan, GenerativeSpec, GenerativeStatus, KV_GROW_TOKENS};
+pub use crate::decoder::{
+    GenerationPlan, GenerativeSpec, GenerativeStatus, ALONE_ROOM_WAIT, KV_GROW_TOKENS,
+};
 pub use crate::embed::{EmbedOptions, Embeddings, RequestEstimate};
 pub use crate::error::{Error, Result};
 pub use crate::generate::{ModelInfo, ModelKind, AUTO, RULE_BASED};

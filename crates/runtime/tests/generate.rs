@@ -768,3 +768,55 @@ fn reoptimize_replans_the_step_and_kv_budgets_for_the_memory_free() {
             .expect("fits the configured KV budget"),
     );
 }
+
+#[test]
+fn a_sequence_alone_without_room_to_grow_waits_for_room_instead_of_ending() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let probe = Arc::new(Adjustable(std::sync::atomic::AtomicU64::new(12 << 30)));
+    let rt = Runtime::builder()
+        .config(config())
+        .memory_probe(Arc::clone(&probe) as Arc<dyn runtime::hw::MemoryProbe>)
+        .without_local_model()
+        .generative(smol_spec())
+        .build()
+        .unwrap();
+    let req = || {
+        GenerateRequest::text("Once upon a time, in a small village by the sea,").max_tokens(120)
+    };
+    let alone = rt.generate(SMOL, req()).unwrap().wait();
+    assert_eq!(
+        alone.finished.reason,
+        FinishReason::Length,
+        "{:?}",
+        alone.finished
+    );
+    let status = |rt: &Runtime| rt.status().generative[0].clone();
+    let g = rt.generate(SMOL, req()).unwrap();
+    eventually("the sequence decoding", || {
+        let s = status(&rt);
+        s.running == 1 && s.tokens_generated > alone.finished.usage.completion_tokens as u64
+    });
+    // Nothing above the safety margin: it cannot grow past what it holds.
+    let margin = rt.ledger().budget().safety_margin;
+    probe.0.store(margin, Relaxed);
+    let stalled = |rt: &Runtime| {
+        let a = status(rt).tokens_generated;
+        std::thread::sleep(Duration::from_millis(300));
+        a == status(rt).tokens_generated
+    };
+    eventually("the sequence stalled at the end of its KV", || stalled(&rt));
+    // It waits for room, still running, instead of ending with `memory`.
+    std::thread::sleep(Duration::from_millis(500));
+    let s = status(&rt);
+    assert_eq!(s.running, 1, "{s:?}");
+    probe.0.store(12 << 30, Relaxed);
+    let done = g.wait();
+    assert_eq!(
+        done.finished.reason,
+        FinishReason::Length,
+        "{:?}",
+        done.finished
+    );
+    assert_eq!(done.finished.usage, alone.finished.usage);
+    assert_eq!(done.text, alone.text);
+}
