@@ -277,6 +277,15 @@ pub const ALONE_ROOM_WAIT: Duration = Duration::from_secs(5);
 /// How often a sequence waiting alone for room tries again.
 const ALONE_ROOM_POLL: Duration = Duration::from_millis(20);
 
+/// Hands freed heap back to the OS for a sequence that waits for room, at
+/// most once every [`TRIM_EVERY`] since `last`.
+fn trim_heap(last: &mut Option<Instant>) {
+    if last.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
+        crate::cleanup::release_to_os();
+        *last = Some(Instant::now());
+    }
+}
+
 impl DecoderSteps {
     fn critical(&self) -> bool {
         self.monitor.level() == mem_budget::PressureLevel::Critical
@@ -419,9 +428,8 @@ impl StepHandler for DecoderSteps {
                 // what the heap keeps of freed memory goes back to the OS
                 // (at most once a second) and the next try reads the
                 // machine again.
-                if self.running == 0 && self.last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
-                    crate::cleanup::release_to_os();
-                    self.last_trim = Some(Instant::now());
+                if self.running == 0 {
+                    trim_heap(&mut self.last_trim);
                 }
                 return Admission::Wait;
             }
@@ -500,10 +508,7 @@ impl StepHandler for DecoderSteps {
                 let now = Instant::now();
                 let since = *self.alone_short_since.get_or_insert(now);
                 if now.duration_since(since) < ALONE_ROOM_WAIT {
-                    if self.last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
-                        crate::cleanup::release_to_os();
-                        self.last_trim = Some(now);
-                    }
+                    trim_heap(&mut self.last_trim);
                     std::thread::sleep(ALONE_ROOM_POLL);
                     return vec![Progress::Continue; n];
                 }

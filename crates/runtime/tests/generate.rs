@@ -360,23 +360,31 @@ impl runtime::hw::MemoryProbe for Adjustable {
     }
 }
 
-#[test]
-fn critical_pressure_preempts_all_but_one_and_they_finish_as_if_never_stopped() {
+/// A runtime serving `spec` on the [`Adjustable`] machine, 12 GiB free
+/// until the test says otherwise.
+fn runtime_with_memory(config: RuntimeConfig, spec: GenerativeSpec) -> (Runtime, Arc<Adjustable>) {
     let probe = Arc::new(Adjustable(std::sync::atomic::AtomicU64::new(12 << 30)));
-    // Prefill chunks under 64 tokens, so the recomputation's attention takes
-    // the path the first computation took (see the prefix test below).
-    let mut spec = smol_spec();
-    spec.engine.max_prefill_chunk = 32;
     let rt = Runtime::builder()
-        .config(RuntimeConfig {
-            monitor_interval: Duration::from_millis(10),
-            ..config()
-        })
+        .config(config)
         .memory_probe(Arc::clone(&probe) as Arc<dyn runtime::hw::MemoryProbe>)
         .without_local_model()
         .generative(spec)
         .build()
         .unwrap();
+    (rt, probe)
+}
+
+#[test]
+fn critical_pressure_preempts_all_but_one_and_they_finish_as_if_never_stopped() {
+    // Prefill chunks under 64 tokens, so the recomputation's attention takes
+    // the path the first computation took (see the prefix test below).
+    let mut spec = smol_spec();
+    spec.engine.max_prefill_chunk = 32;
+    let config = RuntimeConfig {
+        monitor_interval: Duration::from_millis(10),
+        ..config()
+    };
+    let (rt, probe) = runtime_with_memory(config, spec);
     // Plain continuations, which run to max_tokens.
     let prompts = [
         "Once upon a time, in a small village by the sea,",
@@ -444,16 +452,9 @@ fn critical_pressure_preempts_all_but_one_and_they_finish_as_if_never_stopped() 
 
 #[test]
 fn idle_kv_blocks_are_reused_when_the_machine_reads_them_as_used() {
-    let probe = Arc::new(Adjustable(std::sync::atomic::AtomicU64::new(12 << 30)));
     let mut spec = smol_spec();
     spec.engine.max_queue_wait = Duration::from_secs(3);
-    let rt = Runtime::builder()
-        .config(config())
-        .memory_probe(Arc::clone(&probe) as Arc<dyn runtime::hw::MemoryProbe>)
-        .without_local_model()
-        .generative(spec)
-        .build()
-        .unwrap();
+    let (rt, probe) = runtime_with_memory(config(), spec);
     let req =
         || GenerateRequest::text("Once upon a time, in a small village by the sea,").max_tokens(40);
     let first = rt.generate(SMOL, req()).unwrap();
@@ -695,14 +696,7 @@ fn a_sequence_short_of_room_to_grow_preempts_the_latest_and_answers_do_not_chang
 #[test]
 fn reoptimize_replans_the_step_and_kv_budgets_for_the_memory_free() {
     use std::sync::atomic::Ordering::Relaxed;
-    let probe = Arc::new(Adjustable(std::sync::atomic::AtomicU64::new(12 << 30)));
-    let rt = Runtime::builder()
-        .config(config())
-        .memory_probe(Arc::clone(&probe) as Arc<dyn runtime::hw::MemoryProbe>)
-        .without_local_model()
-        .generative(smol_spec())
-        .build()
-        .unwrap();
+    let (rt, probe) = runtime_with_memory(config(), smol_spec());
     assert!(rt.plan().generation.is_empty(), "nothing is loaded yet");
     let req = || GenerateRequest::text("The three primary colours are").max_tokens(16);
     let first = rt.generate(SMOL, req()).unwrap().wait();
@@ -772,14 +766,7 @@ fn reoptimize_replans_the_step_and_kv_budgets_for_the_memory_free() {
 #[test]
 fn a_sequence_alone_without_room_to_grow_waits_for_room_instead_of_ending() {
     use std::sync::atomic::Ordering::Relaxed;
-    let probe = Arc::new(Adjustable(std::sync::atomic::AtomicU64::new(12 << 30)));
-    let rt = Runtime::builder()
-        .config(config())
-        .memory_probe(Arc::clone(&probe) as Arc<dyn runtime::hw::MemoryProbe>)
-        .without_local_model()
-        .generative(smol_spec())
-        .build()
-        .unwrap();
+    let (rt, probe) = runtime_with_memory(config(), smol_spec());
     let req = || {
         GenerateRequest::text("Once upon a time, in a small village by the sea,").max_tokens(120)
     };
