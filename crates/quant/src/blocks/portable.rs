@@ -35,7 +35,8 @@ pub(crate) fn dot(m: &QMatrix, j: usize, x: &[f32], acts: &Acts, i: usize) -> f3
                 .map(|(&a, b)| h(a) * b)
                 .sum()
         }
-        Ty::Q4_0 | Ty::Q4_1 | Ty::Q5_0 | Ty::Q8_0 => {
+        Ty::Q4_1 => q4_1_ggml(m, j, acts, i),
+        Ty::Q4_0 | Ty::Q5_0 | Ty::Q8_0 => {
             let qa = &acts.qs[i * k..(i + 1) * k];
             let (da, sa) = (&acts.d[i * nb..(i + 1) * nb], &acts.s[i * nb..(i + 1) * nb]);
             let mut sum = 0f32;
@@ -59,7 +60,6 @@ pub(crate) fn dot(m: &QMatrix, j: usize, x: &[f32], acts: &Acts, i: usize) -> f3
                         }
                         match ty {
                             Ty::Q4_0 => -8.0 * dw,
-                            Ty::Q4_1 => h(m.m[wb]),
                             _ => {
                                 let bits = m.q5_bits(j, b);
                                 for (t, v) in w.iter_mut().enumerate() {
@@ -139,4 +139,39 @@ pub(crate) fn dot(m: &QMatrix, j: usize, x: &[f32], acts: &Acts, i: usize) -> f3
             sum
         }
     }
+}
+
+/// Q4_1 weight row `j` · activation row `i`, summed in the order of
+/// ggml's `ggml_vec_dot_q4_1_q8_1` (its AVX2 path, which the AVX-512 kernel
+/// follows too): eight f32 lanes, lane `l` taking each block's integer dot
+/// of values `4l..4l + 4` scaled by `d_w · d_a` in one FMA; the minimums
+/// `m_w · s_a` summed by scalar FMA; the lanes folded as `hsum_float_8`
+/// does ((l + l+4), then (0 + 2) and (1 + 3), then the two). So every CPU
+/// computes the same floats as llama.cpp for Q4_1 weights, not only those
+/// with AVX-512.
+fn q4_1_ggml(m: &QMatrix, j: usize, acts: &Acts, i: usize) -> f32 {
+    let (k, nb) = (m.cols, m.nb());
+    let qa = &acts.qs[i * k..(i + 1) * k];
+    let (da, sa) = (&acts.d[i * nb..(i + 1) * nb], &acts.s[i * nb..(i + 1) * nb]);
+    let mut acc = [0f32; 8];
+    let mut summs = 0f32;
+    let mut w = [0i32; 32];
+    for b in 0..nb {
+        let wb = j * nb + b;
+        let qs = &m.qs[wb * 16..wb * 16 + 16];
+        for t in 0..16 {
+            w[t] = (qs[t] & 0xf) as i32;
+            w[t + 16] = (qs[t] >> 4) as i32;
+        }
+        summs = f16_to_f32(m.m[wb]).mul_add(sa[b], summs);
+        let dd = f16_to_f32(m.d[wb]) * da[b];
+        let a = &qa[b * QK..(b + 1) * QK];
+        for (l, acc) in acc.iter_mut().enumerate() {
+            let q: i32 = (4 * l..4 * l + 4).map(|t| w[t] * a[t] as i32).sum();
+            *acc = dd.mul_add(q as f32, *acc);
+        }
+    }
+    let s: [f32; 4] = std::array::from_fn(|l| acc[l] + acc[l + 4]);
+    let (s0, s1) = (s[0] + s[2], s[1] + s[3]);
+    s0 + s1 + summs
 }

@@ -298,6 +298,17 @@ fn avx512_q4_1_sums_in_ggml_order_bit_for_bit() {
         eprintln!("SKIPPED avx512_q4_1_sums_in_ggml_order_bit_for_bit: this CPU lacks AVX-512 F/BW/VL/VNNI");
         return;
     }
+    q4_1_sums_in_ggml_order(Kernel::Avx512Vnni);
+}
+
+/// The portable Q4_1 kernel (what a CPU without AVX-512 runs) gives
+/// llama.cpp's floats exactly too.
+#[test]
+fn portable_q4_1_sums_in_ggml_order_bit_for_bit() {
+    q4_1_sums_in_ggml_order(Kernel::Portable);
+}
+
+fn q4_1_sums_in_ggml_order(kernel: Kernel) {
     let pool = ComputePool::new(&PoolConfig {
         threads: Some(2),
         spin_us: 50,
@@ -307,7 +318,7 @@ fn avx512_q4_1_sums_in_ggml_order_bit_for_bit() {
         let (q, _) = quantized(GgmlDType::Q4_1, rows, cols, 21);
         let m = QMatrix::from_qtensor(&q)
             .unwrap()
-            .with_kernel(Kernel::Avx512Vnni)
+            .with_kernel(kernel)
             .unwrap();
         for n in [1usize, 3, 6] {
             let x = random(n * cols, 40 + n as u64);
