@@ -1,7 +1,8 @@
 //! `quant::blocks` matmuls at the real shapes of SmolLM2-135M and
 //! Gemma-3-270M, against candle's `QMatMul::forward` on the same block data
 //! in the same run, for n = 1, 8, 32, 128 activation rows (fewer for the
-//! logits matrices, which only ever see the last positions); throughput is
+//! logits matrices, which only ever see the last positions), and the
+//! portable kernel (`snug-portable`) where this CPU runs another; throughput is
 //! reported as bytes of weights read per second. Then the fork/join
 //! overhead of `ComputePool::run` against rayon.
 //!
@@ -13,7 +14,7 @@ use std::time::Duration;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul};
 use candle_core::{Device, Module, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use quant::blocks::{ComputePool, PoolConfig, QMatrix};
+use quant::blocks::{ComputePool, Kernel, PoolConfig, QMatrix};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
@@ -114,6 +115,12 @@ fn kernels(c: &mut Criterion) {
     for &(label, dtype, rows, cols, ns) in CASES {
         let data = blocks(dtype, rows, cols, 1);
         let ours = QMatrix::from_raw(dtype, rows, cols, &data).expect("matrix");
+        // The portable kernel beside the detected one, where they differ.
+        let portable = (ours.kernel() != Kernel::Portable).then(|| {
+            QMatrix::from_raw(dtype, rows, cols, &data)
+                .and_then(|m| m.with_kernel(Kernel::Portable))
+                .expect("matrix")
+        });
         let theirs = QMatMul::from_qtensor(
             qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).expect("qtensor"),
         )
@@ -133,6 +140,11 @@ fn kernels(c: &mut Criterion) {
             group.bench_with_input(BenchmarkId::new("snug", n), &n, |b, &n| {
                 b.iter(|| ours.matmul(&x, n, &mut y, &pool).expect("matmul"))
             });
+            if let Some(p) = &portable {
+                group.bench_with_input(BenchmarkId::new("snug-portable", n), &n, |b, &n| {
+                    b.iter(|| p.matmul(&x, n, &mut y, &pool).expect("matmul"))
+                });
+            }
             let xt = Tensor::from_vec(x.clone(), (n, cols), &Device::Cpu).expect("x");
             group.bench_with_input(BenchmarkId::new("candle", n), &n, |b, _| {
                 b.iter(|| theirs.forward(&xt).expect("forward"))

@@ -32,6 +32,9 @@
 //!   `vpdpbusd` (unsigned weights × signed activations: Q8_0 weights are
 //!   stored as `q + 128` and the offset is taken back with the block's
 //!   `Σ q_a`); several activation rows share each weight load.
+//! - [`Kernel::Avx2`] (x86-64 with AVX2 and FMA, no AVX-512): Q4_1 with
+//!   `vpmaddubsw`/`vpmaddwd`, in the same order as the other two kernels
+//!   (ggml's); the other types run the portable code.
 //! - [`Kernel::Portable`]: the same integer arithmetic in plain Rust, on
 //!   every CPU. Both are tested against candle's dequantized matmul.
 //!
@@ -59,6 +62,8 @@
 
 mod act;
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 mod matrix;
 mod pool;
@@ -82,6 +87,8 @@ pub enum Kernel {
     Portable,
     /// x86-64 AVX-512 F/BW/VL + VNNI.
     Avx512Vnni,
+    /// x86-64 AVX2 + FMA: Q4_1 in SIMD, the other types as [`Kernel::Portable`].
+    Avx2,
 }
 
 impl Kernel {
@@ -89,6 +96,8 @@ impl Kernel {
     pub fn detect() -> Kernel {
         if Kernel::Avx512Vnni.is_available() {
             Kernel::Avx512Vnni
+        } else if Kernel::Avx2.is_available() {
+            Kernel::Avx2
         } else {
             Kernel::Portable
         }
@@ -102,17 +111,23 @@ impl Kernel {
             Kernel::Avx512Vnni => avx512::cpu_supports(),
             #[cfg(not(target_arch = "x86_64"))]
             Kernel::Avx512Vnni => false,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => avx2::cpu_supports(),
+            #[cfg(not(target_arch = "x86_64"))]
+            Kernel::Avx2 => false,
         }
     }
 
     pub(crate) fn check(self) -> Result<()> {
+        let (kernel, needs) = match self {
+            Kernel::Portable => ("Portable", "nothing"),
+            Kernel::Avx512Vnni => ("Avx512Vnni", "x86-64 with AVX-512 F, BW, VL and VNNI"),
+            Kernel::Avx2 => ("Avx2", "x86-64 with AVX2 and FMA"),
+        };
         if self.is_available() {
             Ok(())
         } else {
-            Err(Error::KernelUnavailable {
-                kernel: "Avx512Vnni",
-                needs: "x86-64 with AVX-512 F, BW, VL and VNNI",
-            })
+            Err(Error::KernelUnavailable { kernel, needs })
         }
     }
 }
@@ -236,6 +251,8 @@ pub(crate) fn run_matmul(
     let simd = m.kernel == Kernel::Avx512Vnni && avx512::supports(m.ty);
     #[cfg(not(target_arch = "x86_64"))]
     let simd = false;
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = m.kernel == Kernel::Avx2 && avx2::supports(m.ty);
     let out = YPtr {
         ptr: y.as_mut_ptr(),
         stride: rows.len(),
@@ -274,6 +291,15 @@ pub(crate) fn run_matmul(
                 // SAFETY: `supports` checked the CPU; sizes were checked by
                 // `matmul_rows`; tasks write disjoint columns of `y`.
                 unsafe { avx512::tile(m, x, acts, n, js, out) };
+                return;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: `Kernel::Avx2` is set only where the CPU has AVX2
+                // and FMA (`with_kernel` checks); `supports` checked the
+                // type; the activations are in natural order (`simd` is
+                // false); tasks write disjoint columns of `y`.
+                unsafe { avx2::tile(m, acts, n, js, out) };
                 return;
             }
             m.portable_tile(x, acts, 0, n, js, out);

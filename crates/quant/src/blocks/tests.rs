@@ -148,6 +148,15 @@ fn portable_kernel_matches_candle() {
 }
 
 #[test]
+fn avx2_kernel_matches_candle() {
+    if !Kernel::Avx2.is_available() {
+        eprintln!("SKIPPED avx2_kernel_matches_candle: this CPU lacks AVX2 and FMA");
+        return;
+    }
+    check_kernel(Kernel::Avx2);
+}
+
+#[test]
 fn avx512_kernel_matches_candle() {
     if !Kernel::Avx512Vnni.is_available() {
         eprintln!("SKIPPED avx512_kernel_matches_candle: this CPU lacks AVX-512 F/BW/VL/VNNI");
@@ -306,6 +315,16 @@ fn avx512_q4_1_sums_in_ggml_order_bit_for_bit() {
 #[test]
 fn portable_q4_1_sums_in_ggml_order_bit_for_bit() {
     q4_1_sums_in_ggml_order(Kernel::Portable);
+}
+
+/// The AVX2 kernel (CPUs without AVX-512) too.
+#[test]
+fn avx2_q4_1_sums_in_ggml_order_bit_for_bit() {
+    if !Kernel::Avx2.is_available() {
+        eprintln!("SKIPPED avx2_q4_1_sums_in_ggml_order_bit_for_bit: this CPU lacks AVX2 and FMA");
+        return;
+    }
+    q4_1_sums_in_ggml_order(Kernel::Avx2);
 }
 
 fn q4_1_sums_in_ggml_order(kernel: Kernel) {

@@ -1,0 +1,120 @@
+//! AVX2 + FMA kernel (x86-64 without AVX-512: most laptops, and VMs that
+//! hide AVX-512). See the module docs of [`super`].
+//!
+//! It covers Q4_1 (SmolLM2's weights), in ggml's own order: the order of
+//! `ggml_vec_dot_q4_1_q8_1`'s AVX2 path, which the portable and AVX-512
+//! kernels follow too, so all three compute the same floats. `vpmaddubsw`
+//! then `vpmaddwd` by ones give the same eight lane sums of four products as
+//! `vpdpbusd` (no pair of nibble × int8 products can saturate an i16:
+//! 2 · 15 · 128 < 32768). Other types run the portable kernel.
+
+// Rows index several parallel arrays of registers.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::act::{Acts, QK};
+use super::matrix::{QMatrix, Ty, YPtr};
+use crate::vnni::f16_to_f32;
+
+/// Whether this CPU has AVX2 and FMA.
+pub(crate) fn cpu_supports() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Whether `ty` has an AVX2 kernel.
+pub(crate) fn supports(ty: Ty) -> bool {
+    ty == Ty::Q4_1
+}
+
+/// Activation rows per micro-kernel call.
+const R: usize = 4;
+
+/// Weight rows `js` against activation rows `0..n`, into `y`.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `m` is Q4_1; `acts` holds `n` rows quantized
+/// for it in natural order; `js` are rows of `m`; no other task writes the
+/// cells `(0..n, js)` of `y`.
+pub(crate) unsafe fn tile(m: &QMatrix, acts: &Acts, n: usize, js: Range<usize>, y: YPtr) {
+    debug_assert_eq!(m.ty, Ty::Q4_1);
+    let nb = m.nb();
+    assert!(acts.qs.len() >= n * m.cols && acts.d.len() >= n * nb && acts.s.len() >= n * nb);
+    assert!(js.end <= m.rows && m.qs.len() >= m.rows * nb * 16);
+    for j in js {
+        let mut i = 0;
+        while i < n {
+            let r = R.min(n - i);
+            let mut out = [0f32; R];
+            // SAFETY: forwarded; the sizes were asserted above.
+            unsafe {
+                match r {
+                    4 => q4_1_row::<4>(m, acts, j, i, &mut out),
+                    3 => q4_1_row::<3>(m, acts, j, i, &mut out),
+                    2 => q4_1_row::<2>(m, acts, j, i, &mut out),
+                    _ => q4_1_row::<1>(m, acts, j, i, &mut out),
+                }
+                for (t, &v) in out[..r].iter().enumerate() {
+                    y.write(i + t, j, v);
+                }
+            }
+            i += r;
+        }
+    }
+}
+
+/// Q4_1 weight row `j` against activation rows `i0..i0 + N`.
+///
+/// # Safety
+/// As for [`tile`]; rows `i0..i0 + N` exist.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q4_1_row<const N: usize>(
+    m: &QMatrix,
+    acts: &Acts,
+    j: usize,
+    i0: usize,
+    out: &mut [f32; R],
+) {
+    let (k, nb) = (m.cols, m.nb());
+    let low = _mm_set1_epi8(0x0f);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut summs = [0f32; N];
+    for b in 0..nb {
+        let wb = j * nb + b;
+        let (dw, mw) = (f16_to_f32(m.d[wb]), f16_to_f32(m.m[wb]));
+        // SAFETY: block `wb` has 16 bytes of nibbles; activation row
+        // `i0 + r` has 32 values at block `b` (the caller's sizes).
+        unsafe {
+            let v = _mm_loadu_si128(m.qs.as_ptr().add(wb * 16) as *const __m128i);
+            let w = _mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm_and_si128(v, low)),
+                _mm_and_si128(_mm_srli_epi16::<4>(v), low),
+            );
+            for r in 0..N {
+                let at = (i0 + r) * nb + b;
+                summs[r] = mw.mul_add(acts.s[at], summs[r]);
+                let a = _mm256_loadu_si256(
+                    acts.qs.as_ptr().add((i0 + r) * k + b * QK) as *const __m256i
+                );
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), ones);
+                let dd = _mm256_set1_ps(dw * acts.d[at]);
+                acc[r] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(dot), acc[r]);
+            }
+        }
+    }
+    for r in 0..N {
+        out[r] = hsum_f32x8(acc[r]) + summs[r];
+    }
+}
+
+/// ggml's `hsum_float_8`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum_f32x8(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
