@@ -179,6 +179,8 @@ pub(crate) struct Inner<K: Hash + Eq, V> {
     /// The latest tuning, and how many have been published.
     tuning: RwLock<Tuning>,
     tuning_generation: AtomicU64,
+    /// Rejected candidates that came back soon, over all shards.
+    short_returns: AtomicU64,
 }
 
 /// A concurrent, weight-bounded cache with TTL, tags, single-flight loading,
@@ -338,6 +340,7 @@ where
                 tuner_started: AtomicBool::new(tuner_started),
                 tuning: RwLock::new(Tuning::default()),
                 tuning_generation: AtomicU64::new(0),
+                short_returns: AtomicU64::new(0),
             }),
         })
     }
@@ -457,7 +460,8 @@ where
             return;
         };
         let Some(tuner) = tuner.as_mut() else { return };
-        if let Some(tuning) = tuner.record(hash, weight, &*self.inner.clock) {
+        let short = self.inner.short_returns.load(Ordering::Relaxed);
+        if let Some(tuning) = tuner.record(hash, weight, short, &*self.inner.clock) {
             *self.inner.tuning.write() = tuning;
             self.inner.tuning_generation.fetch_add(1, Ordering::Release);
         }
@@ -538,7 +542,11 @@ where
                 shard.tuning_generation = generation;
                 shard.tune(*self.inner.tuning.read());
             }
+            let before = shard.short_returns;
             let new = shard.insert(key, hash, entry, &mut removed);
+            if shard.short_returns != before {
+                self.inner.short_returns.fetch_add(1, Ordering::Relaxed);
+            }
             if self.inner.policy == Policy::TinyLfu
                 && !self.inner.tuner_started.load(Ordering::Relaxed)
                 && shard.weight().saturating_mul(2) >= shard.capacity()

@@ -3,7 +3,7 @@
 //! who enters main, and a hill climber or the miniatures' tuning sizing the
 //! window), after Caffeine, with an optional ghost of rejected candidates.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
@@ -95,6 +95,10 @@ pub(crate) struct Shard<K: Hash + Eq, V> {
     /// [`Policy::TinyLfu`](crate::Policy::TinyLfu)).
     ghost: Option<Ghost>,
     pub(crate) counters: ShardCounters,
+    /// Rejected candidates requested again within as many requests of
+    /// their rejection as the shard holds entries (see
+    /// [`Shard::ghost_return`]).
+    pub(crate) short_returns: u64,
 }
 
 /// Recently rejected candidates, remembered by hash: one that is requested
@@ -103,13 +107,14 @@ pub(crate) struct Shard<K: Hash + Eq, V> {
 /// the shard's projected entry count, oldest forgotten first.
 #[derive(Debug, Default)]
 struct Ghost {
-    set: HashSet<u64, std::hash::BuildHasherDefault<crate::hash::MixHasher>>,
+    set: HashMap<u64, u64, std::hash::BuildHasherDefault<crate::hash::MixHasher>>,
     order: VecDeque<u64>,
 }
 
 impl Ghost {
-    fn remember(&mut self, hash: u64, limit: usize) {
-        if self.set.insert(hash) {
+    /// Remembers `hash`, rejected at request `tick` of the shard.
+    fn remember(&mut self, hash: u64, tick: u64, limit: usize) {
+        if self.set.insert(hash, tick).is_none() {
             self.order.push_back(hash);
         }
         while self.order.len() > limit {
@@ -119,8 +124,9 @@ impl Ghost {
         }
     }
 
-    /// Forgets `hash`; true if it was remembered.
-    fn take(&mut self, hash: u64) -> bool {
+    /// Forgets `hash`; the request count at its rejection if it was
+    /// remembered.
+    fn take(&mut self, hash: u64) -> Option<u64> {
         // The queue keeps a taken hash until it reaches the front: it counts
         // towards the limit until then, and if the same hash was remembered
         // again meanwhile, popping the old copy forgets the new one early.
@@ -206,6 +212,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
             tuning_generation: 0,
             ghost: (admission && ghost).then(Ghost::default),
             counters: ShardCounters::default(),
+            short_returns: 0,
         };
         s.reset_partition();
         s
@@ -368,9 +375,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
             }
             // A rejected candidate that came back goes straight to main (with
             // the probability the tuning gives the ghost).
-            None if self.ghost.as_mut().is_some_and(|g| g.take(hash)) && self.use_ghost() => {
-                Region::Probation
-            }
+            None if self.ghost_return(hash) && self.use_ghost() => Region::Probation,
             None => Region::Window,
         };
         self.put(key, entry, region);
@@ -380,6 +385,22 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
         self.grow_sketch();
         self.maintain(removed);
         found.is_none()
+    }
+
+    /// Whether the ghost remembered `hash` (it forgets it now). A return
+    /// within as many requests of the rejection as the shard holds entries
+    /// counts as a *short return*: a larger window would have kept the key
+    /// until it came back, so their rate is evidence for a larger window
+    /// that the sketch's stale counts hide.
+    fn ghost_return(&mut self, hash: u64) -> bool {
+        let Some(rejected_at) = self.ghost.as_mut().and_then(|g| g.take(hash)) else {
+            return false;
+        };
+        let now = self.counters.hits + self.counters.misses;
+        if now.saturating_sub(rejected_at) <= self.projected_entries() {
+            self.short_returns += 1;
+        }
+        true
     }
 
     /// Removes `key` explicitly.
@@ -528,8 +549,9 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
                             let limit = usize::try_from(self.projected_entries() / 2)
                                 .unwrap_or(usize::MAX)
                                 .max(1);
+                            let tick = self.counters.hits + self.counters.misses;
                             if let Some(g) = &mut self.ghost {
-                                g.remember(hash_key(&c), limit);
+                                g.remember(hash_key(&c), tick, limit);
                             }
                         }
                     }
@@ -743,6 +765,44 @@ mod tests {
     fn a_rejected_candidate_that_returns_enters_main() {
         assert_eq!(returning_candidate(true), Some(Region::Probation));
         assert_eq!(returning_candidate(false), Some(Region::Window));
+    }
+
+    /// Short returns counted when key 100 is rejected (as in
+    /// `returning_candidate`) and requested again after `requests` hits on
+    /// the resident keys; and whether it came back through the ghost.
+    fn short_returns_after(requests: u64) -> (u64, Option<Region>) {
+        let clock = SystemClock;
+        let mut removed = Vec::new();
+        let mut s: Shard<u64, ()> = Shard::new(10, true, false, true, 16);
+        for _ in 0..6 {
+            for k in 0..10u64 {
+                if s.get(&k, hash_key(&k), &clock, &mut removed).is_none() {
+                    s.insert(k, hash_key(&k), entry(), &mut removed);
+                }
+            }
+        }
+        for k in [100u64, 101] {
+            assert!(s.get(&k, hash_key(&k), &clock, &mut removed).is_none());
+            s.insert(k, hash_key(&k), entry(), &mut removed);
+        }
+        assert_eq!(s.locate(&100), None, "key 100 was not rejected");
+        let resident: Vec<u64> = (0..10u64).filter(|k| s.locate(k).is_some()).collect();
+        for i in 0..requests {
+            let k = resident[(i % resident.len() as u64) as usize];
+            assert!(s.get(&k, hash_key(&k), &clock, &mut removed).is_some());
+        }
+        assert!(s.get(&100, hash_key(&100), &clock, &mut removed).is_none());
+        s.insert(100, hash_key(&100), entry(), &mut removed);
+        (s.short_returns, s.locate(&100))
+    }
+
+    #[test]
+    fn a_rejected_candidate_that_returns_soon_is_a_short_return() {
+        // Within the shard's entry count (10) of requests: a short return.
+        assert_eq!(short_returns_after(0), (1, Some(Region::Probation)));
+        assert_eq!(short_returns_after(8), (1, Some(Region::Probation)));
+        // Later, it still enters main through the ghost, but is not one.
+        assert_eq!(short_returns_after(20), (0, Some(Region::Probation)));
     }
 
     #[test]

@@ -27,7 +27,11 @@
 //! window moves 5 % of the capacity per period towards the blend's share,
 //! faster (doubling up to 40 %) only after two periods in a row whose own
 //! hits back that direction by a clear margin, so a sustained change is
-//! followed within a few periods and a passing phase is not. The first period
+//! followed within a few periods and a passing phase is not. A period in
+//! which at least 3 % of the real shards' requests were short returns
+//! (rejected candidates requested again within as many requests as the
+//! cache holds entries) grows the window by 20 % at once, when the blend and
+//! the period's own hits both favour a larger window. The first period
 //! only fills the miniatures (none of them has hits to tell the settings
 //! apart), so its blend, an even mix of every setting, is not published.
 
@@ -86,6 +90,14 @@ const MOMENTUM_STAY: f64 = 0.04;
 const MOMENTUM_PERIODS: u64 = 2;
 /// The largest step, as a share of the capacity.
 const MOMENTUM_MAX_STEP: f64 = 0.4;
+/// The share of a period's requests (in the real shards) that must be
+/// short returns (rejected candidates requested again within as many
+/// requests as the cache holds entries) for the window to grow at once by
+/// [`SHORT_RETURN_STEP`] towards a larger target (when the period's own
+/// miniature hits also favour a larger window).
+const SHORT_RETURNS: f64 = 0.03;
+/// How far the window grows on a period with that many short returns.
+const SHORT_RETURN_STEP: f64 = 0.2;
 /// Periods whose blend is not published (the miniatures are filling).
 const WARM_UP_PERIODS: u64 = 1;
 const SAMPLE_SALT: u64 = 0x6a09_e667_f3bc_c909;
@@ -109,6 +121,12 @@ pub(crate) struct Tuner {
     /// Each miniature's hits in the period that just ended.
     last: Vec<f64>,
     streak: u64,
+    /// Rejected candidates that returned soon, in the real shards: the
+    /// count at the end of the last period, and the last period's.
+    short_mark: u64,
+    short: u64,
+    /// Real requests per period (the sampled period over the rate).
+    requests: f64,
 }
 
 impl Tuner {
@@ -160,6 +178,9 @@ impl Tuner {
             window: crate::policy::INITIAL_WINDOW,
             last: vec![0.0; n],
             streak: 0,
+            short_mark: 0,
+            short: 0,
+            requests: mini_entries as f64 / rate,
         })
     }
 
@@ -179,7 +200,13 @@ impl Tuner {
     /// Replays one request for a sampled key (a hit, or a miss then an
     /// insert of `weight`) through every miniature. At the end of a period,
     /// returns the new tuning.
-    pub(crate) fn record(&mut self, hash: u64, weight: u64, clock: &dyn Clock) -> Option<Tuning> {
+    pub(crate) fn record(
+        &mut self,
+        hash: u64,
+        weight: u64,
+        short_returns: u64,
+        clock: &dyn Clock,
+    ) -> Option<Tuning> {
         // The miniatures' keys are the real keys' hashes; their own hash of
         // that key feeds their sketch, as `hash_key` does for real keys.
         let mini_hash = hash_key(&hash);
@@ -203,6 +230,8 @@ impl Tuner {
             return None;
         }
         self.seen = 0;
+        self.short = short_returns.wrapping_sub(self.short_mark);
+        self.short_mark = short_returns;
         for ((score, hits), last) in self
             .scores
             .iter_mut()
@@ -284,6 +313,14 @@ impl Tuner {
         let agrees = (target - self.window).signum() == (best_share - self.window).signum()
             && target != self.window;
         let sustained = self.streak >= MOMENTUM_PERIODS && promise > MOMENTUM_STAY;
+        // Short returns in the real shards: their rate over the period is
+        // direct evidence for a larger window, counted over every request
+        // rather than the sample; acted on when the period's own hits also
+        // put the best window above the shards'.
+        if target > self.window && agrees && self.short as f64 >= SHORT_RETURNS * self.requests {
+            self.streak += 1;
+            return SHORT_RETURN_STEP;
+        }
         self.streak = if agrees && (promise > MOMENTUM_ENTER || sustained) {
             self.streak + 1
         } else {
@@ -381,7 +418,7 @@ mod tests {
             key += 1;
             let hash = fmix64(key % 3_000);
             if Tuner::sampled(hash, t.threshold()) {
-                if let Some(tuning) = t.record(hash, 1, &clock) {
+                if let Some(tuning) = t.record(hash, 1, 0, &clock) {
                     published.push(t.periods);
                     let _ = tuning;
                 }
@@ -402,7 +439,7 @@ mod tests {
         for i in 0..20 * 8_800u64 {
             let hash = fmix64(i % 8_800);
             if Tuner::sampled(hash, t.threshold()) {
-                if let Some(tuning) = t.record(hash, 1, &clock) {
+                if let Some(tuning) = t.record(hash, 1, 0, &clock) {
                     last = Some(tuning);
                 }
             }
@@ -432,7 +469,7 @@ mod tests {
             };
             let hash = fmix64(key);
             if Tuner::sampled(hash, t.threshold()) {
-                if let Some(tuning) = t.record(hash, 1, &clock) {
+                if let Some(tuning) = t.record(hash, 1, 0, &clock) {
                     last = Some(tuning);
                 }
             }
@@ -470,7 +507,7 @@ mod tests {
         for i in 0..30 * 8_000u64 {
             let hash = fmix64(drifting_hot_set_key(i));
             if Tuner::sampled(hash, t.threshold()) {
-                if let Some(tuning) = t.record(hash, 1, &clock) {
+                if let Some(tuning) = t.record(hash, 1, 0, &clock) {
                     last = Some(tuning);
                 }
             }
@@ -522,6 +559,27 @@ mod tests {
     }
 
     #[test]
+    fn short_returns_grow_the_window_at_once() {
+        let mut t = Tuner::new(100_000, 100_000).expect("large enough");
+        // Near ties in the miniatures: the slow step.
+        last_period(&mut t, 980.0, 1_000.0);
+        assert_eq!(t.step(0.99), TUNING_STEP);
+        // 3 % of the period's requests were short returns: the window
+        // grows by the short-return step at once.
+        t.short = (SHORT_RETURNS * t.requests).ceil() as u64;
+        assert_eq!(t.step(0.99), SHORT_RETURN_STEP);
+        // Not towards a smaller target, not when the period's own hits
+        // favour a smaller window, and not below the rate.
+        assert_eq!(t.step(0.005), TUNING_STEP);
+        t.window = 0.5;
+        last_period(&mut t, 1_000.0, 500.0);
+        assert_eq!(t.step(0.99), TUNING_STEP);
+        last_period(&mut t, 980.0, 1_000.0);
+        t.short = (SHORT_RETURNS * t.requests) as u64 - 1;
+        assert_eq!(t.step(0.99), TUNING_STEP);
+    }
+
+    #[test]
     fn a_drifting_hot_set_moves_the_window_within_a_few_periods() {
         // The workload of the test above: the recency setting wins every
         // period, so after two periods of evidence the window moves faster
@@ -533,7 +591,7 @@ mod tests {
         for i in 0..30 * 8_000u64 {
             let hash = fmix64(drifting_hot_set_key(i));
             if Tuner::sampled(hash, t.threshold())
-                && t.record(hash, 1, &clock).is_some()
+                && t.record(hash, 1, 0, &clock).is_some()
                 && t.window > 0.9
                 && reached.is_none()
             {
