@@ -1,7 +1,9 @@
 //! AVX2 + FMA kernel (x86-64 without AVX-512: most laptops, and VMs that
 //! hide AVX-512). See the module docs of [`super`].
 //!
-//! It covers Q4_1 (SmolLM2's weights), in ggml's own order: the order of
+//! It covers Q8_0 (as ggml's `ggml_vec_dot_q8_0_q8_0` on AVX2: `|w|` times
+//! the activations with `w`'s signs, eight lanes, one FMA per block) and
+//! Q4_1 (SmolLM2's weights), this one in ggml's own order: the order of
 //! `ggml_vec_dot_q4_1_q8_1`'s AVX2 path, which the portable and AVX-512
 //! kernels follow too, so all three compute the same floats. `vpmaddubsw`
 //! then `vpmaddwd` by ones give the same eight lane sums of four products as
@@ -25,7 +27,7 @@ pub(crate) fn cpu_supports() -> bool {
 
 /// Whether `ty` has an AVX2 kernel.
 pub(crate) fn supports(ty: Ty) -> bool {
-    ty == Ty::Q4_1
+    matches!(ty, Ty::Q4_1 | Ty::Q8_0)
 }
 
 /// Activation rows per micro-kernel call.
@@ -34,14 +36,16 @@ const R: usize = 4;
 /// Weight rows `js` against activation rows `0..n`, into `y`.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; `m` is Q4_1; `acts` holds `n` rows quantized
-/// for it in natural order; `js` are rows of `m`; no other task writes the
+/// The CPU has AVX2 and FMA; `m` is Q4_1 or Q8_0; `acts` holds `n` rows
+/// quantized for it in natural order; `js` are rows of `m`; no other task writes the
 /// cells `(0..n, js)` of `y`.
 pub(crate) unsafe fn tile(m: &QMatrix, acts: &Acts, n: usize, js: Range<usize>, y: YPtr) {
-    debug_assert_eq!(m.ty, Ty::Q4_1);
+    debug_assert!(supports(m.ty));
     let nb = m.nb();
+    let per_block = if m.ty == Ty::Q8_0 { QK } else { 16 };
     assert!(acts.qs.len() >= n * m.cols && acts.d.len() >= n * nb && acts.s.len() >= n * nb);
-    assert!(js.end <= m.rows && m.qs.len() >= m.rows * nb * 16);
+    assert!(js.end <= m.rows && m.qs.len() >= m.rows * nb * per_block);
+    let q8 = m.ty == Ty::Q8_0;
     for j in js {
         let mut i = 0;
         while i < n {
@@ -49,11 +53,15 @@ pub(crate) unsafe fn tile(m: &QMatrix, acts: &Acts, n: usize, js: Range<usize>, 
             let mut out = [0f32; R];
             // SAFETY: forwarded; the sizes were asserted above.
             unsafe {
-                match r {
-                    4 => q4_1_row::<4>(m, acts, j, i, &mut out),
-                    3 => q4_1_row::<3>(m, acts, j, i, &mut out),
-                    2 => q4_1_row::<2>(m, acts, j, i, &mut out),
-                    _ => q4_1_row::<1>(m, acts, j, i, &mut out),
+                match (q8, r) {
+                    (true, 4) => q8_0_row::<4>(m, acts, j, i, &mut out),
+                    (true, 3) => q8_0_row::<3>(m, acts, j, i, &mut out),
+                    (true, 2) => q8_0_row::<2>(m, acts, j, i, &mut out),
+                    (true, _) => q8_0_row::<1>(m, acts, j, i, &mut out),
+                    (false, 4) => q4_1_row::<4>(m, acts, j, i, &mut out),
+                    (false, 3) => q4_1_row::<3>(m, acts, j, i, &mut out),
+                    (false, 2) => q4_1_row::<2>(m, acts, j, i, &mut out),
+                    (false, _) => q4_1_row::<1>(m, acts, j, i, &mut out),
                 }
                 for (t, &v) in out[..r].iter().enumerate() {
                     y.write(i + t, j, v);
@@ -106,6 +114,50 @@ unsafe fn q4_1_row<const N: usize>(
     }
     for r in 0..N {
         out[r] = hsum_f32x8(acc[r]) + summs[r];
+    }
+}
+
+/// Q8_0 weight row `j` (stored as `q + 128`) against activation rows
+/// `i0..i0 + N`: `vpmaddubsw` of `|q|` by the activations carrying `q`'s
+/// signs (no pair saturates: 2 · 128 · 127 < 32768), `vpmaddwd` by ones,
+/// one FMA per block by `d_w · d_a`.
+///
+/// # Safety
+/// As for [`tile`]; rows `i0..i0 + N` exist.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q8_0_row<const N: usize>(
+    m: &QMatrix,
+    acts: &Acts,
+    j: usize,
+    i0: usize,
+    out: &mut [f32; R],
+) {
+    let (k, nb) = (m.cols, m.nb());
+    let flip = _mm256_set1_epi8(-128);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for b in 0..nb {
+        let wb = j * nb + b;
+        let dw = f16_to_f32(m.d[wb]);
+        // SAFETY: block `wb` has 32 quants; activation row `i0 + r` has 32
+        // values at block `b` (the caller's sizes).
+        unsafe {
+            let u = _mm256_loadu_si256(m.qs.as_ptr().add(wb * QK) as *const __m256i);
+            let w = _mm256_xor_si256(u, flip);
+            let aw = _mm256_sign_epi8(w, w);
+            for r in 0..N {
+                let at = (i0 + r) * nb + b;
+                let a = _mm256_loadu_si256(
+                    acts.qs.as_ptr().add((i0 + r) * k + b * QK) as *const __m256i
+                );
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(a, w)), ones);
+                let dd = _mm256_set1_ps(dw * acts.d[at]);
+                acc[r] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(dot), acc[r]);
+            }
+        }
+    }
+    for r in 0..N {
+        out[r] = hsum_f32x8(acc[r]);
     }
 }
 

@@ -34,7 +34,8 @@
 //!   `Σ q_a`); several activation rows share each weight load.
 //! - [`Kernel::Avx2`] (x86-64 with AVX2 and FMA, no AVX-512): Q4_1 with
 //!   `vpmaddubsw`/`vpmaddwd`, in the same order as the other two kernels
-//!   (ggml's); the other types run the portable code.
+//!   (ggml's), and Q8_0 as ggml's AVX2 path; the other types run the
+//!   portable code.
 //! - [`Kernel::Portable`]: the same integer arithmetic in plain Rust, on
 //!   every CPU. Both are tested against candle's dequantized matmul.
 //!
@@ -87,7 +88,8 @@ pub enum Kernel {
     Portable,
     /// x86-64 AVX-512 F/BW/VL + VNNI.
     Avx512Vnni,
-    /// x86-64 AVX2 + FMA: Q4_1 in SIMD, the other types as [`Kernel::Portable`].
+    /// x86-64 AVX2 + FMA: Q4_1 and Q8_0 in SIMD, the other types as
+    /// [`Kernel::Portable`].
     Avx2,
 }
 

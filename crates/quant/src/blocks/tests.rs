@@ -172,6 +172,20 @@ fn avx512_kernel_equals_portable() {
         eprintln!("SKIPPED avx512_kernel_equals_portable: this CPU lacks AVX-512 F/BW/VL/VNNI");
         return;
     }
+    kernel_equals_portable(Kernel::Avx512Vnni);
+}
+
+/// The AVX2 kernel too (Q4_1 and Q8_0 in SIMD, the rest portable).
+#[test]
+fn avx2_kernel_equals_portable() {
+    if !Kernel::Avx2.is_available() {
+        eprintln!("SKIPPED avx2_kernel_equals_portable: this CPU lacks AVX2 and FMA");
+        return;
+    }
+    kernel_equals_portable(Kernel::Avx2);
+}
+
+fn kernel_equals_portable(kernel: Kernel) {
     let pool = ComputePool::new(&PoolConfig {
         threads: Some(2),
         spin_us: 50,
@@ -182,7 +196,7 @@ fn avx512_kernel_equals_portable() {
             let (q, _) = quantized(dtype, rows, cols, 9);
             let fast = QMatrix::from_qtensor(&q)
                 .unwrap()
-                .with_kernel(Kernel::Avx512Vnni)
+                .with_kernel(kernel)
                 .unwrap();
             let slow = QMatrix::from_qtensor(&q)
                 .unwrap()
