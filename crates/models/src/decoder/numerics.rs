@@ -118,7 +118,17 @@ fn dot_ggml(q: &[f32], k: &[f32], fast: bool) -> f32 {
         // SAFETY: AVX-512 F was detected.
         return unsafe { x86::dot_ggml(q, k) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if avx2_f16c() {
+        // SAFETY: AVX2, FMA and F16C were detected.
+        return unsafe { x86::dot_ggml_avx2(q, k) };
+    }
     let _ = fast;
+    dot_ggml_portable(q, k)
+}
+
+/// [`dot_ggml`] in plain Rust.
+fn dot_ggml_portable(q: &[f32], k: &[f32]) -> f32 {
     let n = q.len();
     let np = n & !63;
     let mut acc = [[0f32; 16]; 4];
@@ -163,6 +173,11 @@ fn scale_r16(acc: &mut [f32], s: f32, fast: bool) {
         // SAFETY: AVX-512 F was detected; the length is a multiple of 16.
         return unsafe { x86::scale_r16(acc, s) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if avx2_f16c() && acc.len().is_multiple_of(8) {
+        // SAFETY: AVX2, FMA and F16C were detected; the length is a multiple of 8.
+        return unsafe { x86::scale_r16_avx2(acc, s) };
+    }
     let _ = fast;
     for a in acc.iter_mut() {
         *a = r16(*a * s);
@@ -177,6 +192,11 @@ fn mad_r16(acc: &mut [f32], v: &[f32], s: f32, fast: bool) {
     if fast && acc.len().is_multiple_of(16) {
         // SAFETY: AVX-512 F was detected; the length is a multiple of 16.
         return unsafe { x86::mad_r16(acc, v, s) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2_f16c() && acc.len().is_multiple_of(8) {
+        // SAFETY: AVX2, FMA and F16C were detected; the length is a multiple of 8.
+        return unsafe { x86::mad_r16_avx2(acc, v, s) };
     }
     let _ = fast;
     for (a, &x) in acc.iter_mut().zip(v) {
@@ -343,6 +363,27 @@ fn rope_rows_body(row: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], ad
     }
 }
 
+/// Whether the CPU has AVX2, FMA and F16C (checked once): the paths of
+/// [`dot_ggml`], [`scale_r16`] and [`mad_r16`] for CPUs without AVX-512,
+/// which compute the same values (the same per-lane FMAs and roundings, in
+/// two 8-lane halves of each 16-lane register).
+#[inline]
+fn avx2_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether the CPU has FMA (checked once).
 #[inline]
 fn fma() -> bool {
@@ -410,6 +451,81 @@ mod x86 {
             sum += f64::from(q[e] * k[e]);
         }
         sum as f32
+    }
+
+    /// [`dot_ggml`] with AVX2: each 16-lane accumulator as two halves.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `k.len() >= q.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_ggml_avx2(q: &[f32], k: &[f32]) -> f32 {
+        let n = q.len();
+        assert!(k.len() >= n);
+        let np = n & !63;
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let (qp, kp) = (q.as_ptr(), k.as_ptr());
+        let mut i = 0;
+        while i < np {
+            for (h, a) in acc.iter_mut().enumerate() {
+                // SAFETY: i + 8 h + 8 <= np <= n.
+                unsafe {
+                    let x = _mm256_loadu_ps(kp.add(i + 8 * h));
+                    let y = _mm256_loadu_ps(qp.add(i + 8 * h));
+                    *a = _mm256_fmadd_ps(x, y, *a);
+                }
+            }
+            i += 64;
+        }
+        // Accumulator j of the 16-lane form is halves 2j and 2j + 1.
+        let mut lanes = [0f32; 16];
+        for half in 0..2 {
+            let a02 = _mm256_add_ps(acc[half], acc[4 + half]);
+            let a13 = _mm256_add_ps(acc[2 + half], acc[6 + half]);
+            // SAFETY: 8 f32 fit at lanes[8 half..].
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * half), _mm256_add_ps(a02, a13)) };
+        }
+        let mut sum = f64::from(super::reduce16(&lanes));
+        for e in np..n {
+            sum += f64::from(q[e] * k[e]);
+        }
+        sum as f32
+    }
+
+    /// [`super::scale_r16`] with AVX2 and F16C.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C; `acc.len()` is a multiple of 8.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn scale_r16_avx2(acc: &mut [f32], s: f32) {
+        let vs = _mm256_set1_ps(s);
+        for c in acc.chunks_exact_mut(8) {
+            // SAFETY: `c` holds 8 f32.
+            unsafe {
+                let y = _mm256_mul_ps(_mm256_loadu_ps(c.as_ptr()), vs);
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y);
+                _mm256_storeu_ps(c.as_mut_ptr(), _mm256_cvtph_ps(h));
+            }
+        }
+    }
+
+    /// [`super::mad_r16`] with AVX2, FMA and F16C.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `acc.len()` is a multiple of 8 and
+    /// `v` is as long.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn mad_r16_avx2(acc: &mut [f32], v: &[f32], s: f32) {
+        assert!(v.len() >= acc.len());
+        let vs = _mm256_set1_ps(s);
+        for (c, x) in acc.chunks_exact_mut(8).zip(v.chunks_exact(8)) {
+            // SAFETY: `c` and `x` hold 8 f32 each.
+            unsafe {
+                let y =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr()), vs, _mm256_loadu_ps(c.as_ptr()));
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y);
+                _mm256_storeu_ps(c.as_mut_ptr(), _mm256_cvtph_ps(h));
+            }
+        }
     }
 
     /// See [`super::scale_r16`].
@@ -536,6 +652,47 @@ mod tests {
             let x = i as f32 * 0.043;
             let (a, b) = (expf_ggml(x), x.exp());
             assert!((a - b).abs() <= b * 4e-7, "{x}: {a} vs {b}");
+        }
+    }
+
+    /// The AVX2 paths (CPUs without AVX-512) give the portable values bit
+    /// for bit, which are the AVX-512 ones.
+    #[test]
+    fn avx2_attention_numerics_equal_portable() {
+        if !avx2_f16c() {
+            eprintln!(
+                "SKIPPED avx2_attention_numerics_equal_portable: this CPU lacks AVX2, FMA or F16C"
+            );
+            return;
+        }
+        let vals = |n: usize, seed: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as f32 * 0.37 + seed).sin() * 3.1).powi(3))
+                .collect()
+        };
+        for n in [64usize, 128, 200, 256] {
+            let (q, k) = (vals(n, 0.5), vals(n, 1.7));
+            // SAFETY: detected above.
+            let fast = unsafe { x86::dot_ggml_avx2(&q, &k) };
+            assert_eq!(
+                fast.to_bits(),
+                dot_ggml(&q, &k, false).to_bits(),
+                "dot n={n}"
+            );
+            if n % 8 == 0 {
+                let v = vals(n, 2.9);
+                let (mut a, mut b) = (vals(n, 4.1), vals(n, 4.1));
+                unsafe { x86::mad_r16_avx2(&mut a, &v, 0.731) };
+                for (b, &x) in b.iter_mut().zip(&v) {
+                    *b = r16(x.mul_add(0.731, *b));
+                }
+                assert_eq!(a, b, "mad n={n}");
+                unsafe { x86::scale_r16_avx2(&mut a, 0.377) };
+                for b in b.iter_mut() {
+                    *b = r16(*b * 0.377);
+                }
+                assert_eq!(a, b, "scale n={n}");
+            }
         }
     }
 }
