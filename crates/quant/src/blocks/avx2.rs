@@ -17,7 +17,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::act::{Acts, QK};
-use super::matrix::{QMatrix, Ty, YPtr};
+use super::matrix::{for_row_groups, QMatrix, Ty, YPtr, R};
 use crate::vnni::f16_to_f32;
 
 /// Whether this CPU has AVX2 and FMA.
@@ -29,9 +29,6 @@ pub(crate) fn cpu_supports() -> bool {
 pub(crate) fn supports(ty: Ty) -> bool {
     matches!(ty, Ty::Q4_1 | Ty::Q8_0)
 }
-
-/// Activation rows per micro-kernel call.
-const R: usize = 4;
 
 /// Weight rows `js` against activation rows `0..n`, into `y`.
 ///
@@ -46,29 +43,18 @@ pub(crate) unsafe fn tile(m: &QMatrix, acts: &Acts, n: usize, js: Range<usize>, 
     assert!(acts.qs.len() >= n * m.cols && acts.d.len() >= n * nb && acts.s.len() >= n * nb);
     assert!(js.end <= m.rows && m.qs.len() >= m.rows * nb * per_block);
     let q8 = m.ty == Ty::Q8_0;
-    for j in js {
-        let mut i = 0;
-        while i < n {
-            let r = R.min(n - i);
-            let mut out = [0f32; R];
-            // SAFETY: forwarded; the sizes were asserted above.
-            unsafe {
-                match (q8, r) {
-                    (true, 4) => q8_0_row::<4>(m, acts, j, i, &mut out),
-                    (true, 3) => q8_0_row::<3>(m, acts, j, i, &mut out),
-                    (true, 2) => q8_0_row::<2>(m, acts, j, i, &mut out),
-                    (true, _) => q8_0_row::<1>(m, acts, j, i, &mut out),
-                    (false, 4) => q4_1_row::<4>(m, acts, j, i, &mut out),
-                    (false, 3) => q4_1_row::<3>(m, acts, j, i, &mut out),
-                    (false, 2) => q4_1_row::<2>(m, acts, j, i, &mut out),
-                    (false, _) => q4_1_row::<1>(m, acts, j, i, &mut out),
-                }
-                for (t, &v) in out[..r].iter().enumerate() {
-                    y.write(i + t, j, v);
-                }
-            }
-            i += r;
-        }
+    // SAFETY: forwarded; the sizes were asserted above.
+    unsafe {
+        for_row_groups(n, js, y, |j, i, r, out| match (q8, r) {
+            (true, 4) => q8_0_row::<4>(m, acts, j, i, out),
+            (true, 3) => q8_0_row::<3>(m, acts, j, i, out),
+            (true, 2) => q8_0_row::<2>(m, acts, j, i, out),
+            (true, _) => q8_0_row::<1>(m, acts, j, i, out),
+            (false, 4) => q4_1_row::<4>(m, acts, j, i, out),
+            (false, 3) => q4_1_row::<3>(m, acts, j, i, out),
+            (false, 2) => q4_1_row::<2>(m, acts, j, i, out),
+            (false, _) => q4_1_row::<1>(m, acts, j, i, out),
+        })
     }
 }
 
@@ -161,10 +147,12 @@ unsafe fn q8_0_row<const N: usize>(
     }
 }
 
-/// ggml's `hsum_float_8`.
+/// ggml's `hsum_float_8`: lanes `i` and `i + 4` added, then lanes 0 + 2 and
+/// 1 + 3, then those two (the Q4_1 kernels depend on this order; the
+/// AVX-512 kernels use it too).
 #[inline]
 #[target_feature(enable = "avx2")]
-fn hsum_f32x8(v: __m256) -> f32 {
+pub(super) fn hsum_f32x8(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));

@@ -16,7 +16,8 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::act::{block_dest, inv_scale, Acts, Layout, QK, QKK};
-use super::matrix::{QMatrix, Ty, YPtr};
+use super::avx2::hsum_f32x8;
+use super::matrix::{for_row_groups, QMatrix, Ty, YPtr, R};
 
 /// Whether this CPU has AVX-512 F/BW/VL and VNNI.
 pub(crate) fn cpu_supports() -> bool {
@@ -30,9 +31,6 @@ pub(crate) fn cpu_supports() -> bool {
 pub(crate) fn supports(_ty: Ty) -> bool {
     true
 }
-
-/// Activation rows per micro-kernel call.
-const R: usize = 4;
 
 /// Quantizes one row to blocks of 32, as the portable
 /// [`super::act::quantize_row_q8_0`] does (same values).
@@ -132,25 +130,14 @@ pub(crate) unsafe fn tile(
     js: Range<usize>,
     y: YPtr,
 ) {
-    for j in js {
-        let mut i = 0;
-        while i < n {
-            let r = R.min(n - i);
-            let mut out = [0f32; R];
-            // SAFETY: forwarded from the caller; rows `i..i + r` exist.
-            unsafe {
-                match r {
-                    4 => row::<4>(m, x, acts, j, i, &mut out),
-                    3 => row::<3>(m, x, acts, j, i, &mut out),
-                    2 => row::<2>(m, x, acts, j, i, &mut out),
-                    _ => row::<1>(m, x, acts, j, i, &mut out),
-                }
-                for (t, &v) in out[..r].iter().enumerate() {
-                    y.write(i + t, j, v);
-                }
-            }
-            i += r;
-        }
+    // SAFETY: forwarded from the caller; rows `i..i + r` exist.
+    unsafe {
+        for_row_groups(n, js, y, |j, i, r, out| match r {
+            4 => row::<4>(m, x, acts, j, i, out),
+            3 => row::<3>(m, x, acts, j, i, out),
+            2 => row::<2>(m, x, acts, j, i, out),
+            _ => row::<1>(m, x, acts, j, i, out),
+        })
     }
 }
 
@@ -556,17 +543,6 @@ unsafe fn q4k_row<const N: usize>(
 #[target_feature(enable = "avx512f")]
 fn spread2(a: i32, b: i32) -> __m512i {
     _mm512_mask_blend_epi32(0xff00, _mm512_set1_epi32(a), _mm512_set1_epi32(b))
-}
-
-/// ggml's `hsum_float_8`: lanes `i` and `i + 4` added, then lanes 0 + 2 and
-/// 1 + 3, then those two (the Q4_1 kernel depends on this order).
-#[inline]
-#[target_feature(enable = "avx512f,avx512vl")]
-fn hsum_f32x8(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
 }
 
 /// Q6_K: per half super-block one 64-byte load of the low 4 bits and one

@@ -624,6 +624,40 @@ impl QMatrix {
     }
 }
 
+/// Activation rows per micro-kernel call of the SIMD kernels: each weight
+/// load (and nibble expansion) serves this many rows.
+#[cfg(target_arch = "x86_64")]
+pub(crate) const R: usize = 4;
+
+/// The SIMD kernels' tile loop: for each weight row `j` of `js` and each
+/// group of at most [`R`] activation rows `i..i + r` of `0..n`, calls
+/// `kernel(j, i, r, out)` and writes `out[..r]` to `y`.
+///
+/// # Safety
+/// `y` covers the cells `(0..n, js)` and no other task writes them.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn for_row_groups(
+    n: usize,
+    js: Range<usize>,
+    y: YPtr,
+    mut kernel: impl FnMut(usize, usize, usize, &mut [f32; R]),
+) {
+    for j in js {
+        let mut i = 0;
+        while i < n {
+            let r = R.min(n - i);
+            let mut out = [0f32; R];
+            kernel(j, i, r, &mut out);
+            for (t, &v) in out[..r].iter().enumerate() {
+                // SAFETY: forwarded from the caller.
+                unsafe { y.write(i + t, j, v) };
+            }
+            i += r;
+        }
+    }
+}
+
 /// The output buffer shared by the pool's tasks: row `i`, weight row `j`
 /// goes to `ptr[i * stride + j - col0]`.
 #[derive(Clone, Copy, Debug)]
