@@ -37,7 +37,7 @@
 //!   (ggml's), and Q8_0 as ggml's AVX2 path; the other types run the
 //!   portable code.
 //! - [`Kernel::Portable`]: the same integer arithmetic in plain Rust, on
-//!   every CPU. Both are tested against candle's dequantized matmul.
+//!   every CPU. All three are tested against candle's dequantized matmul.
 //!
 //! ```
 //! use candle_core::{quantized::{GgmlDType, QTensor}, Device, Tensor};

@@ -15,6 +15,17 @@ fn idot(w: &[i32; 32], a: &[i8]) -> i32 {
     w.iter().zip(a).map(|(&w, &a)| w * a as i32).sum()
 }
 
+/// The 32 values of 4-bit block `wb` (GGUF order: the low nibbles are
+/// values 0..16, the high ones 16..32) as unsigned ints.
+#[inline]
+fn unpack_nibbles(m: &QMatrix, wb: usize, w: &mut [i32; 32]) {
+    let qs = &m.qs[wb * 16..wb * 16 + 16];
+    for t in 0..16 {
+        w[t] = (qs[t] & 0xf) as i32;
+        w[t + 16] = (qs[t] >> 4) as i32;
+    }
+}
+
 /// Weight row `j` · activation row `i` (`x` for F16/F32, `acts` otherwise).
 pub(crate) fn dot(m: &QMatrix, j: usize, x: &[f32], acts: &Acts, i: usize) -> f32 {
     let k = m.cols;
@@ -53,11 +64,7 @@ pub(crate) fn dot(m: &QMatrix, j: usize, x: &[f32], acts: &Acts, i: usize) -> f3
                         -128.0 * dw
                     }
                     ty => {
-                        let qs = &m.qs[wb * 16..wb * 16 + 16];
-                        for t in 0..16 {
-                            w[t] = (qs[t] & 0xf) as i32;
-                            w[t + 16] = (qs[t] >> 4) as i32;
-                        }
+                        unpack_nibbles(m, wb, &mut w);
                         match ty {
                             Ty::Q4_0 => -8.0 * dw,
                             _ => {
@@ -158,11 +165,7 @@ fn q4_1_ggml(m: &QMatrix, j: usize, acts: &Acts, i: usize) -> f32 {
     let mut w = [0i32; 32];
     for b in 0..nb {
         let wb = j * nb + b;
-        let qs = &m.qs[wb * 16..wb * 16 + 16];
-        for t in 0..16 {
-            w[t] = (qs[t] & 0xf) as i32;
-            w[t + 16] = (qs[t] >> 4) as i32;
-        }
+        unpack_nibbles(m, wb, &mut w);
         summs = f16_to_f32(m.m[wb]).mul_add(sa[b], summs);
         let dd = f16_to_f32(m.d[wb]) * da[b];
         let a = &qa[b * QK..(b + 1) * QK];
