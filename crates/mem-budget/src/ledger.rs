@@ -472,7 +472,9 @@ impl MemoryLedger {
     pub fn available_for(&self, category: Category) -> Result<u64> {
         let mut st = self.inner.state.lock();
         self.inner.refresh(&mut st)?;
-        let (cat, overall, machine) = self.inner.free(&st, category);
+        let (cat, overall, machine) =
+            self.inner
+                .free(&st, category, self.inner.budget.safety_margin);
         Ok(cat.min(overall).min(machine))
     }
 
@@ -481,7 +483,9 @@ impl MemoryLedger {
     pub fn available_overall(&self) -> Result<u64> {
         let mut st = self.inner.state.lock();
         self.inner.refresh(&mut st)?;
-        let (_, overall, machine) = self.inner.free(&st, Category::Model);
+        let (_, overall, machine) =
+            self.inner
+                .free(&st, Category::Model, self.inner.budget.safety_margin);
         Ok(overall.min(machine))
     }
 
@@ -544,15 +548,16 @@ impl Inner {
         Ok(())
     }
 
-    /// Free bytes under the category cap, the overall cap, and in the machine.
-    fn free(&self, st: &State, category: Category) -> (u64, u64, u64) {
+    /// Free bytes under the category cap, the overall cap, and in the
+    /// machine above `margin`.
+    fn free(&self, st: &State, category: Category, margin: u64) -> (u64, u64, u64) {
         let i = category.index();
         let cat = self.caps[i].saturating_sub(st.used[i]);
         let overall = self.overall_cap.saturating_sub(st.total);
         let machine = match (self.config.check_machine, st.reading) {
             (true, Some(r)) => r
                 .available
-                .saturating_sub(self.budget.safety_margin)
+                .saturating_sub(margin)
                 .saturating_sub(st.total.saturating_sub(r.used_at_reading)),
             _ => u64::MAX,
         };
@@ -600,10 +605,27 @@ impl Inner {
         capped: bool,
         resident: u64,
     ) -> Result<()> {
+        let margin = self.budget.safety_margin;
+        self.admit_above(st, category, bytes, headroom, capped, resident, margin)
+    }
+
+    /// [`Inner::admit_with_headroom`] with the machine's room counted above
+    /// `margin` instead of the budget's safety margin.
+    #[allow(clippy::too_many_arguments)]
+    fn admit_above(
+        &self,
+        st: &mut MutexGuard<'_, State>,
+        category: Category,
+        bytes: u64,
+        headroom: u64,
+        capped: bool,
+        resident: u64,
+        margin: u64,
+    ) -> Result<()> {
         let need = bytes.saturating_add(headroom);
         if need > 0 {
             self.refresh(st)?;
-            let (cat, overall, machine) = self.free(st, category);
+            let (cat, overall, machine) = self.free(st, category, margin);
             let limit = if capped && need > cat {
                 Some(Limit::Category)
             } else if need > overall {
@@ -614,7 +636,7 @@ impl Inner {
                 None
             };
             if let Some(limit) = limit {
-                return Err(self.refusal(category, need, (cat, overall, machine), limit));
+                return Err(self.refusal(category, need, (cat, overall, machine), limit, margin));
             }
         }
         self.book(st, category, bytes);
@@ -651,6 +673,7 @@ impl Inner {
         bytes: u64,
         free: (u64, u64, u64),
         limit: Limit,
+        margin: u64,
     ) -> Error {
         let (cat, overall, machine) = free;
         let cap = self.caps[category.index()];
@@ -681,7 +704,7 @@ impl Inner {
             } else {
                 machine
             },
-            safety_margin: self.budget.safety_margin,
+            safety_margin: margin,
             suggestion,
         }
     }
@@ -725,6 +748,54 @@ impl Reservation {
         let inner = &self.ledger;
         let mut st = inner.state.lock();
         match inner.admit_within(&mut st, self.category, extra, true, resident) {
+            Ok(()) => {
+                st.live -= 1; // admit counted a new reservation; this is the same one
+                self.bytes += extra;
+                Ok(())
+            }
+            Err(e) => {
+                if e.is_refusal() {
+                    st.refusals += 1;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Holds `extra` more bytes as [`Reservation::grow_reusing`] does, but
+    /// counts the machine's room down to nothing instead of down to the
+    /// budget's safety margin: the caps and the machine's reading still
+    /// apply, the margin does not.
+    ///
+    /// For work that was admitted whole and has nobody to take room from
+    /// (one generated sequence running alone, admitted where its whole
+    /// length fit above the margin, which then finds the margin eaten by
+    /// memory the ledger cannot see): stopping it would lose its work while
+    /// the machine still has the bytes. New work is still admitted only
+    /// above the margin, so it waits while this one runs.
+    ///
+    /// ```
+    /// use mem_budget::{Budget, Category, MemoryLedger, GIB, MIB};
+    /// # #[derive(Debug)] struct Tight;
+    /// # impl hw_detect::MemoryProbe for Tight {
+    /// #     fn memory(&self) -> hw_detect::Result<hw_detect::MemoryInfo> {
+    /// #         Ok(hw_detect::MemoryInfo::new(8 * GIB, 420 * MIB, 0, 0, None))
+    /// #     }
+    /// # }
+    /// let ledger = MemoryLedger::new(Budget::for_class(hw_detect::HardwareClass::Generic, 8 * GIB), Tight);
+    /// let free = ledger.available_for(Category::Activations)?;
+    /// let mut r = ledger.try_reserve(Category::Activations, free)?;
+    /// // Above the margin nothing is left...
+    /// assert!(r.grow(MIB).is_err());
+    /// // ...but the machine still has the margin's bytes.
+    /// r.grow_into_margin(MIB, 0)?;
+    /// assert_eq!(r.bytes(), free + MIB);
+    /// # Ok::<(), mem_budget::Error>(())
+    /// ```
+    pub fn grow_into_margin(&mut self, extra: u64, resident: u64) -> Result<()> {
+        let inner = &self.ledger;
+        let mut st = inner.state.lock();
+        match inner.admit_above(&mut st, self.category, extra, 0, true, resident, 0) {
             Ok(()) => {
                 st.live -= 1; // admit counted a new reservation; this is the same one
                 self.bytes += extra;

@@ -10,11 +10,16 @@
 //! When a sequence finds no room to grow, it waits out that step and the
 //! loop preempts one running sequence (the lowest priority, latest joined;
 //! perhaps the one that waits) as under pressure below, so the others
-//! grow into its room. A sequence that finds no room while it runs alone
-//! waits for room up to [`ALONE_ROOM_WAIT`] (freed heap goes back to the
-//! OS, the kernel reclaims page cache, the ledger reads the machine again),
-//! then ends with finish reason `memory` and what it has generated:
-//! something outside its loop took the memory it was admitted with.
+//! grow into its room. A sequence that runs alone was admitted where its
+//! whole length fit above the ledger's safety margin and has nobody to take
+//! room from: it grows into the margin while the machine still has the bytes
+//! ([`mem_budget::Reservation::grow_into_margin`]; new work is still
+//! admitted only above the margin). If even that finds no room, it waits
+//! for room up to [`ALONE_ROOM_WAIT`] (freed heap goes back to the OS, the
+//! kernel reclaims page cache, the ledger reads the machine again), then
+//! ends with finish reason `memory`, what it has generated, and the
+//! ledger's numbers: something outside its loop took the memory it was
+//! admitted with.
 //!
 //! Under `Critical` memory pressure the loop preempts every running
 //! sequence but one (the highest priority, first joined): each frees its KV
@@ -262,6 +267,8 @@ pub(crate) struct DecoderSteps {
     last_trim: Option<Instant>,
     /// Since when the one running sequence has found no room to grow.
     alone_short_since: Option<Instant>,
+    /// Why the last sequence that found no room to grow found none.
+    refused: Option<String>,
     prefix: Option<Arc<PrefixCache>>,
 }
 
@@ -332,14 +339,29 @@ impl DecoderSteps {
         let extra = self.kv_bytes_for(target).saturating_sub(hold.bytes);
         let mut admitted = self.kv.admitted.lock();
         if !self.budget_has_room(*admitted, extra) {
+            self.refused = Some(format!(
+                "the KV budget of {} bytes has {} admitted",
+                self.kv.budget(),
+                *admitted
+            ));
             return false;
         }
         let idle = self.idle_kv_bytes(*admitted);
         let reservation = &mut hold.reservation;
-        if self
-            .reserve_or_shrink(extra, || reservation.grow_reusing(extra, idle))
-            .is_err()
-        {
+        // Alone, it was admitted where its whole length fit above the
+        // safety margin and has nobody to take room from: it grows into the
+        // margin while the machine still has the bytes (new work is still
+        // admitted only above it).
+        let alone = self.running <= 1;
+        let grown = self.reserve_or_shrink(extra, || {
+            if alone {
+                reservation.grow_into_margin(extra, idle)
+            } else {
+                reservation.grow_reusing(extra, idle)
+            }
+        });
+        if let Err(e) = grown {
+            self.refused = Some(e.to_string());
             return false;
         }
         hold.bytes += extra;
@@ -522,8 +544,9 @@ impl StepHandler for DecoderSteps {
                         let want = self.kv_bytes_for(self.kv_target(s, len + 1));
                         s.reason = Some(FinishReason::Memory);
                         s.next = None;
+                        let why = self.refused.as_deref().unwrap_or("no reason recorded");
                         s.error = Some(format!(
-                            "no room to grow its KV past {len} tokens: it holds {held} bytes and needs {} more, which neither the ledger nor the KV budget ({} bytes) has",
+                            "no room to grow its KV past {len} tokens: it holds {held} bytes and needs {} more, which neither the ledger nor the KV budget ({} bytes) has ({why})",
                             want.saturating_sub(held),
                             self.kv.budget()
                         ));
@@ -1132,6 +1155,7 @@ impl Decoders {
             running: 0,
             last_trim: None,
             alone_short_since: None,
+            refused: None,
             prefix: prefix.clone(),
         };
         let step_tokens = engine_cfg.max_step_tokens;

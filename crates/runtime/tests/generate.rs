@@ -783,9 +783,9 @@ fn a_sequence_alone_without_room_to_grow_waits_for_room_instead_of_ending() {
         let s = status(&rt);
         s.running == 1 && s.tokens_generated > alone.finished.usage.completion_tokens as u64
     });
-    // Nothing above the safety margin: it cannot grow past what it holds.
-    let margin = rt.ledger().budget().safety_margin;
-    probe.0.store(margin, Relaxed);
+    // Nothing left in the machine (less than one more block of KV), not
+    // even in the safety margin: it cannot grow past what it holds.
+    probe.0.store(64 << 10, Relaxed);
     let stalled = |rt: &Runtime| {
         let a = status(rt).tokens_generated;
         std::thread::sleep(Duration::from_millis(300));
@@ -806,4 +806,53 @@ fn a_sequence_alone_without_room_to_grow_waits_for_room_instead_of_ending() {
     );
     assert_eq!(done.finished.usage, alone.finished.usage);
     assert_eq!(done.text, alone.text);
+}
+
+#[test]
+fn a_sequence_alone_grows_into_the_safety_margin_while_new_work_waits() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (rt, probe) = runtime_with_memory(config(), smol_spec());
+    let req = || {
+        GenerateRequest::text("Once upon a time, in a small village by the sea,").max_tokens(120)
+    };
+    let alone = rt.generate(SMOL, req()).unwrap().wait();
+    assert_eq!(
+        alone.finished.reason,
+        FinishReason::Length,
+        "{:?}",
+        alone.finished
+    );
+    let status = |rt: &Runtime| rt.status().generative[0].clone();
+    let g = rt.generate(SMOL, req()).unwrap();
+    eventually("the sequence decoding", || {
+        let s = status(&rt);
+        s.running == 1 && s.tokens_generated > alone.finished.usage.completion_tokens as u64
+    });
+    // Nothing above the safety margin, the margin's bytes still there: the
+    // sequence admitted whole goes on into the margin...
+    let margin = rt.ledger().budget().safety_margin;
+    probe.0.store(margin, Relaxed);
+    let second = rt.generate(SMOL, req()).unwrap();
+    let done = g.wait();
+    assert_eq!(
+        done.finished.reason,
+        FinishReason::Length,
+        "{:?}",
+        done.finished
+    );
+    assert_eq!(done.finished.usage, alone.finished.usage);
+    assert_eq!(done.text, alone.text);
+    // ...while new work is admitted only above the margin: it waits.
+    std::thread::sleep(Duration::from_millis(300));
+    let s = status(&rt);
+    assert_eq!((s.running, s.queued), (0, 1), "{s:?}");
+    probe.0.store(12 << 30, Relaxed);
+    let later = second.wait();
+    assert_eq!(
+        later.finished.reason,
+        FinishReason::Length,
+        "{:?}",
+        later.finished
+    );
+    assert_eq!(later.text, alone.text);
 }
