@@ -278,7 +278,6 @@ unsafe fn q5_0_blocks<const N: usize, const G: usize>(
     let ones = _mm256_set1_epi16(1);
     let zero = _mm256_setzero_si256();
     let mut w = [zero; G];
-    let mut dw = [0f32; 8];
     // SAFETY: blocks `b0..b0 + G` of weight row `j` have 16 bytes of
     // nibbles and 4 of high bits in the row's `qh`; activation rows
     // `i0..i0 + N` have 32 values and a scale and sum at each (the sizes
@@ -288,7 +287,6 @@ unsafe fn q5_0_blocks<const N: usize, const G: usize>(
         for t in 0..G {
             let b = b0 + t;
             let wb = j * nb + b;
-            dw[t] = f16_to_f32(m.d[wb]);
             let bits = if b < whole {
                 // Regrouped per four blocks (see `QMatrix::q5_bits`).
                 let (g, t4) = (b / 4, b % 4);
@@ -305,7 +303,7 @@ unsafe fn q5_0_blocks<const N: usize, const G: usize>(
             );
             w[t] = _mm256_or_si256(u, bit4_of(bits));
         }
-        let dwv = _mm256_loadu_ps(dw.as_ptr());
+        let dwv = f16s_to_f32::<G>(m.d.as_ptr().add(j * nb + b0));
         let ow = _mm256_mul_ps(dwv, _mm256_set1_ps(-16.0));
         for r in 0..N {
             let mut dots = [zero; 8];
@@ -344,6 +342,45 @@ unsafe fn load_first<const G: usize>(p: *const f32) -> __m256 {
             _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(G as i32), lanes))
         }
     }
+}
+
+/// The first `G` (1, 4 or 8) f16 values at `p` as f32 (the other lanes 0),
+/// exactly as [`f16_to_f32`] converts each: the exponent re-biased by a
+/// multiply by 2^112 (exact for normal and subnormal values alike); any
+/// infinity or NaN goes to [`f16_to_f32`] itself.
+///
+/// # Safety
+/// `G` values are readable at `p`.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn f16s_to_f32<const G: usize>(p: *const u16) -> __m256 {
+    // SAFETY: the caller's: `G` values at `p`.
+    let h = unsafe {
+        if G >= 8 {
+            _mm_loadu_si128(p as *const __m128i)
+        } else if G >= 4 {
+            _mm_loadl_epi64(p as *const __m128i)
+        } else {
+            _mm_cvtsi32_si128(p.read_unaligned() as i32)
+        }
+    };
+    let h = _mm256_cvtepu16_epi32(h);
+    let em = _mm256_and_si256(h, _mm256_set1_epi32(0x7fff));
+    if _mm256_movemask_epi8(_mm256_cmpgt_epi32(em, _mm256_set1_epi32(0x7bff))) != 0 {
+        let mut v = [0f32; 8];
+        for (t, v) in v[..G].iter_mut().enumerate() {
+            // SAFETY: as above.
+            *v = f16_to_f32(unsafe { p.add(t).read_unaligned() });
+        }
+        // SAFETY: an 8-lane array.
+        return unsafe { _mm256_loadu_ps(v.as_ptr()) };
+    }
+    let sign = _mm256_slli_epi32::<16>(_mm256_and_si256(h, _mm256_set1_epi32(0x8000)));
+    let mag = _mm256_mul_ps(
+        _mm256_castsi256_ps(_mm256_slli_epi32::<13>(em)),
+        _mm256_set1_ps(f32::from_bits((127 + 112) << 23)),
+    );
+    _mm256_or_ps(mag, _mm256_castsi256_ps(sign))
 }
 
 /// `*sum += v[t]` for `t` in `0..G`, one after the other.
@@ -443,23 +480,24 @@ unsafe fn q4k_blocks<const N: usize, const G: usize>(
     let zero = _mm256_setzero_si256();
     let mut dots = [[zero; 8]; N];
     let mut mins = [[zero; 8]; N];
-    let (mut dv, mut mv) = ([0f32; 8], [0f32; 8]);
+    // `vpshufb` indices: byte `t` of the scales, zero-extended, in each i16.
+    let pick = |t: i16| _mm256_set1_epi16(t | 0x8000u16 as i16);
     // SAFETY: super-blocks `b0..b0 + G` of weight row `j` have 128 bytes of
     // nibbles and 16 scales and minimums; activation rows `i0..i0 + N` have
     // 256 values, a scale and 16 sums at each (the sizes `tile` checked).
     unsafe {
         for c in 0..G {
             let wb = j * nb + b0 + c;
-            (dv[c], mv[c]) = (f16_to_f32(m.d[wb]), f16_to_f32(m.m[wb]));
             let sc = m.sc.as_ptr().add(wb * 16);
+            let scales = _mm256_broadcastsi128_si256(_mm_loadl_epi64(sc as *const __m128i));
             let q = m.qs.as_ptr().add(wb * 128);
             let mut acc = [zero; N];
             for h in 0..4 {
                 let v = _mm256_loadu_si256(q.add(32 * h) as *const __m256i);
                 let lo = _mm256_and_si256(v, low);
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-                let slo = _mm256_set1_epi16(*sc.add(2 * h) as i16);
-                let shi = _mm256_set1_epi16(*sc.add(2 * h + 1) as i16);
+                let slo = _mm256_shuffle_epi8(scales, pick(2 * h as i16));
+                let shi = _mm256_shuffle_epi8(scales, pick(2 * h as i16 + 1));
                 for r in 0..N {
                     let a = acts.qs.as_ptr().add((i0 + r) * k + (b0 + c) * QKK + 64 * h);
                     let a0 = _mm256_loadu_si256(a as *const __m256i);
@@ -485,7 +523,8 @@ unsafe fn q4k_blocks<const N: usize, const G: usize>(
                 mins[r][c] = _mm256_madd_epi16(bs, mn2);
             }
         }
-        let (dvv, mvv) = (_mm256_loadu_ps(dv.as_ptr()), _mm256_loadu_ps(mv.as_ptr()));
+        let dvv = f16s_to_f32::<G>(m.d.as_ptr().add(j * nb + b0));
+        let mvv = f16s_to_f32::<G>(m.m.as_ptr().add(j * nb + b0));
         for r in 0..N {
             let da = load_first::<G>(acts.d.as_ptr().add((i0 + r) * nb + b0));
             let dot = _mm256_cvtepi32_ps(sum_each_i32x8(&dots[r]));
@@ -567,7 +606,6 @@ unsafe fn q6k_blocks<const N: usize, const G: usize>(
     let two = _mm256_set1_epi8(0x30);
     let zero = _mm256_setzero_si256();
     let mut tots = [[zero; 8]; N];
-    let mut dv = [0f32; 8];
     // SAFETY: super-blocks `b0..b0 + G` of weight row `j` have 128 bytes of
     // `ql`, 64 of `qh` and 16 scales; activation rows `i0..i0 + N` have 256
     // values, a scale and 16 sums at each (the sizes `tile` checked);
@@ -575,7 +613,6 @@ unsafe fn q6k_blocks<const N: usize, const G: usize>(
     unsafe {
         for c in 0..G {
             let wb = j * nb + b0 + c;
-            dv[c] = f16_to_f32(m.d[wb]);
             let scm = _mm_loadu_si128(m.sc.as_ptr().add(wb * 16) as *const __m128i);
             let mut tot = [zero; N];
             for half in 0..2 {
@@ -635,7 +672,7 @@ unsafe fn q6k_blocks<const N: usize, const G: usize>(
                 tots[r][c] = _mm256_sub_epi32(tot[r], corr);
             }
         }
-        let dvv = _mm256_loadu_ps(dv.as_ptr());
+        let dvv = f16s_to_f32::<G>(m.d.as_ptr().add(j * nb + b0));
         for r in 0..N {
             let da = load_first::<G>(acts.d.as_ptr().add((i0 + r) * nb + b0));
             let tot = _mm256_cvtepi32_ps(sum_each_i32x8(&tots[r]));

@@ -330,6 +330,42 @@ fn avx2_q5_0_q4k_q6k_match_candle() {
     }
 }
 
+/// The AVX2 kernels' f16 → f32 conversion of 1, 4 or 8 scales at a time
+/// gives `f16_to_f32`'s bits for all 65536 values (subnormals, infinities
+/// and NaNs included).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_f16_conversion_equals_scalar() {
+    if !Kernel::Avx2.is_available() {
+        eprintln!("SKIPPED avx2_f16_conversion_equals_scalar: this CPU lacks AVX2 and FMA");
+        return;
+    }
+    let all: Vec<u16> = (0..=u16::MAX).collect();
+    for (c, h) in all.chunks_exact(8).enumerate() {
+        // SAFETY: the CPU has AVX2 (checked above); 8 values at `h`.
+        let v = unsafe {
+            [
+                avx2::f16s_to_f32::<8>(h.as_ptr()),
+                avx2::f16s_to_f32::<4>(h.as_ptr()),
+                avx2::f16s_to_f32::<1>(h.as_ptr()),
+            ]
+        };
+        for (g, v) in [8usize, 4, 1].into_iter().zip(v) {
+            let mut lanes = [0f32; 8];
+            // SAFETY: an 8-lane array; AVX2 checked above.
+            unsafe { std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+            for (t, &l) in lanes.iter().enumerate() {
+                let want = if t < g {
+                    crate::vnni::f16_to_f32(h[t]).to_bits()
+                } else {
+                    0
+                };
+                assert_eq!(l.to_bits(), want, "G={g}, f16 {:#06x}", 8 * c + t);
+            }
+        }
+    }
+}
+
 #[test]
 fn some_rows_equal_the_full_product() {
     let pool = ComputePool::single();
