@@ -32,10 +32,11 @@
 //!   `vpdpbusd` (unsigned weights × signed activations: Q8_0 weights are
 //!   stored as `q + 128` and the offset is taken back with the block's
 //!   `Σ q_a`); several activation rows share each weight load.
-//! - [`Kernel::Avx2`] (x86-64 with AVX2 and FMA, no AVX-512): Q4_1 with
-//!   `vpmaddubsw`/`vpmaddwd`, in the same order as the other two kernels
-//!   (ggml's), and Q8_0 as ggml's AVX2 path; the other types run the
-//!   portable code.
+//! - [`Kernel::Avx2`] (x86-64 with AVX2 and FMA, no AVX-512): Q8_0, Q4_1,
+//!   Q5_0, Q4_K and Q6_K with `vpmaddubsw`/`vpmaddwd` — Q4_1 in the same
+//!   order as the other two kernels (ggml's), Q8_0 as ggml's AVX2 path,
+//!   Q5_0/Q4_K/Q6_K in the portable kernel's order (the same floats as
+//!   it, bit for bit); Q4_0, F16 and F32 run the portable code.
 //! - [`Kernel::Portable`]: the same integer arithmetic in plain Rust, on
 //!   every CPU. All three are tested against candle's dequantized matmul.
 //!
@@ -88,8 +89,8 @@ pub enum Kernel {
     Portable,
     /// x86-64 AVX-512 F/BW/VL + VNNI.
     Avx512Vnni,
-    /// x86-64 AVX2 + FMA: Q4_1 and Q8_0 in SIMD, the other types as
-    /// [`Kernel::Portable`].
+    /// x86-64 AVX2 + FMA: Q8_0, Q4_1, Q5_0, Q4_K and Q6_K in SIMD; Q4_0,
+    /// F16 and F32 as [`Kernel::Portable`].
     Avx2,
 }
 

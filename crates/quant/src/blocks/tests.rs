@@ -1,7 +1,7 @@
 //! The kernels against candle's dequantization.
 
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
 use rand::{Rng, SeedableRng};
 
 use super::*;
@@ -175,7 +175,8 @@ fn avx512_kernel_equals_portable() {
     kernel_equals_portable(Kernel::Avx512Vnni);
 }
 
-/// The AVX2 kernel too (Q4_1 and Q8_0 in SIMD, the rest portable).
+/// The AVX2 kernel too (Q4_1, Q8_0, Q5_0, Q4_K and Q6_K in SIMD, F16/F32
+/// and Q4_0 portable).
 #[test]
 fn avx2_kernel_equals_portable() {
     if !Kernel::Avx2.is_available() {
@@ -210,6 +211,156 @@ fn kernel_equals_portable(kernel: Kernel) {
                 let want: Vec<f64> = b.iter().map(|&v| v as f64).collect();
                 let (max, _) = errors(&a, &want);
                 assert!(max < 1e-5, "{dtype:?} {rows}x{cols} n={n}: {max:.2e}");
+            }
+        }
+    }
+}
+
+/// The types whose AVX2 kernels sum in the portable kernel's order.
+const AVX2_EXACT: [GgmlDType; 3] = [GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K];
+
+/// Shapes for them: Q5_0 with 1, 3, 9 (a group of eight blocks and one, two
+/// groups of four and one), 18, 20 (Gemma's 640) and 64 (2048) blocks per
+/// row; the K types with 1 to 8 super-blocks; row counts that are not
+/// multiples of the pool's rows per task.
+fn avx2_exact_shapes(dtype: GgmlDType) -> Vec<(usize, usize)> {
+    match dtype {
+        GgmlDType::Q5_0 => vec![
+            (7, 32),
+            (45, 96),
+            (19, 288),
+            (33, 576),
+            (64, 640),
+            (37, 2048),
+        ],
+        _ => vec![(45, 256), (17, 768), (3, 1024), (37, 2048)],
+    }
+}
+
+/// Activation rows: one (decode), odd counts, whole and partial groups of
+/// the kernels' four.
+const AVX2_EXACT_NS: [usize; 7] = [1, 2, 3, 4, 5, 8, 17];
+
+/// The AVX2 Q5_0, Q4_K and Q6_K kernels give the portable kernel's floats
+/// bit for bit: the integer dot products are exact whatever the order, and
+/// the f32 scaling (per block for Q5_0, per super-block for the K types) is
+/// done with the same operations in the same order.
+#[test]
+fn avx2_q5_0_q4k_q6k_equal_portable_bit_for_bit() {
+    if !Kernel::Avx2.is_available() {
+        eprintln!(
+            "SKIPPED avx2_q5_0_q4k_q6k_equal_portable_bit_for_bit: this CPU lacks AVX2 and FMA"
+        );
+        return;
+    }
+    let pools = pools();
+    for dtype in AVX2_EXACT {
+        for (rows, cols) in avx2_exact_shapes(dtype) {
+            let (q, _) = quantized(dtype, rows, cols, 13);
+            let fast = QMatrix::from_qtensor(&q)
+                .unwrap()
+                .with_kernel(Kernel::Avx2)
+                .unwrap();
+            let slow = QMatrix::from_qtensor(&q)
+                .unwrap()
+                .with_kernel(Kernel::Portable)
+                .unwrap();
+            for n in AVX2_EXACT_NS {
+                let x = random(n * cols, 60 + n as u64);
+                let (mut a, mut b) = (vec![f32::NAN; n * rows], vec![f32::NAN; n * rows]);
+                fast.matmul(&x, n, &mut a, &pools[n % 2]).unwrap();
+                slow.matmul(&x, n, &mut b, &pools[n % 2]).unwrap();
+                for (t, (g, w)) in a.iter().zip(&b).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "{dtype:?} {rows}x{cols} n={n} row {} col {}: {g} vs portable {w}",
+                        t / rows,
+                        t % rows
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The AVX2 Q5_0, Q4_K and Q6_K kernels against candle: its dequantized
+/// weights in f64 and its `QMatMul::forward` (which quantizes the
+/// activations as ggml does), within the tolerance of `check_kernel`.
+#[test]
+fn avx2_q5_0_q4k_q6k_match_candle() {
+    if !Kernel::Avx2.is_available() {
+        eprintln!("SKIPPED avx2_q5_0_q4k_q6k_match_candle: this CPU lacks AVX2 and FMA");
+        return;
+    }
+    let pools = pools();
+    for dtype in AVX2_EXACT {
+        for (rows, cols) in avx2_exact_shapes(dtype) {
+            let (q, deq) = quantized(dtype, rows, cols, 17);
+            let m = QMatrix::from_qtensor(&q)
+                .unwrap()
+                .with_kernel(Kernel::Avx2)
+                .unwrap();
+            let qmm = QMatMul::from_qtensor(q).unwrap();
+            for n in AVX2_EXACT_NS {
+                let x = random(n * cols, 80 + n as u64);
+                let mut y = vec![f32::NAN; n * rows];
+                m.matmul(&x, n, &mut y, &pools[n % 2]).unwrap();
+                let xt = Tensor::from_vec(x.clone(), (n, cols), &Device::Cpu).unwrap();
+                let theirs: Vec<f64> = qmm
+                    .forward(&xt)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f64::from)
+                    .collect();
+                let want = reference(&deq, rows, cols, &x, n);
+                for (what, want) in [("dequantized", &want), ("QMatMul", &theirs)] {
+                    let (max, rms) = errors(&y, want);
+                    assert!(
+                        max < 2e-2 && rms < 1e-2,
+                        "{dtype:?} {rows}x{cols} n={n} vs candle {what}: max error {max:.2e}, rms {rms:.2e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The AVX2 kernels' f16 → f32 conversion of 1, 4 or 8 scales at a time
+/// gives `f16_to_f32`'s bits for all 65536 values (subnormals, infinities
+/// and NaNs included).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_f16_conversion_equals_scalar() {
+    if !Kernel::Avx2.is_available() {
+        eprintln!("SKIPPED avx2_f16_conversion_equals_scalar: this CPU lacks AVX2 and FMA");
+        return;
+    }
+    let all: Vec<u16> = (0..=u16::MAX).collect();
+    for (c, h) in all.chunks_exact(8).enumerate() {
+        // SAFETY: the CPU has AVX2 (checked above); 8 values at `h`.
+        let v = unsafe {
+            [
+                avx2::f16s_to_f32::<8>(h.as_ptr()),
+                avx2::f16s_to_f32::<4>(h.as_ptr()),
+                avx2::f16s_to_f32::<1>(h.as_ptr()),
+            ]
+        };
+        for (g, v) in [8usize, 4, 1].into_iter().zip(v) {
+            let mut lanes = [0f32; 8];
+            // SAFETY: an 8-lane array; AVX2 checked above.
+            unsafe { std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+            for (t, &l) in lanes.iter().enumerate() {
+                let want = if t < g {
+                    crate::vnni::f16_to_f32(h[t]).to_bits()
+                } else {
+                    0
+                };
+                assert_eq!(l.to_bits(), want, "G={g}, f16 {:#06x}", 8 * c + t);
             }
         }
     }
