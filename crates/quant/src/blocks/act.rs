@@ -139,6 +139,7 @@ pub(crate) fn block_scales(amax: f32, sum: i32, q8_1: bool) -> (f32, f32) {
 
 /// Quantizes one row to blocks of 32 (portable). `qs.len() == x.len()`,
 /// `d.len() == s.len() == x.len() / 32`; `q8_1` selects Q8_1's sum term.
+#[inline(always)]
 pub(crate) fn quantize_row_q8_0(
     x: &[f32],
     layout: Layout,
@@ -165,6 +166,7 @@ pub(crate) fn quantize_row_q8_0(
 
 /// Quantizes one row to super-blocks of 256 (portable). `qs.len() == x.len()`,
 /// `d.len() == x.len() / 256`, `bsums.len() == 16 · d.len()`.
+#[inline(always)]
 pub(crate) fn quantize_row_q8_k(
     x: &[f32],
     layout: Layout,
@@ -189,5 +191,52 @@ pub(crate) fn quantize_row_q8_k(
             }
             bsums[sb * 16 + g] = sum as i16;
         }
+    }
+}
+
+/// The portable quantizers compiled for AVX2: the same Rust, so the same
+/// values to the bit, but the rounding is one `vroundps` per eight values
+/// instead of a call to the C library's `rint` per value (x86-64's baseline
+/// has no rounding instruction), and the loops vectorize.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use super::{Layout, QK};
+
+    /// Whether this CPU runs these.
+    #[inline]
+    pub(crate) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+
+    /// [`super::quantize_row_q8_0`].
+    ///
+    /// # Safety
+    /// The CPU has AVX2 ([`available`]).
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn quantize_row_q8_0(
+        x: &[f32],
+        layout: Layout,
+        qs: &mut [i8],
+        d: &mut [f32],
+        s: &mut [f32],
+        q8_1: bool,
+    ) {
+        debug_assert_eq!(x.len() % QK, 0);
+        super::quantize_row_q8_0(x, layout, qs, d, s, q8_1)
+    }
+
+    /// [`super::quantize_row_q8_k`].
+    ///
+    /// # Safety
+    /// The CPU has AVX2 ([`available`]).
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn quantize_row_q8_k(
+        x: &[f32],
+        layout: Layout,
+        qs: &mut [i8],
+        d: &mut [f32],
+        bsums: &mut [i16],
+    ) {
+        super::quantize_row_q8_k(x, layout, qs, d, bsums)
     }
 }

@@ -216,6 +216,11 @@ fn quantize_0_row(
         // SAFETY: `simd` is set only when the CPU runs the AVX-512 kernel.
         return unsafe { avx512::quantize_row_q8_0(x, layout, qs, d, s, q8_1) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if act::avx2::available() {
+        // SAFETY: the CPU has AVX2 (checked).
+        return unsafe { act::avx2::quantize_row_q8_0(x, layout, qs, d, s, q8_1) };
+    }
     let _ = simd;
     quantize_row_q8_0(x, layout, qs, d, s, q8_1)
 }
@@ -232,6 +237,11 @@ fn quantize_k_row(
     if simd {
         // SAFETY: as in `quantize_0_row`.
         return unsafe { avx512::quantize_row_q8_k(x, layout, qs, d, bs) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if act::avx2::available() {
+        // SAFETY: the CPU has AVX2 (checked).
+        return unsafe { act::avx2::quantize_row_q8_k(x, layout, qs, d, bs) };
     }
     let _ = simd;
     quantize_row_q8_k(x, layout, qs, d, bs)

@@ -532,3 +532,61 @@ fn q4_1_sums_in_ggml_order(kernel: Kernel) {
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_quantizers_equal_portable_bit_for_bit() {
+    if !act::avx2::available() {
+        eprintln!("skipped: this CPU has no AVX2");
+        return;
+    }
+    let k = 1024;
+    // Random rows, and rows whose scaled values land on exact ties
+    // (x · 127 / amax = m + 0.5) where rounding modes differ.
+    let mut rows = vec![random(k, 7), random(k, 8)];
+    rows.push(
+        (0..k)
+            .map(|t| ((t % 255) as f32 - 127.0) * 0.5 + 0.5)
+            .collect(),
+    );
+    rows.push(
+        (0..k)
+            .map(|t| {
+                if t % 32 == 0 {
+                    127.0
+                } else {
+                    (t % 64) as f32 - 31.5
+                }
+            })
+            .collect(),
+    );
+    rows.push(vec![0.0; k]);
+    for (r, x) in rows.iter().enumerate() {
+        for layout in [
+            act::Layout::Natural,
+            act::Layout::Nibble4,
+            act::Layout::SwapQ4K,
+        ] {
+            for q8_1 in [false, true] {
+                let nb = k / 32;
+                let mut a = (vec![0i8; k], vec![0f32; nb], vec![0f32; nb]);
+                let mut b = a.clone();
+                act::quantize_row_q8_0(x, layout, &mut a.0, &mut a.1, &mut a.2, q8_1);
+                // SAFETY: the CPU has AVX2 (checked above).
+                unsafe {
+                    act::avx2::quantize_row_q8_0(x, layout, &mut b.0, &mut b.1, &mut b.2, q8_1)
+                };
+                assert_eq!(a.0, b.0, "row {r} {layout:?} q8_1={q8_1}");
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!((bits(&a.1), bits(&a.2)), (bits(&b.1), bits(&b.2)));
+            }
+            let nb = k / 256;
+            let mut a = (vec![0i8; k], vec![0f32; nb], vec![0i16; nb * 16]);
+            let mut b = a.clone();
+            act::quantize_row_q8_k(x, layout, &mut a.0, &mut a.1, &mut a.2);
+            // SAFETY: as above.
+            unsafe { act::avx2::quantize_row_q8_k(x, layout, &mut b.0, &mut b.1, &mut b.2) };
+            assert_eq!(a, b, "row {r} {layout:?} (Q8_K)");
+        }
+    }
+}
