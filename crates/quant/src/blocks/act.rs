@@ -123,6 +123,19 @@ pub(crate) fn inv_scale(amax: f32) -> f32 {
     }
 }
 
+/// A Q8_K super-block's scale from its inverse scale `id` (0 for a zero
+/// block): `1 / id`, as ggml's `quantize_row_q8_K_ref` stores it (the
+/// reciprocal of its `-127 / max`; the sign goes with the values), which is
+/// not always the float `amax / 127`.
+#[inline]
+pub(crate) fn q8_k_scale(id: f32) -> f32 {
+    if id > 0.0 {
+        1.0 / id
+    } else {
+        0.0
+    }
+}
+
 /// The scale and the sum term of one block whose largest magnitude is
 /// `amax` and whose int8 values sum to `sum` (see the module docs).
 #[inline]
@@ -178,7 +191,7 @@ pub(crate) fn quantize_row_q8_k(
     for (sb, blk) in x.chunks_exact(QKK).enumerate() {
         let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
         let id = inv_scale(amax);
-        d[sb] = amax / 127.0;
+        d[sb] = q8_k_scale(id);
         for (g, sixteen) in blk.chunks_exact(16).enumerate() {
             let b = sb * 8 + g / 2;
             let (lo, hi) = block_dest(layout, b, nb);

@@ -99,8 +99,9 @@ pub(crate) unsafe fn quantize_row_q8_k(
                 m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(p.add(16 * g))));
             }
             let amax = _mm512_reduce_max_ps(m);
-            let id = _mm512_set1_ps(inv_scale(amax));
-            d[sb] = amax / 127.0;
+            let id = inv_scale(amax);
+            d[sb] = super::act::q8_k_scale(id);
+            let id = _mm512_set1_ps(id);
             for g in 0..16 {
                 let q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p.add(16 * g)), id));
                 let (lo, hi) = block_dest(layout, sb * 8 + g / 2, nb);
