@@ -598,7 +598,7 @@ fn smollm2_greedy_tokens_equal_llama_cpp() {
 }
 
 #[test]
-#[ignore = "issue 12 acceptance check, not met yet: 7 of 10 Gemma prompts agree over 32 tokens with llama.cpp's defaults; the rest part at near ties (logit margins 0.02-0.07) where our Q5_0 / Q8_0 / Q4_K / Q6_K kernels round otherwise than llama.cpp's; run with --ignored"]
+#[ignore = "issue 12 acceptance check, not met yet: 5 of 10 Gemma prompts agree over 32 tokens on a 2-vCPU Xeon with AVX-512 (4 of 10 on an AVX2-only EPYC); the rest part at near ties (llama.cpp margins 0.02-0.07): on x86 llama.cpp repacks Q4_K, Q6_K and Q8_0 into interleaved gemv/gemm kernels that sum in their own order; run with --ignored"]
 fn gemma3_greedy_tokens_equal_llama_cpp() {
     greedy_agrees(gemma3(), "gemma3-270m");
 }

@@ -2,9 +2,8 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
 use super::config::RopeStyle;
+use super::linear::Matrix;
 use super::numerics::{self, AttnScratch};
 use super::ops::{self, RopeTable};
 use super::KvType;
@@ -166,9 +165,12 @@ pub(crate) fn run(
         let q = grow_exact(&mut s.q, t * qd);
         let k = grow_exact(&mut s.k, t * kvd);
         let v = grow_exact(&mut s.v, t * kvd);
-        layer.wq.matmul(h, t, q)?;
-        layer.wk.matmul(h, t, k)?;
-        layer.wv.matmul(h, t, v)?;
+        Matrix::matmul_many(
+            &[&layer.wq, &layer.wk, &layer.wv],
+            h,
+            t,
+            &mut [&mut *q, &mut *k, &mut *v],
+        )?;
         if let Some(qn) = &layer.q_norm {
             ops::rms_norm_inplace(q, qn, cfg.rms_eps);
         }
@@ -224,8 +226,7 @@ pub(crate) fn run(
         ops::rms_norm(x, &layer.ffn_norm, cfg.rms_eps, h);
         let g = grow_exact(&mut s.g, t * cfg.ffn);
         let u = grow_exact(&mut s.u, t * cfg.ffn);
-        layer.gate.matmul(h, t, g)?;
-        layer.up.matmul(h, t, u)?;
+        Matrix::matmul_many(&[&layer.gate, &layer.up], h, t, &mut [&mut *g, &mut *u])?;
         match cfg.arch {
             super::Architecture::Llama => ops::silu_mul(g, u),
             super::Architecture::Gemma3 => ops::gelu_mul(g, u),
@@ -358,9 +359,7 @@ fn attention(
             }
         });
     };
-    if tasks.len() == 1 {
-        run_task(&tasks[0]);
-    } else {
-        tasks.par_iter().for_each(run_task);
-    }
+    // On the matmuls' pool (its threads are spinning for the next matmul),
+    // inline when there is one task.
+    super::linear::pool().run(tasks.len(), |t| run_task(&tasks[t]));
 }

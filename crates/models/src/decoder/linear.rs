@@ -15,7 +15,7 @@ use quant::blocks::{ComputePool, PoolConfig, QMatrix};
 use crate::error::Result;
 
 /// The pool every decoder matmul runs on (the physical cores by default).
-fn pool() -> &'static ComputePool {
+pub(crate) fn pool() -> &'static ComputePool {
     static POOL: OnceLock<ComputePool> = OnceLock::new();
     POOL.get_or_init(|| {
         ComputePool::new(&PoolConfig::default()).unwrap_or_else(|_| ComputePool::single())
@@ -65,6 +65,20 @@ impl Matrix {
         debug_assert_eq!(x.len(), n * self.cols);
         debug_assert_eq!(y.len(), n * self.rows);
         self.q.matmul(x, n, y, pool())?;
+        Ok(())
+    }
+
+    /// `ys[i] = x W_i^T` for matrices of one input width, as one job of the
+    /// pool (the activations quantized once): a layer's Q, K and V, or its
+    /// gate and up projections. The same values as separate `matmul`s.
+    pub(crate) fn matmul_many(
+        mats: &[&Matrix],
+        x: &[f32],
+        n: usize,
+        ys: &mut [&mut [f32]],
+    ) -> Result<()> {
+        let qs: Vec<&QMatrix> = mats.iter().map(|m| &m.q).collect();
+        QMatrix::matmul_many(&qs, x, n, ys, pool())?;
         Ok(())
     }
 

@@ -1,28 +1,66 @@
 //! Row-wise f32 kernels of the decoder's forward pass.
+//!
+//! They run on the decoder's [`ComputePool`](quant::blocks::ComputePool)
+//! (the threads that run the matmuls, spinning between them), and inline
+//! on the caller when the work is one task's worth: a decode step's few rows
+//! cost less than any hand-off to another thread.
 
-use rayon::prelude::*;
-
+use super::linear::pool;
 use super::numerics;
 
-/// Rows per parallel task.
-const ROWS_PER_TASK: usize = 8;
+/// f32 values per parallel task (below twice this, the caller does it all).
+const FLOATS_PER_TASK: usize = 8192;
+
+/// Runs `f` over `chunk`-long pieces of `x` (the last may be shorter), on
+/// the compute pool when there is more than one task's worth.
+fn for_chunks(x: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let chunk = chunk.max(1);
+    let n = x.len().div_ceil(chunk);
+    if n <= 1 {
+        if !x.is_empty() {
+            f(0, x);
+        }
+        return;
+    }
+    let len = x.len();
+    let p = SyncMut(x.as_mut_ptr());
+    let p = &p;
+    pool().run(n, |t| {
+        let start = t * chunk;
+        let end = (start + chunk).min(len);
+        // SAFETY: task t alone takes elements start..end of `x`, which
+        // outlives the pool run.
+        let piece = unsafe { std::slice::from_raw_parts_mut(p.0.add(start), end - start) };
+        f(t, piece);
+    });
+}
+
+struct SyncMut(*mut f32);
+// SAFETY: tasks touch disjoint ranges (see `for_chunks`).
+unsafe impl Sync for SyncMut {}
+
+/// Elements per task for rows of width `d`: whole rows, about
+/// [`FLOATS_PER_TASK`] values.
+fn rows_chunk(d: usize) -> usize {
+    d.max(1) * (FLOATS_PER_TASK / d.max(1)).max(1)
+}
 
 /// `out[r] = x[r] / rms(x[r]) * w` for each row of width `w.len()`.
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
-    out.par_chunks_mut(d * ROWS_PER_TASK)
-        .zip(x.par_chunks(d * ROWS_PER_TASK))
-        .for_each(|(o, x)| {
-            for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                norm_row(x, w, eps, o);
-            }
-        });
+    let chunk = rows_chunk(d);
+    for_chunks(out, chunk, |t, o| {
+        let x = &x[t * chunk..t * chunk + o.len()];
+        for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            norm_row(x, w, eps, o);
+        }
+    });
 }
 
 /// In-place RMSNorm of every `w.len()`-wide piece of `x` (per-head norms).
 pub(crate) fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
     let d = w.len();
-    x.par_chunks_mut(d * ROWS_PER_TASK).for_each(|x| {
+    for_chunks(x, rows_chunk(d), |_, x| {
         for row in x.chunks_exact_mut(d) {
             let s = inv_rms(row, eps);
             for (v, w) in row.iter_mut().zip(w) {
@@ -51,27 +89,28 @@ fn norm_row(x: &[f32], w: &[f32], eps: f32, o: &mut [f32]) {
 
 /// `x += y`.
 pub(crate) fn add_inplace(x: &mut [f32], y: &[f32]) {
-    x.par_chunks_mut(4096)
-        .zip(y.par_chunks(4096))
-        .for_each(|(x, y)| {
-            for (a, b) in x.iter_mut().zip(y) {
-                *a += b;
-            }
-        });
+    for_chunks(x, 4 * FLOATS_PER_TASK, |t, x| {
+        let y = &y[t * 4 * FLOATS_PER_TASK..];
+        for (a, b) in x.iter_mut().zip(y) {
+            *a += b;
+        }
+    });
 }
 
 /// `g = silu(g) * u` (llama.cpp's numerics: [`numerics::silu_mul`]).
 pub(crate) fn silu_mul(g: &mut [f32], u: &[f32]) {
-    g.par_chunks_mut(4096)
-        .zip(u.par_chunks(4096))
-        .for_each(|(g, u)| numerics::silu_mul(g, u));
+    for_chunks(g, FLOATS_PER_TASK, |t, g| {
+        let u = &u[t * FLOATS_PER_TASK..t * FLOATS_PER_TASK + g.len()];
+        numerics::silu_mul(g, u)
+    });
 }
 
 /// `g = gelu_tanh(g) * u` (llama.cpp's numerics: [`numerics::gelu_mul`]).
 pub(crate) fn gelu_mul(g: &mut [f32], u: &[f32]) {
-    g.par_chunks_mut(4096)
-        .zip(u.par_chunks(4096))
-        .for_each(|(g, u)| numerics::gelu_mul(g, u));
+    for_chunks(g, FLOATS_PER_TASK, |t, g| {
+        let u = &u[t * FLOATS_PER_TASK..t * FLOATS_PER_TASK + g.len()];
+        numerics::gelu_mul(g, u)
+    });
 }
 
 /// RoPE angles for a set of positions: `cos`/`sin` tables of
@@ -92,10 +131,18 @@ impl RopeTable {
         let half = c.half;
         let n_rows = c.cos.len() / half.max(1);
         let width = x.len() / n_rows.max(1);
-        x.par_chunks_mut(width).enumerate().for_each(|(t, row)| {
-            let cos = &c.cos[t * half..(t + 1) * half];
-            let sin = &c.sin[t * half..(t + 1) * half];
-            numerics::rope_rows(row, head_dim, cos, sin, adjacent);
+        if width == 0 {
+            return;
+        }
+        let chunk = rows_chunk(width);
+        let per = chunk / width;
+        for_chunks(x, chunk, |t, rows| {
+            for (i, row) in rows.chunks_exact_mut(width).enumerate() {
+                let r = t * per + i;
+                let cos = &c.cos[r * half..(r + 1) * half];
+                let sin = &c.sin[r * half..(r + 1) * half];
+                numerics::rope_rows(row, head_dim, cos, sin, adjacent);
+            }
         });
     }
 }

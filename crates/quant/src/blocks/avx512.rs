@@ -131,6 +131,34 @@ pub(crate) unsafe fn tile(
     js: Range<usize>,
     y: YPtr,
 ) {
+    if n == 1 && matches!(m.ty, Ty::Q4_1 | Ty::Q8_0) {
+        // One activation row (a decode step): four weight rows at a time,
+        // so that four independent accumulator chains hide the latency of
+        // the multiply-adds that one row's chain waits on. Each row's sums
+        // run in the same order as in `row::<1>`: the same floats.
+        let mut j = js.start;
+        while j + COLS <= js.end {
+            let mut out = [0f32; COLS];
+            // SAFETY: forwarded from the caller; rows `j..j + COLS` exist.
+            unsafe {
+                match m.ty {
+                    Ty::Q4_1 => q4_1_cols(m, acts, j, &mut out),
+                    _ => q8_0_cols(m, acts, j, &mut out),
+                }
+                for (c, &v) in out.iter().enumerate() {
+                    y.write(0, j + c, v);
+                }
+            }
+            j += COLS;
+        }
+        // SAFETY: as below, for the rows left.
+        unsafe {
+            for_row_groups(1, j..js.end, y, |j, i, _, out| {
+                row::<1>(m, x, acts, j, i, out)
+            })
+        };
+        return;
+    }
     // SAFETY: forwarded from the caller; rows `i..i + r` exist.
     unsafe {
         for_row_groups(n, js, y, |j, i, r, out| match r {
@@ -286,6 +314,126 @@ unsafe fn q8_0_row<const N: usize>(
     }
     for r in 0..N {
         out[r] = _mm512_reduce_add_ps(acc[r]) - 128.0 * _mm512_reduce_add_ps(off[r]);
+    }
+}
+
+/// Weight rows per call of the one-activation-row kernels.
+const COLS: usize = 4;
+
+/// [`q8_0_row`]`::<1>` for weight rows `j0..j0 + COLS` against activation
+/// row 0, the rows' chains interleaved; each row's value is the same float.
+///
+/// # Safety
+/// As for [`tile`], with `n == 1`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q8_0_cols(m: &QMatrix, acts: &Acts, j0: usize, out: &mut [f32; COLS]) {
+    let nb = m.nb();
+    let wq: [*const u8; COLS] = std::array::from_fn(|c| m.qs[(j0 + c) * nb * 32..].as_ptr());
+    let wd: [*const u16; COLS] = std::array::from_fn(|c| m.d[(j0 + c) * nb..].as_ptr());
+    let mut acc = [_mm512_setzero_ps(); COLS];
+    let mut off = [_mm512_setzero_ps(); COLS];
+    let zero = _mm512_setzero_si512();
+    let mut b0 = 0;
+    while b0 < nb {
+        let cb = 16.min(nb - b0);
+        // SAFETY: blocks `b0..b0 + cb` of the weight rows and of activation
+        // row 0 exist; loads past them are masked.
+        unsafe {
+            let da = _mm512_maskz_loadu_ps(mask16(cb), acts.d.as_ptr().add(b0));
+            let sa = _mm512_maskz_loadu_ps(mask16(cb), acts.s.as_ptr().add(b0));
+            let mut cs = [_mm512_setzero_ps(); COLS];
+            for c in 0..COLS {
+                let dw = load_f16(wd[c].add(b0), cb);
+                cs[c] = _mm512_mul_ps(dw, da);
+                off[c] = _mm512_fmadd_ps(dw, sa, off[c]);
+            }
+            let mut p = 0;
+            while 2 * p < cb {
+                let full = 2 * p + 1 < cb;
+                let bm: __mmask64 = if full { !0 } else { 0xffff_ffff };
+                let idx = spread(2 * p as i32, 8);
+                let a = _mm512_maskz_loadu_epi8(bm, acts.qs.as_ptr().add((b0 + 2 * p) * 32));
+                for c in 0..COLS {
+                    // The same bytes of the row COLS ahead: the next call's
+                    // weights, asked of memory before they are needed (a
+                    // hint only; it never faults, even past the matrix).
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        wq[c].wrapping_add((COLS * nb + b0 + 2 * p) * 32) as *const i8
+                    );
+                    let w = _mm512_maskz_loadu_epi8(bm, wq[c].add((b0 + 2 * p) * 32) as *const i8);
+                    let dot = _mm512_dpbusd_epi32(zero, w, a);
+                    acc[c] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(dot),
+                        _mm512_permutexvar_ps(idx, cs[c]),
+                        acc[c],
+                    );
+                }
+                p += 1;
+            }
+        }
+        b0 += cb;
+    }
+    for c in 0..COLS {
+        out[c] = _mm512_reduce_add_ps(acc[c]) - 128.0 * _mm512_reduce_add_ps(off[c]);
+    }
+}
+
+/// [`q4_1_row`]`::<1>` for weight rows `j0..j0 + COLS` against activation
+/// row 0, the rows' chains interleaved; each row's value is the same float
+/// (ggml's order, as there).
+///
+/// # Safety
+/// As for [`tile`], with `n == 1`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q4_1_cols(m: &QMatrix, acts: &Acts, j0: usize, out: &mut [f32; COLS]) {
+    let nb = m.nb();
+    let wq: [*const u8; COLS] = std::array::from_fn(|c| m.qs[(j0 + c) * nb * 16..].as_ptr());
+    let wd: [*const u16; COLS] = std::array::from_fn(|c| m.d[(j0 + c) * nb..].as_ptr());
+    let wm: [*const u16; COLS] = std::array::from_fn(|c| m.m[(j0 + c) * nb..].as_ptr());
+    let low = _mm_set1_epi8(0x0f);
+    let zero = _mm256_setzero_si256();
+    let mut acc = [_mm256_setzero_ps(); COLS];
+    let mut summs = [0f32; COLS];
+    let (mut dw, mut mw) = ([[0f32; 16]; COLS], [[0f32; 16]; COLS]);
+    let mut b0 = 0;
+    while b0 < nb {
+        let cb = 16.min(nb - b0);
+        // SAFETY: blocks `b0..b0 + cb` of the weight rows and of activation
+        // row 0 exist; the scale loads past them are masked.
+        unsafe {
+            for c in 0..COLS {
+                _mm512_storeu_ps(dw[c].as_mut_ptr(), load_f16(wd[c].add(b0), cb));
+                _mm512_storeu_ps(mw[c].as_mut_ptr(), load_f16(wm[c].add(b0), cb));
+            }
+            for t in 0..cb {
+                let b = b0 + t;
+                let sa = *acts.s.get_unchecked(b);
+                let da = *acts.d.get_unchecked(b);
+                let a = _mm256_loadu_si256(acts.qs.as_ptr().add(b * 32) as *const __m256i);
+                for c in 0..COLS {
+                    if b % 4 == 0 {
+                        // A cache line (four blocks) of the row COLS ahead,
+                        // as in `q8_0_cols`.
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            wq[c].wrapping_add((COLS * nb + b) * 16) as *const i8
+                        );
+                    }
+                    let v = _mm_loadu_si128(wq[c].add(b * 16) as *const __m128i);
+                    let w = _mm256_inserti128_si256::<1>(
+                        _mm256_castsi128_si256(_mm_and_si128(v, low)),
+                        _mm_and_si128(_mm_srli_epi16::<4>(v), low),
+                    );
+                    summs[c] = mw[c][t].mul_add(sa, summs[c]);
+                    let xy = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, w, a));
+                    let dd = _mm256_set1_ps(dw[c][t] * da);
+                    acc[c] = _mm256_fmadd_ps(dd, xy, acc[c]);
+                }
+            }
+        }
+        b0 += cb;
+    }
+    for c in 0..COLS {
+        out[c] = hsum_f32x8(acc[c]) + summs[c];
     }
 }
 

@@ -603,6 +603,93 @@ impl QMatrix {
         Ok(())
     }
 
+    /// Several matmuls of one input as one job of the pool:
+    /// `ys[i][n x mats[i].rows()] = x[n x cols] · mats[i]ᵀ`, e.g. a layer's
+    /// query, key and value projections.
+    ///
+    /// The activations are quantized once for every matrix that takes the
+    /// same form of them, and the threads meet once at the end instead of
+    /// once per matrix; each value equals what [`matmul`](Self::matmul)
+    /// gives for that matrix alone, to the bit.
+    ///
+    /// # Errors
+    /// [`Error::BufferLength`] when `ys` and `mats` differ in number, when a
+    /// matrix's width differs from the first's (`what` is `"matrix columns"`),
+    /// or when `x` or an output has the wrong length.
+    ///
+    /// ```
+    /// use candle_core::quantized::GgmlDType;
+    /// use quant::blocks::{ComputePool, QMatrix};
+    ///
+    /// let zeros = vec![0u8; 34 * 2]; // two Q8_0 rows of 32 values
+    /// let a = QMatrix::from_raw(GgmlDType::Q8_0, 2, 32, &zeros)?;
+    /// let b = QMatrix::from_raw(GgmlDType::Q8_0, 2, 32, &zeros)?;
+    /// let x = vec![1.0f32; 32];
+    /// let (mut ya, mut yb) = (vec![9.0f32; 2], vec![9.0f32; 2]);
+    /// let pool = ComputePool::single();
+    /// QMatrix::matmul_many(&[&a, &b], &x, 1, &mut [&mut ya, &mut yb], &pool)?;
+    /// assert_eq!((ya, yb), (vec![0.0; 2], vec![0.0; 2]));
+    /// # Ok::<(), quant::Error>(())
+    /// ```
+    pub fn matmul_many(
+        mats: &[&QMatrix],
+        x: &[f32],
+        n: usize,
+        ys: &mut [&mut [f32]],
+        pool: &ComputePool,
+    ) -> Result<()> {
+        if ys.len() != mats.len() {
+            return Err(Error::BufferLength {
+                what: "outputs",
+                got: ys.len(),
+                want: mats.len(),
+            });
+        }
+        let Some(first) = mats.first() else {
+            return Ok(());
+        };
+        for m in mats {
+            if m.cols != first.cols {
+                return Err(Error::BufferLength {
+                    what: "matrix columns",
+                    got: m.cols,
+                    want: first.cols,
+                });
+            }
+        }
+        if x.len() != n * first.cols {
+            return Err(Error::BufferLength {
+                what: "input",
+                got: x.len(),
+                want: n * first.cols,
+            });
+        }
+        for (m, y) in mats.iter().zip(ys.iter()) {
+            if y.len() != n * m.rows {
+                return Err(Error::BufferLength {
+                    what: "output",
+                    got: y.len(),
+                    want: n * m.rows,
+                });
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let mut parts: Vec<super::Part<'_>> = mats
+            .iter()
+            .zip(ys.iter_mut())
+            .filter(|(m, _)| m.rows > 0)
+            .map(|(m, y)| super::Part {
+                m,
+                rows: 0..m.rows,
+                y,
+            })
+            .collect();
+        super::run_parts(&mut parts, x, n, pool);
+        Ok(())
+    }
+
     /// Dot products of weight rows `j0..j0 + len` with activation rows
     /// `i0..i0 + r`, written to `y[i][j - col0]` with row stride `ystride`.
     pub(crate) fn portable_tile(

@@ -136,8 +136,9 @@ impl Kernel {
 }
 
 thread_local! {
-    /// The calling thread's quantized activations, reused between calls.
-    static ACTS: RefCell<Acts> = RefCell::new(Acts::default());
+    /// The calling thread's quantized activations (one per distinct form in
+    /// a fused call), reused between calls.
+    static ACTS: RefCell<Vec<Acts>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A pointer to scratch that the pool's tasks fill in disjoint parts.
@@ -251,6 +252,55 @@ fn quantize_k_row(
 /// [`MIN_ROWS_PER_TASK`] so a task amortises its start.
 const MIN_ROWS_PER_TASK: usize = 16;
 
+/// How a matrix wants its activations: `None` for F32/F16 (the f32 rows as
+/// they are), else the quantized form's (layout, super-blocks, Q8_1 sums,
+/// SIMD quantizer). Matrices with equal keys share one quantization.
+type ActKey = Option<(Layout, bool, bool, bool)>;
+
+/// The kernel a matrix runs and the activations it needs.
+#[derive(Clone, Copy)]
+struct Plan {
+    simd: bool,
+    #[cfg(target_arch = "x86_64")]
+    avx2: bool,
+    key: ActKey,
+}
+
+fn plan(m: &QMatrix) -> Plan {
+    #[cfg(target_arch = "x86_64")]
+    let simd = m.kernel == Kernel::Avx512Vnni && avx512::supports(m.ty);
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = false;
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = m.kernel == Kernel::Avx2 && avx2::supports(m.ty);
+    let key = if matches!(m.ty, Ty::F32 | Ty::F16) {
+        None
+    } else {
+        let layout = if simd {
+            m.ty.simd_layout()
+        } else {
+            Layout::Natural
+        };
+        Some((layout, m.ty.super_blocks(), m.ty == Ty::Q4_1, simd))
+    };
+    Plan {
+        simd,
+        #[cfg(target_arch = "x86_64")]
+        avx2,
+        key,
+    }
+}
+
+/// One matrix of a (fused) matmul: its output rows and where they go.
+pub(crate) struct Part<'a> {
+    pub(crate) m: &'a QMatrix,
+    pub(crate) rows: Range<usize>,
+    pub(crate) y: &'a mut [f32],
+}
+
+/// Distinct activation quantizations one fused call can hold.
+const MAX_KEYS: usize = 4;
+
 /// The body of [`QMatrix::matmul_rows`] (arguments checked).
 pub(crate) fn run_matmul(
     m: &QMatrix,
@@ -260,54 +310,101 @@ pub(crate) fn run_matmul(
     y: &mut [f32],
     pool: &ComputePool,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    let simd = m.kernel == Kernel::Avx512Vnni && avx512::supports(m.ty);
-    #[cfg(not(target_arch = "x86_64"))]
-    let simd = false;
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = m.kernel == Kernel::Avx2 && avx2::supports(m.ty);
-    let out = YPtr {
-        ptr: y.as_mut_ptr(),
-        stride: rows.len(),
-        col0: rows.start,
-    };
-    let per_task = rows
-        .len()
-        .div_ceil(4 * pool.threads())
-        .max(MIN_ROWS_PER_TASK);
-    let tasks = rows.len().div_ceil(per_task);
+    run_parts(&mut [Part { m, rows, y }], x, n, pool);
+}
+
+/// Runs several matmuls of the same input as one job of the pool: the
+/// activations are quantized once per distinct [`ActKey`], and the tasks of
+/// every part are claimed from one counter, so the threads meet once at the
+/// end instead of once per matrix. Each output value is computed exactly as
+/// by a lone call (the same kernel on the same activations).
+///
+/// Arguments are checked by the callers: every part's `m.cols * n ==
+/// x.len()`, `rows` inside `m`, `y.len() == n * rows.len()`, `n > 0`.
+pub(crate) fn run_parts(parts: &mut [Part<'_>], x: &[f32], n: usize, pool: &ComputePool) {
+    if parts.is_empty() {
+        return;
+    }
+    // Keys beyond MAX_KEYS run as a separate call.
+    let plans: Vec<Plan> = parts.iter().map(|p| plan(p.m)).collect();
+    let mut keys: Vec<(Ty, ActKey)> = Vec::with_capacity(MAX_KEYS);
+    let mut slot = Vec::with_capacity(parts.len());
+    for (p, pl) in parts.iter().zip(&plans) {
+        let found = keys.iter().position(|(_, k)| *k == pl.key);
+        match found {
+            Some(i) => slot.push(i),
+            None if keys.len() < MAX_KEYS => {
+                keys.push((p.m.ty, pl.key));
+                slot.push(keys.len() - 1);
+            }
+            None => {
+                let (head, tail) = parts.split_at_mut(slot.len());
+                run_parts(head, x, n, pool);
+                run_parts(tail, x, n, pool);
+                return;
+            }
+        }
+    }
+
+    let total: usize = parts.iter().map(|p| p.rows.len()).sum();
+    let per_task = total.div_ceil(4 * pool.threads()).max(MIN_ROWS_PER_TASK);
+    // (part, first row, end row) of each task.
+    let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
+    let outs: Vec<YPtr> = parts
+        .iter_mut()
+        .map(|p| YPtr {
+            ptr: p.y.as_mut_ptr(),
+            stride: p.rows.len(),
+            col0: p.rows.start,
+        })
+        .collect();
+    for (i, p) in parts.iter().enumerate() {
+        let mut j = p.rows.start;
+        while j < p.rows.end {
+            let e = (j + per_task).min(p.rows.end);
+            tasks.push((i, j, e));
+            j = e;
+        }
+    }
+
     ACTS.with(|cell| {
         let mut guard = cell.try_borrow_mut();
         let mut own;
-        let acts: &mut Acts = match guard.as_deref_mut() {
+        let all: &mut Vec<Acts> = match guard.as_deref_mut() {
             Ok(a) => a,
             // Re-entered on this thread (cannot happen through the public
-            // API, kept safe anyway): a fresh buffer.
+            // API, kept safe anyway): fresh buffers.
             Err(_) => {
-                own = Acts::default();
+                own = Vec::new();
                 &mut own
             }
         };
-        if !matches!(m.ty, Ty::F32 | Ty::F16) {
-            let layout = if simd {
-                m.ty.simd_layout()
-            } else {
-                Layout::Natural
-            };
-            quantize(m.ty, x, n, m.cols, layout, simd, acts, pool);
+        if all.len() < keys.len() {
+            all.resize_with(keys.len(), Acts::default);
         }
-        let acts: &Acts = acts;
-        pool.run(tasks, |t| {
-            let js = rows.start + t * per_task..(rows.start + (t + 1) * per_task).min(rows.end);
+        for (a, &(ty, key)) in all.iter_mut().zip(&keys) {
+            if let Some((layout, _, _, simd)) = key {
+                let k = parts[0].m.cols;
+                quantize(ty, x, n, k, layout, simd, a, pool);
+            }
+        }
+        let all: &[Acts] = all;
+        let parts: &[Part<'_>] = parts;
+        pool.run(tasks.len(), |t| {
+            let (i, j0, j1) = tasks[t];
+            let m = parts[i].m;
+            let acts = &all[slot[i]];
+            let out = outs[i];
+            let js = j0..j1;
             #[cfg(target_arch = "x86_64")]
-            if simd {
+            if plans[i].simd {
                 // SAFETY: `supports` checked the CPU; sizes were checked by
-                // `matmul_rows`; tasks write disjoint columns of `y`.
+                // the caller; tasks write disjoint columns of `y`.
                 unsafe { avx512::tile(m, x, acts, n, js, out) };
                 return;
             }
             #[cfg(target_arch = "x86_64")]
-            if avx2 {
+            if plans[i].avx2 {
                 // SAFETY: `Kernel::Avx2` is set only where the CPU has AVX2
                 // and FMA (`with_kernel` checks); `supports` checked the
                 // type; the activations are in natural order (`simd` is

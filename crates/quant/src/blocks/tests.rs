@@ -388,6 +388,119 @@ fn some_rows_equal_the_full_product() {
     }
 }
 
+/// A fused call gives each matrix exactly what a lone call gives it, with
+/// matrices of mixed types (so several forms of the activations), kernels
+/// and row counts, on one thread and on several.
+#[test]
+fn matmul_many_equals_separate_matmuls_bit_for_bit() {
+    let mut kernels = vec![Kernel::Portable];
+    for k in [Kernel::Avx2, Kernel::Avx512Vnni] {
+        if k.is_available() {
+            kernels.push(k);
+        }
+    }
+    let cols = 512;
+    let specs = [
+        (GgmlDType::Q4_1, 70),
+        (GgmlDType::Q8_0, 3),
+        (GgmlDType::Q4K, 33),
+        (GgmlDType::Q6K, 129),
+        (GgmlDType::Q5_0, 16),
+        (GgmlDType::F16, 5),
+        (GgmlDType::Q4_1, 1),
+    ];
+    for pool in pools() {
+        for ki in 0..kernels.len() {
+            // Each matrix on this kernel, or on the next one (mixed kernels).
+            let mats: Vec<QMatrix> = specs
+                .iter()
+                .enumerate()
+                .map(|(i, &(dtype, rows))| {
+                    let (q, _) = quantized(dtype, rows, cols, 30 + i as u64);
+                    let k = kernels[(ki + i % 2) % kernels.len()];
+                    QMatrix::from_qtensor(&q).unwrap().with_kernel(k).unwrap()
+                })
+                .collect();
+            for n in [1, 4, 7, 20] {
+                let x = random(n * cols, 40 + n as u64);
+                let want: Vec<Vec<f32>> = mats
+                    .iter()
+                    .map(|m| {
+                        let mut y = vec![0f32; n * m.rows()];
+                        m.matmul(&x, n, &mut y, &pool).unwrap();
+                        y
+                    })
+                    .collect();
+                let mut got: Vec<Vec<f32>> =
+                    mats.iter().map(|m| vec![f32::NAN; n * m.rows()]).collect();
+                let refs: Vec<&QMatrix> = mats.iter().collect();
+                let mut outs: Vec<&mut [f32]> = got.iter_mut().map(|v| &mut v[..]).collect();
+                QMatrix::matmul_many(&refs, &x, n, &mut outs, &pool).unwrap();
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let same = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "matrix {i} ({:?}) n {n} kernel {:?}",
+                        specs[i].0,
+                        mats[i].kernel()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A lone activation row (a decode step, where the SIMD kernels take
+/// several weight rows at once) gets the same floats as the same row in a
+/// batch of two (one weight row at a time), on every kernel this CPU runs.
+#[test]
+fn one_activation_row_equals_its_row_in_a_batch_bit_for_bit() {
+    let pool = ComputePool::single();
+    for kernel in [Kernel::Portable, Kernel::Avx2, Kernel::Avx512Vnni] {
+        if !kernel.is_available() {
+            continue;
+        }
+        for dtype in TYPES {
+            for (rows, cols) in shapes(dtype) {
+                let (q, _) = quantized(dtype, rows, cols, 61);
+                let m = QMatrix::from_qtensor(&q)
+                    .unwrap()
+                    .with_kernel(kernel)
+                    .unwrap();
+                let x = random(2 * cols, 62);
+                let mut one = vec![0f32; rows];
+                m.matmul(&x[..cols], 1, &mut one, &pool).unwrap();
+                let mut two = vec![0f32; 2 * rows];
+                m.matmul(&x, 2, &mut two, &pool).unwrap();
+                for (j, (a, b)) in one.iter().zip(&two[..rows]).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{kernel:?} {dtype:?} {rows}x{cols} row {j}: {a} alone, {b} in a batch"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_many_rejects_mismatched_buffers() {
+    let pool = ComputePool::single();
+    let a = QMatrix::from_raw(GgmlDType::Q8_0, 2, 64, &[0; 136]).unwrap();
+    let b = QMatrix::from_raw(GgmlDType::Q8_0, 2, 32, &[0; 68]).unwrap();
+    let x = [0.0f32; 64];
+    let (mut ya, mut yb) = ([0f32; 2], [0f32; 2]);
+    let err = QMatrix::matmul_many(&[&a, &b], &x, 1, &mut [&mut ya, &mut yb], &pool).unwrap_err();
+    assert!(err.to_string().contains("matrix columns has 32"), "{err}");
+    let err = QMatrix::matmul_many(&[&a, &a], &x, 1, &mut [&mut ya[..]], &pool).unwrap_err();
+    assert!(err.to_string().contains("outputs has 1"), "{err}");
+    let err = QMatrix::matmul_many(&[&a], &x, 1, &mut [&mut yb[..1]], &pool).unwrap_err();
+    assert!(err.to_string().contains("needs 2"), "{err}");
+    let err = QMatrix::matmul_many(&[&a], &x[..63], 1, &mut [&mut ya[..]], &pool).unwrap_err();
+    assert!(err.to_string().contains("63"), "{err}");
+}
+
 #[test]
 fn resident_bytes_known_from_the_header() {
     for dtype in TYPES {
