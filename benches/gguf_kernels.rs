@@ -121,6 +121,13 @@ fn kernels(c: &mut Criterion) {
                 .and_then(|m| m.with_kernel(Kernel::Portable))
                 .expect("matrix")
         });
+        // On an AVX-512 CPU, the AVX2 kernel too (what AVX2-only CPUs run).
+        let avx2 =
+            (ours.kernel() == Kernel::Avx512Vnni && Kernel::Avx2.is_available()).then(|| {
+                QMatrix::from_raw(dtype, rows, cols, &data)
+                    .and_then(|m| m.with_kernel(Kernel::Avx2))
+                    .expect("matrix")
+            });
         let theirs = QMatMul::from_qtensor(
             qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).expect("qtensor"),
         )
@@ -142,6 +149,11 @@ fn kernels(c: &mut Criterion) {
             });
             if let Some(p) = &portable {
                 group.bench_with_input(BenchmarkId::new("snug-portable", n), &n, |b, &n| {
+                    b.iter(|| p.matmul(&x, n, &mut y, &pool).expect("matmul"))
+                });
+            }
+            if let Some(p) = &avx2 {
+                group.bench_with_input(BenchmarkId::new("snug-avx2", n), &n, |b, &n| {
                     b.iter(|| p.matmul(&x, n, &mut y, &pool).expect("matmul"))
                 });
             }

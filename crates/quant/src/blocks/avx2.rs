@@ -77,6 +77,29 @@ pub(crate) unsafe fn tile(m: &QMatrix, acts: &Acts, n: usize, js: Range<usize>, 
         "the AVX2 kernel got a {:?} matrix or short buffers",
         m.ty
     );
+    if n == 1 && matches!(m.ty, Ty::Q4_1 | Ty::Q8_0) {
+        // One activation row (a decode step): four weight rows at a time, as
+        // the AVX-512 kernel does (independent accumulator chains, the rows
+        // four ahead prefetched); each row's sums in `row::<1>`'s order.
+        let mut j = js.start;
+        while j + COLS <= js.end {
+            let mut out = [0f32; COLS];
+            // SAFETY: forwarded; the sizes were asserted above.
+            unsafe {
+                match m.ty {
+                    Ty::Q4_1 => q4_1_cols(m, acts, j, &mut out),
+                    _ => q8_0_cols(m, acts, j, &mut out),
+                }
+                for (c, &v) in out.iter().enumerate() {
+                    y.write(0, j + c, v);
+                }
+            }
+            j += COLS;
+        }
+        // SAFETY: as below, for the rows left.
+        unsafe { for_row_groups(1, j..js.end, y, |j, i, _, out| row::<1>(m, acts, j, i, out)) };
+        return;
+    }
     // SAFETY: forwarded; the sizes were asserted above.
     unsafe {
         for_row_groups(n, js, y, |j, i, r, out| match r {
@@ -193,6 +216,90 @@ unsafe fn q8_0_row<const N: usize>(
     }
     for r in 0..N {
         out[r] = hsum_f32x8(acc[r]);
+    }
+}
+
+/// Weight rows per call of the one-activation-row kernels.
+const COLS: usize = 4;
+
+/// [`q4_1_row`]`::<1>` for weight rows `j0..j0 + COLS` against activation
+/// row 0, the rows' chains interleaved: each row's value is the same float.
+///
+/// # Safety
+/// As for [`tile`] (sizes checked there), with `n == 1`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q4_1_cols(m: &QMatrix, acts: &Acts, j0: usize, out: &mut [f32; COLS]) {
+    let nb = m.nb();
+    let low = _mm_set1_epi8(0x0f);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); COLS];
+    let mut summs = [0f32; COLS];
+    for b in 0..nb {
+        let (sa, da) = (acts.s[b], acts.d[b]);
+        // SAFETY: blocks `(j0 + c) * nb + b` have 16 bytes of nibbles;
+        // activation row 0 has 32 values at block `b` (the caller's sizes);
+        // a prefetch is a hint and never faults.
+        unsafe {
+            let a = _mm256_loadu_si256(acts.qs.as_ptr().add(b * QK) as *const __m256i);
+            for c in 0..COLS {
+                let wb = (j0 + c) * nb + b;
+                let (dw, mw) = (f16_to_f32(m.d[wb]), f16_to_f32(m.m[wb]));
+                if b % 4 == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        m.qs.as_ptr().wrapping_add((wb + COLS * nb) * 16) as *const i8
+                    );
+                }
+                let v = _mm_loadu_si128(m.qs.as_ptr().add(wb * 16) as *const __m128i);
+                let w = _mm256_inserti128_si256::<1>(
+                    _mm256_castsi128_si256(_mm_and_si128(v, low)),
+                    _mm_and_si128(_mm_srli_epi16::<4>(v), low),
+                );
+                summs[c] = mw.mul_add(sa, summs[c]);
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), ones);
+                let dd = _mm256_set1_ps(dw * da);
+                acc[c] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(dot), acc[c]);
+            }
+        }
+    }
+    for c in 0..COLS {
+        out[c] = hsum_f32x8(acc[c]) + summs[c];
+    }
+}
+
+/// [`q8_0_row`]`::<1>` for weight rows `j0..j0 + COLS` against activation
+/// row 0, the rows' chains interleaved: each row's value is the same float.
+///
+/// # Safety
+/// As for [`tile`] (sizes checked there), with `n == 1`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q8_0_cols(m: &QMatrix, acts: &Acts, j0: usize, out: &mut [f32; COLS]) {
+    let nb = m.nb();
+    let flip = _mm256_set1_epi8(-128);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); COLS];
+    for b in 0..nb {
+        let da = acts.d[b];
+        // SAFETY: blocks `(j0 + c) * nb + b` have 32 quants; activation row
+        // 0 has 32 values at block `b`; a prefetch never faults.
+        unsafe {
+            let a = _mm256_loadu_si256(acts.qs.as_ptr().add(b * QK) as *const __m256i);
+            for c in 0..COLS {
+                let wb = (j0 + c) * nb + b;
+                let dw = f16_to_f32(m.d[wb]);
+                _mm_prefetch::<_MM_HINT_T0>(
+                    m.qs.as_ptr().wrapping_add((wb + COLS * nb) * QK) as *const i8
+                );
+                let u = _mm256_loadu_si256(m.qs.as_ptr().add(wb * QK) as *const __m256i);
+                let w = _mm256_xor_si256(u, flip);
+                let aw = _mm256_sign_epi8(w, w);
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(a, w)), ones);
+                let dd = _mm256_set1_ps(dw * da);
+                acc[c] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(dot), acc[c]);
+            }
+        }
+    }
+    for c in 0..COLS {
+        out[c] = hsum_f32x8(acc[c]);
     }
 }
 
