@@ -833,9 +833,6 @@ impl MiniLm {
 
     /// Embeds tokenised texts as one batch: one unit vector per text.
     pub fn embed_tokens(&self, batch: &[Tokens]) -> Result<Vec<Vec<f32>>> {
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
         // The forward makes some forty parallel calls (every matmul, norm,
         // attention and GELU). From a thread outside rayon's pool, each of
         // them would be handed to the pool and waited for (the caller

@@ -27,7 +27,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::act::{Acts, QK, QKK};
-use super::matrix::{for_row_groups, QMatrix, Ty, YPtr, R};
+use super::matrix::{for_col_groups, for_row_groups, QMatrix, Ty, YPtr, COLS, R};
 use crate::vnni::f16_to_f32;
 
 /// Whether this CPU has AVX2 and FMA.
@@ -81,23 +81,18 @@ pub(crate) unsafe fn tile(m: &QMatrix, acts: &Acts, n: usize, js: Range<usize>, 
         // One activation row (a decode step): four weight rows at a time, as
         // the AVX-512 kernel does (independent accumulator chains, the rows
         // four ahead prefetched); each row's sums in `row::<1>`'s order.
-        let mut j = js.start;
-        while j + COLS <= js.end {
-            let mut out = [0f32; COLS];
-            // SAFETY: forwarded; the sizes were asserted above.
-            unsafe {
-                match m.ty {
-                    Ty::Q4_1 => q4_1_cols(m, acts, j, &mut out),
-                    _ => q8_0_cols(m, acts, j, &mut out),
-                }
-                for (c, &v) in out.iter().enumerate() {
-                    y.write(0, j + c, v);
-                }
-            }
-            j += COLS;
-        }
-        // SAFETY: as below, for the rows left.
-        unsafe { for_row_groups(1, j..js.end, y, |j, i, _, out| row::<1>(m, acts, j, i, out)) };
+        // SAFETY: forwarded; the sizes were asserted above.
+        unsafe {
+            for_col_groups(
+                js,
+                y,
+                |j, out| match m.ty {
+                    Ty::Q4_1 => q4_1_cols(m, acts, j, out),
+                    _ => q8_0_cols(m, acts, j, out),
+                },
+                |j, i, _, out| row::<1>(m, acts, j, i, out),
+            )
+        };
         return;
     }
     // SAFETY: forwarded; the sizes were asserted above.
@@ -218,9 +213,6 @@ unsafe fn q8_0_row<const N: usize>(
         out[r] = hsum_f32x8(acc[r]);
     }
 }
-
-/// Weight rows per call of the one-activation-row kernels.
-const COLS: usize = 4;
 
 /// [`q4_1_row`]`::<1>` for weight rows `j0..j0 + COLS` against activation
 /// row 0, the rows' chains interleaved: each row's value is the same float.

@@ -17,7 +17,7 @@ use std::ops::Range;
 
 use super::act::{block_dest, inv_scale, Acts, Layout, QK, QKK};
 use super::avx2::hsum_f32x8;
-use super::matrix::{for_row_groups, QMatrix, Ty, YPtr, R};
+use super::matrix::{for_col_groups, for_row_groups, QMatrix, Ty, YPtr, COLS, R};
 
 /// Whether this CPU has AVX-512 F/BW/VL and VNNI.
 pub(crate) fn cpu_supports() -> bool {
@@ -136,26 +136,17 @@ pub(crate) unsafe fn tile(
         // so that four independent accumulator chains hide the latency of
         // the multiply-adds that one row's chain waits on. Each row's sums
         // run in the same order as in `row::<1>`: the same floats.
-        let mut j = js.start;
-        while j + COLS <= js.end {
-            let mut out = [0f32; COLS];
-            // SAFETY: forwarded from the caller; rows `j..j + COLS` exist.
-            unsafe {
-                match m.ty {
-                    Ty::Q4_1 => q4_1_cols(m, acts, j, &mut out),
-                    _ => q8_0_cols(m, acts, j, &mut out),
-                }
-                for (c, &v) in out.iter().enumerate() {
-                    y.write(0, j + c, v);
-                }
-            }
-            j += COLS;
-        }
-        // SAFETY: as below, for the rows left.
+        // SAFETY: forwarded from the caller; each group's rows exist.
         unsafe {
-            for_row_groups(1, j..js.end, y, |j, i, _, out| {
-                row::<1>(m, x, acts, j, i, out)
-            })
+            for_col_groups(
+                js,
+                y,
+                |j, out| match m.ty {
+                    Ty::Q4_1 => q4_1_cols(m, acts, j, out),
+                    _ => q8_0_cols(m, acts, j, out),
+                },
+                |j, i, _, out| row::<1>(m, x, acts, j, i, out),
+            )
         };
         return;
     }
@@ -316,9 +307,6 @@ unsafe fn q8_0_row<const N: usize>(
         out[r] = _mm512_reduce_add_ps(acc[r]) - 128.0 * _mm512_reduce_add_ps(off[r]);
     }
 }
-
-/// Weight rows per call of the one-activation-row kernels.
-const COLS: usize = 4;
 
 /// [`q8_0_row`]`::<1>` for weight rows `j0..j0 + COLS` against activation
 /// row 0, the rows' chains interleaved; each row's value is the same float.

@@ -745,6 +745,39 @@ pub(crate) unsafe fn for_row_groups(
     }
 }
 
+/// Weight rows per call of the SIMD kernels' one-activation-row variants.
+#[cfg(target_arch = "x86_64")]
+pub(crate) const COLS: usize = 4;
+
+/// The one-activation-row tile loop (a decode step): `cols(j, out)` for
+/// each whole group of [`COLS`] weight rows `j..j + COLS` of `js`, several
+/// independent accumulator chains at once, then `one(j, out)` for each row
+/// left; writes row 0 of `y`.
+///
+/// # Safety
+/// `y` covers the cells `(0, js)` and no other task writes them.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn for_col_groups(
+    js: Range<usize>,
+    y: YPtr,
+    mut cols: impl FnMut(usize, &mut [f32; COLS]),
+    one: impl FnMut(usize, usize, usize, &mut [f32; R]),
+) {
+    let mut j = js.start;
+    while j + COLS <= js.end {
+        let mut out = [0f32; COLS];
+        cols(j, &mut out);
+        for (c, &v) in out.iter().enumerate() {
+            // SAFETY: forwarded from the caller.
+            unsafe { y.write(0, j + c, v) };
+        }
+        j += COLS;
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { for_row_groups(1, j..js.end, y, one) };
+}
+
 /// The output buffer shared by the pool's tasks: row `i`, weight row `j`
 /// goes to `ptr[i * stride + j - col0]`.
 #[derive(Clone, Copy, Debug)]

@@ -388,17 +388,20 @@ fn some_rows_equal_the_full_product() {
     }
 }
 
+/// The kernels this CPU runs (the portable one always).
+fn kernels_here() -> Vec<Kernel> {
+    [Kernel::Portable, Kernel::Avx2, Kernel::Avx512Vnni]
+        .into_iter()
+        .filter(|k| k.is_available())
+        .collect()
+}
+
 /// A fused call gives each matrix exactly what a lone call gives it, with
 /// matrices of mixed types (so several forms of the activations), kernels
 /// and row counts, on one thread and on several.
 #[test]
 fn matmul_many_equals_separate_matmuls_bit_for_bit() {
-    let mut kernels = vec![Kernel::Portable];
-    for k in [Kernel::Avx2, Kernel::Avx512Vnni] {
-        if k.is_available() {
-            kernels.push(k);
-        }
-    }
+    let kernels = kernels_here();
     let cols = 512;
     let specs = [
         (GgmlDType::Q4_1, 70),
@@ -456,10 +459,7 @@ fn matmul_many_equals_separate_matmuls_bit_for_bit() {
 #[test]
 fn one_activation_row_equals_its_row_in_a_batch_bit_for_bit() {
     let pool = ComputePool::single();
-    for kernel in [Kernel::Portable, Kernel::Avx2, Kernel::Avx512Vnni] {
-        if !kernel.is_available() {
-            continue;
-        }
+    for kernel in kernels_here() {
         for dtype in TYPES {
             for (rows, cols) in shapes(dtype) {
                 let (q, _) = quantized(dtype, rows, cols, 61);
