@@ -1,9 +1,24 @@
 //! Estimates against measurement: each case runs in a fresh child process
 //! that builds the runtime with one format, measures the peak resident
-//! growth (`VmHWM` after resetting it through `/proc/self/clear_refs`) and
-//! the peak growth of the bytes allocated (a counting allocator), and prints
-//! both beside the estimate, with the estimate's ratio to each (to the bytes
-//! allocated for requests only: a load's peak is mostly mapped file pages).
+//! growth and the peak growth of the bytes allocated (a counting allocator),
+//! and prints both beside the estimate, with the estimate's ratio to each
+//! (to the bytes allocated for requests only: a load's peak is mostly mapped
+//! file pages).
+//!
+//! The peak resident growth is the larger of two readings:
+//!
+//! - `VmHWM` after resetting it through `/proc/self/clear_refs`. The kernel
+//!   updates that high-water mark only at some events (an unmap, the
+//!   reset), so a peak given back by other means (malloc trimming a heap
+//!   with `madvise`) can go unseen: alone it reads some small requests at a
+//!   fraction of what they allocate.
+//! - The exact resident set (`VmRSS`, which this kernel sums over its
+//!   per-CPU counters) read before **every** free and shrinking `realloc`
+//!   while the case runs, and once after it. Resident memory only falls
+//!   inside such calls (munmap of a mapped chunk, a heap trim), so the
+//!   largest of these readings is the peak; `--no-sample` leaves them out
+//!   (each costs a read of `/proc/self/status`).
+//!
 //! Two kinds of case:
 //!
 //! - **load**: `Runtime::load` (file mapped, weights built, first forward)
@@ -20,7 +35,7 @@
 //! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use clap::Parser;
 use runtime::{Runtime, RuntimeConfig};
@@ -46,10 +61,13 @@ unsafe impl GlobalAlloc for Counting {
         p
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        sample_resident();
         unsafe { System.dealloc(ptr, layout) };
         LIVE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // A realloc may move the block (freeing the old one) or shrink it.
+        sample_resident();
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             if new_size >= layout.size() {
@@ -66,6 +84,76 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
+
+/// Whether frees sample the resident set (only while a case runs).
+static SAMPLING: AtomicBool = AtomicBool::new(false);
+/// The largest resident set sampled, kB.
+static SAMPLED_KIB: AtomicU64 = AtomicU64::new(0);
+
+/// `VmRSS` now, kB, read from `/proc/self/status` without allocating (it
+/// runs inside the allocator). `None` when the file cannot be read.
+fn resident_kib_now() -> Option<u64> {
+    let mut buf = [0u8; 4096];
+    // SAFETY: a NUL-terminated path; the descriptor is closed below.
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/status".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    let mut len = 0;
+    while len < buf.len() {
+        // SAFETY: reads into the unfilled rest of `buf`.
+        let n = unsafe { libc::read(fd, buf[len..].as_mut_ptr().cast(), buf.len() - len) };
+        if n <= 0 {
+            break;
+        }
+        len += n as usize;
+    }
+    // SAFETY: `fd` was opened above and is closed once.
+    unsafe { libc::close(fd) };
+    let text = &buf[..len];
+    let at = text.windows(6).position(|w| w == b"VmRSS:")? + 6;
+    let digits = text[at..]
+        .iter()
+        .skip_while(|b| b.is_ascii_whitespace())
+        .take_while(|b| b.is_ascii_digit());
+    let mut kib = 0u64;
+    for d in digits {
+        kib = kib * 10 + u64::from(d - b'0');
+    }
+    Some(kib)
+}
+
+/// While a case runs: records the resident set before memory may be given
+/// back (see the module docs).
+#[inline]
+fn sample_resident() {
+    if SAMPLING.load(Ordering::Relaxed) {
+        if let Some(kib) = resident_kib_now() {
+            SAMPLED_KIB.fetch_max(kib, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs `f` as a measured case: the peak resident growth in bytes over the
+/// resident set at its start (the larger of `VmHWM` and the sampled exact
+/// readings), `VmHWM`'s reading alone, and `f`'s result.
+fn measure<T>(sample: bool, f: impl FnOnce() -> T) -> Result<(u64, u64, T), AnyError> {
+    std::fs::write("/proc/self/clear_refs", "5")?;
+    let base = resident_kib_now().ok_or("no /proc/self/status")? * 1024;
+    SAMPLED_KIB.store(0, Ordering::Relaxed);
+    SAMPLING.store(sample, Ordering::Relaxed);
+    let out = f();
+    SAMPLING.store(false, Ordering::Relaxed);
+    let (now, hwm) = snug::process_memory().ok_or("no /proc/self/status")?;
+    let sampled = (SAMPLED_KIB.load(Ordering::Relaxed) * 1024).max(now);
+    let by_hwm = hwm.saturating_sub(base);
+    Ok((sampled.max(hwm).saturating_sub(base), by_hwm, out))
+}
 
 /// Starts a peak measurement: returns the bytes live now. The heap is
 /// trimmed first (free pages returned to the OS), so that the growth is what
@@ -101,6 +189,10 @@ struct Args {
     /// (`RuntimeConfig::mmap_threshold`); the runtime's default when not given.
     #[arg(long)]
     mmap_threshold: Option<usize>,
+    /// Read the peak from `VmHWM` only, without sampling the resident set
+    /// before each free.
+    #[arg(long)]
+    no_sample: bool,
     /// Run one case as the child (internal): `load` or `request`.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -119,6 +211,8 @@ struct Args {
 struct Case {
     estimate: u64,
     measured: u64,
+    /// `VmHWM`'s growth alone.
+    hwm: u64,
     /// Peak growth of the bytes allocated (heap, no mapped file pages).
     allocated: u64,
     tokens: u64,
@@ -158,13 +252,12 @@ fn child(args: &Args, kind: &str) -> Result<(), AnyError> {
             let e = runtime::minilm_estimate(&dir, args.format.parse()?, 1)?;
             let estimate = e.load_peak.max(e.weights) + e.overhead;
             let live = reset_peak();
-            std::fs::write("/proc/self/clear_refs", "5")?;
-            let (base, _) = snug::process_memory().ok_or("no /proc/self/status")?;
-            rt.load(runtime::MINILM)?;
-            let (_, peak) = snug::process_memory().ok_or("no /proc/self/status")?;
+            let (measured, hwm, loaded) = measure(!args.no_sample, || rt.load(runtime::MINILM))?;
+            loaded?;
             Case {
                 estimate,
-                measured: peak.saturating_sub(base),
+                measured,
+                hwm,
                 allocated: PEAK.load(Ordering::Relaxed).saturating_sub(live),
                 tokens: 0,
             }
@@ -185,17 +278,16 @@ fn child(args: &Args, kind: &str) -> Result<(), AnyError> {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
             let est = rt.estimate(&refs)?;
             let live = reset_peak();
-            std::fs::write("/proc/self/clear_refs", "5")?;
-            let (base, _) = snug::process_memory().ok_or("no /proc/self/status")?;
-            let out = rt.embed(&refs)?;
-            let (_, peak) = snug::process_memory().ok_or("no /proc/self/status")?;
+            let (measured, hwm, out) = measure(!args.no_sample, || rt.embed(&refs))?;
+            let out = out?;
             let allocated = PEAK.load(Ordering::Relaxed).saturating_sub(live);
             if out.tier != Some(runtime::router::Tier::Small) {
                 return Err(format!("served by {:?}, not the model", out.tier).into());
             }
             Case {
                 estimate: est.estimate.bytes,
-                measured: peak.saturating_sub(base),
+                measured,
+                hwm,
                 allocated,
                 tokens: est.tokens,
             }
@@ -211,6 +303,9 @@ fn run_child(args: &Args, extra: &[String]) -> Result<Case, AnyError> {
     cmd.args(extra);
     if let Some(t) = args.mmap_threshold {
         cmd.arg("--mmap-threshold").arg(t.to_string());
+    }
+    if args.no_sample {
+        cmd.arg("--no-sample");
     }
     let out = cmd.output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -233,9 +328,9 @@ fn main() -> Result<(), AnyError> {
     }
     let mib = |b: u64| b as f64 / 1048576.0;
     println!(
-        "| case | tokens | estimate | measured | estimate / measured | allocated | estimate / allocated |"
+        "| case | tokens | estimate | measured | estimate / measured | VmHWM alone | allocated | estimate / allocated |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let (mut worst_low, mut worst_high) = (f64::INFINITY, 0f64);
     let (mut alloc_low, mut alloc_high) = (f64::INFINITY, 0f64);
     let mut report = |name: String, c: &Case, request: bool| {
@@ -253,10 +348,11 @@ fn main() -> Result<(), AnyError> {
             "—".to_string()
         };
         println!(
-            "| {name} | {} | {:.2} MiB | {:.2} MiB | {ratio:.2} | {:.2} MiB | {by_alloc} |",
+            "| {name} | {} | {:.2} MiB | {:.2} MiB | {ratio:.2} | {:.2} MiB | {:.2} MiB | {by_alloc} |",
             c.tokens,
             mib(c.estimate),
             mib(c.measured),
+            mib(c.hwm),
             mib(c.allocated)
         );
     };
