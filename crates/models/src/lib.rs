@@ -59,6 +59,7 @@ pub use crate::int4_plan::{
 };
 pub use crate::minilm::{
     BertConfig, LoadOptions, MiniLm, MiniLmMemory, MiniLmTokenizer, Profile, Tokens,
+    TOKENIZE_BYTES_PER_TEXT_BYTE, TOKENIZE_BYTES_PER_TOKEN,
 };
 pub use crate::rule::{RuleBasedConfig, RuleBasedEmbedder};
 

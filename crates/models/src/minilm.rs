@@ -267,7 +267,61 @@ impl MiniLmTokenizer {
     pub fn count(&self, texts: &[&str]) -> Result<Vec<usize>> {
         Ok(self.tokenize(texts)?.iter().map(Tokens::len).collect())
     }
+
+    /// The most heap [`tokenize`](Self::tokenize) holds at once for
+    /// `texts`, whose untruncated token counts (with `[CLS]` and `[SEP]`)
+    /// are `tokens`: each text's transient
+    /// ([`TOKENIZE_BYTES_PER_TOKEN`] a token and
+    /// [`TOKENIZE_BYTES_PER_TEXT_BYTE`] a byte), for as many texts at once
+    /// as rayon's pool has threads (the costliest ones: `encode_batch`
+    /// tokenizes the texts in parallel on it).
+    ///
+    /// The chunks are freed when tokenization ends, but they are small heap
+    /// chunks whose pages stay resident beneath the forward's buffers, so a
+    /// request's resident peak holds them as well.
+    ///
+    /// ```
+    /// use models::{MiniLmTokenizer, TOKENIZE_BYTES_PER_TEXT_BYTE, TOKENIZE_BYTES_PER_TOKEN};
+    ///
+    /// let one = MiniLmTokenizer::transient_bytes(&["a short text"], &[5]);
+    /// assert_eq!(one, 5 * TOKENIZE_BYTES_PER_TOKEN + 12 * TOKENIZE_BYTES_PER_TEXT_BYTE);
+    /// assert_eq!(MiniLmTokenizer::transient_bytes(&[], &[]), 0);
+    /// ```
+    pub fn transient_bytes(texts: &[&str], tokens: &[usize]) -> u64 {
+        let mut each: Vec<u64> = texts
+            .iter()
+            .zip(tokens)
+            .map(|(t, &n)| {
+                n as u64 * TOKENIZE_BYTES_PER_TOKEN + t.len() as u64 * TOKENIZE_BYTES_PER_TEXT_BYTE
+            })
+            .collect();
+        let at_once = rayon::current_num_threads().max(1).min(each.len());
+        each.sort_unstable_by(|a, b| b.cmp(a));
+        each[..at_once].iter().sum()
+    }
 }
+
+/// Heap bytes one text's tokenization holds at its peak, per token of the
+/// text (untruncated, with `[CLS]` and `[SEP]`), at most — beside
+/// [`TOKENIZE_BYTES_PER_TEXT_BYTE`]. The `tokenizers` crate builds, per
+/// token, a `Token` (its `String` and offsets), the `Encoding`'s seven
+/// per-token vectors (ids, type ids, tokens, words, offsets and two masks:
+/// 64 bytes, grown by doubling) with the token's text, and a second
+/// `Encoding` while the post-processor adds `[CLS]` and `[SEP]`; the
+/// normalized string's alignments (16 bytes a byte, in every normalizing
+/// pass) scale with the text's bytes, which come to a few per token.
+///
+/// Calibrated, not derived line by line: `tests/tokenize_bytes.rs` counts
+/// every byte one `tokenize` allocates, with a counting allocator, over
+/// seven kinds of text (plain English, accented, CJK, emoji, digits, code,
+/// long words) from 5 to 1,000 words, and checks that this bound holds for
+/// each. The costliest per token there (beside 2 bytes a byte): CJK 404
+/// bytes a token, plain English 350–385, code 273–345, long words 160–205.
+pub const TOKENIZE_BYTES_PER_TOKEN: u64 = 416;
+
+/// Heap bytes one text's tokenization holds at its peak per byte of the
+/// text, beside [`TOKENIZE_BYTES_PER_TOKEN`] (see there).
+pub const TOKENIZE_BYTES_PER_TEXT_BYTE: u64 = 2;
 
 fn file(dir: &Path, name: &str) -> Result<PathBuf> {
     let p = dir.join(name);

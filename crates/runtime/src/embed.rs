@@ -215,23 +215,26 @@ impl Runtime {
         let lens: Vec<u64> = counts.iter().map(|&n| (n as u64).min(window)).collect();
         let total: u64 = lens.iter().sum();
         let longest = lens.iter().copied().max().unwrap_or(0);
-        let bytes_of = |lens: &[u64], text_bytes: u64| {
+        let bytes_of = |lens: &[u64], text_bytes: u64, tokenizing: u64| {
             request_bytes(
                 &facts.memory,
                 lens,
                 text_bytes,
+                tokenizing,
                 inner.plan.lock().batch_tokens,
                 inner.config.batch.max_batch_size,
             )
         };
         let text_bytes: u64 = texts.iter().map(|t| t.len() as u64).sum();
-        let bytes = bytes_of(&lens, text_bytes);
+        // Tokenizing works on whole texts: untruncated counts.
+        let tokenizing = models::MiniLmTokenizer::transient_bytes(texts, &counts);
+        let bytes = bytes_of(&lens, text_bytes, tokenizing);
         let room = mem_budget::Room::in_ledger(inner.registry.ledger())?;
         let free = room.activations.min(room.total);
         let fits = bytes <= free;
         let max_tokens = (1..=window).rev().find(|&s| {
             let capped: Vec<u64> = lens.iter().map(|&l| l.min(s)).collect();
-            bytes_of(&capped, text_bytes) <= free
+            bytes_of(&capped, text_bytes, tokenizing) <= free
         });
         let recommendation = if fits {
             "OK".to_string()
@@ -406,15 +409,18 @@ pub(crate) fn largest_batch(lens: &[u64], batch_tokens: u64, batch_size: usize) 
 /// Bytes a request adds at its peak: the activations of its largest batch,
 /// plus what the runtime holds for the whole request: each text's tokens
 /// (ids and type ids, 8 bytes a token), the tokenizer's encodings of all of
-/// them ([`ENCODING_BYTES_PER_TOKEN`]: freed before the forward, but their
-/// heap pages stay resident beneath it), two copies of the texts (the misses
-/// and the cache keys), and per text four copies of its answer (the
-/// batcher's, the pooled scratch, the returned vector, the cached one) with
-/// the cache's per-entry overhead.
+/// them ([`ENCODING_BYTES_PER_TOKEN`]) and `tokenizing`, what the tokenizer
+/// holds at once while it works
+/// ([`models::MiniLmTokenizer::transient_bytes`]; both are freed before the
+/// forward, but their heap pages stay resident beneath it), two copies of
+/// the texts (the misses and the cache keys), and per text four copies of
+/// its answer (the batcher's, the pooled scratch, the returned vector, the
+/// cached one) with the cache's per-entry overhead.
 pub(crate) fn request_bytes(
     memory: &models::MiniLmMemory,
     lens: &[u64],
     text_bytes: u64,
+    tokenizing: u64,
     batch_tokens: u64,
     batch_size: usize,
 ) -> u64 {
@@ -423,6 +429,7 @@ pub(crate) fn request_bytes(
     let n = lens.len() as u64;
     memory.batch_bytes(tokens, texts)
         + (8 + ENCODING_BYTES_PER_TOKEN) * all_tokens
+        + tokenizing
         + 2 * text_bytes
         + n * (4 * memory.per_text + CACHE_ENTRY_BYTES)
 }
