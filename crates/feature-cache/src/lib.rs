@@ -60,6 +60,7 @@ mod hash;
 mod policy;
 mod sketch;
 mod stats;
+mod store;
 mod tuner;
 mod warm;
 
