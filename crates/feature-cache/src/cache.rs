@@ -503,7 +503,7 @@ where
         let hash = hash_key(key);
         self.inner.shards[self.shard_of(hash)]
             .lock()
-            .peek(key, &*self.inner.clock)
+            .peek(key, hash, &*self.inner.clock)
             .is_some()
     }
 
@@ -577,7 +577,7 @@ where
         let mut removed = Vec::new();
         let mut shard = self.inner.shards[self.shard_of(hash)].lock();
         if shard.weight() + weight > shard.capacity()
-            || shard.peek(&key, &*self.inner.clock).is_some()
+            || shard.peek(&key, hash, &*self.inner.clock).is_some()
         {
             return false;
         }
@@ -597,7 +597,9 @@ where
     /// Removes `key` (from the disk tier too); returns the value if it was live.
     pub fn remove(&self, key: &K) -> Option<V> {
         let hash = hash_key(key);
-        let taken = self.inner.shards[self.shard_of(hash)].lock().remove(key);
+        let taken = self.inner.shards[self.shard_of(hash)]
+            .lock()
+            .remove(key, hash);
         if let Some(second) = &self.inner.second {
             second.remove(key);
         }
@@ -799,7 +801,10 @@ where
             shard: si,
         };
         // Another leader may have finished between our miss and our flight.
-        if let Some(v) = self.inner.shards[si].lock().peek(&key, &*self.inner.clock) {
+        if let Some(v) = self.inner.shards[si]
+            .lock()
+            .peek(&key, hash, &*self.inner.clock)
+        {
             let v = v.value.clone();
             guard.finish(Ok(v.clone()));
             return Ok(v);

@@ -6,8 +6,10 @@
 //!
 //! - **Bounded by weight**: a [`EntryWeigher`] gives each entry its bytes; the
 //!   capacity can be changed at run time and is enforced at once.
-//! - **Sharded**: keys hash to one of a power-of-two number of shards, each a
-//!   set of `lru::LruCache`s behind a `parking_lot::Mutex`.
+//! - **Sharded**: keys hash to one of a power-of-two number of shards, each
+//!   behind a `parking_lot::Mutex`: a slab of entries on one intrusive
+//!   recency list per policy region, with one `hashbrown::HashTable` index
+//!   keyed by the key's hash.
 //! - **Admission** ([`Policy::TinyLfu`], the default): W-TinyLFU as in
 //!   Caffeine (a count-min frequency sketch with aging, an LRU admission
 //!   window in front of a segmented main space), plus a memory of rejected
@@ -60,6 +62,7 @@ mod hash;
 mod policy;
 mod sketch;
 mod stats;
+mod store;
 mod tuner;
 mod warm;
 

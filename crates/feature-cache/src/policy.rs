@@ -7,11 +7,10 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
-use lru::LruCache;
-
 use crate::hash::hash_key;
 use crate::sketch::FrequencySketch;
 use crate::stats::EvictionCause;
+use crate::store::Store;
 
 /// A stored value with its bookkeeping.
 #[derive(Debug)]
@@ -46,11 +45,13 @@ pub(crate) struct ShardCounters {
     pub(crate) time_saved: Duration,
 }
 
+/// The W-TinyLFU regions, each with its own recency list (with
+/// [`Policy::Lru`](crate::Policy::Lru) every entry is in the window).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Region {
-    Window,
-    Probation,
-    Protected,
+pub(crate) enum Region {
+    Window = 0,
+    Probation = 1,
+    Protected = 2,
 }
 
 /// Caffeine's climber constants.
@@ -65,9 +66,11 @@ const HASHDOS_THRESHOLD: u8 = 6;
 #[derive(Debug)]
 pub(crate) struct Shard<K: Hash + Eq, V> {
     admission: bool,
-    window: LruCache<K, Entry<V>>,
-    probation: LruCache<K, Entry<V>>,
-    protected: LruCache<K, Entry<V>>,
+    /// The entries, on one recency list per region, with one index.
+    store: Store<K, V>,
+    /// The candidates of one [`maintain`](Self::maintain) (slots), kept
+    /// between calls for its allocation.
+    candidates: VecDeque<u32>,
     window_weight: u64,
     probation_weight: u64,
     protected_weight: u64,
@@ -190,9 +193,8 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
     ) -> Self {
         let mut s = Self {
             admission,
-            window: LruCache::unbounded(),
-            probation: LruCache::unbounded(),
-            protected: LruCache::unbounded(),
+            store: Store::default(),
+            candidates: VecDeque::new(),
             window_weight: 0,
             probation_weight: 0,
             protected_weight: 0,
@@ -232,7 +234,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.window.len() + self.probation.len() + self.protected.len()
+        self.store.len()
     }
 
     pub(crate) fn weight(&self) -> u64 {
@@ -248,37 +250,36 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
         self.window_max
     }
 
-    fn region_mut(&mut self, r: Region) -> (&mut LruCache<K, Entry<V>>, &mut u64) {
+    fn weight_mut(&mut self, r: Region) -> &mut u64 {
         match r {
-            Region::Window => (&mut self.window, &mut self.window_weight),
-            Region::Probation => (&mut self.probation, &mut self.probation_weight),
-            Region::Protected => (&mut self.protected, &mut self.protected_weight),
+            Region::Window => &mut self.window_weight,
+            Region::Probation => &mut self.probation_weight,
+            Region::Protected => &mut self.protected_weight,
         }
     }
 
+    /// The region holding `key`.
+    #[cfg(test)]
     fn locate(&self, key: &K) -> Option<Region> {
-        if self.protected.contains(key) {
-            Some(Region::Protected)
-        } else if self.probation.contains(key) {
-            Some(Region::Probation)
-        } else if self.window.contains(key) {
-            Some(Region::Window)
-        } else {
-            None
-        }
+        let i = self.store.find(hash_key(key), key)?;
+        Some(self.store.region(i))
     }
 
-    fn take(&mut self, key: &K, r: Region) -> Option<(K, Entry<V>)> {
-        let (list, w) = self.region_mut(r);
-        let (k, e) = list.pop_entry(key)?;
-        *w -= e.weight;
-        Some((k, e))
+    /// Removes the entry in slot `i`.
+    fn take(&mut self, i: u32) -> (K, Entry<V>) {
+        let r = self.store.region(i);
+        let (k, e) = self.store.remove(i);
+        *self.weight_mut(r) -= e.weight;
+        (k, e)
     }
 
-    fn put(&mut self, key: K, e: Entry<V>, r: Region) {
-        let (list, w) = self.region_mut(r);
-        *w += e.weight;
-        list.push(key, e);
+    /// Moves the entry in slot `i` to the most recently used end of `to`.
+    fn move_to(&mut self, i: u32, to: Region) {
+        let from = self.store.region(i);
+        let w = self.store.entry(i).weight;
+        *self.weight_mut(from) -= w;
+        *self.weight_mut(to) += w;
+        self.store.move_to_front(i, to);
     }
 
     /// Looks `key` up; a hit counts as an access and returns the value with
@@ -291,68 +292,50 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
         clock: &dyn crate::Clock,
         removed: &mut Removed<K, V>,
     ) -> Option<(V, u64)> {
-        let mut now = None;
-        let found = if let Some(e) = self.protected.get(key) {
-            Some((Region::Protected, e.is_expired(&mut now, clock)))
-        } else if let Some(e) = self.probation.peek(key) {
-            Some((Region::Probation, e.is_expired(&mut now, clock)))
-        } else {
-            self.window
-                .get(key)
-                .map(|e| (Region::Window, e.is_expired(&mut now, clock)))
+        let Some(i) = self.store.find(hash, key) else {
+            self.record(false);
+            return None;
         };
-        match found {
-            None => {}
-            Some((r, true)) => {
-                if let Some((k, e)) = self.take(key, r) {
-                    self.counters.evictions[EvictionCause::Expired as usize] += 1;
-                    removed.push((k, e, EvictionCause::Expired));
-                }
-            }
-            Some((Region::Probation, false)) => {
-                // A second access in main: promote to protected.
-                let (k, e) = self.take(key, Region::Probation)?;
-                let v = (e.value.clone(), e.weight);
-                self.counters.time_saved += e.load_time;
-                self.put(k, e, Region::Protected);
-                self.demote_protected_overflow();
-                if let Some(s) = &mut self.sketch {
-                    s.increment(hash);
-                }
-                self.record(true);
-                return Some(v);
-            }
-            Some((r, false)) => {
-                let (list, _) = self.region_mut(r);
-                let e = list.peek(key)?;
-                let v = (e.value.clone(), e.weight);
-                let saved = e.load_time;
-                self.counters.time_saved += saved;
-                if let Some(s) = &mut self.sketch {
-                    s.increment(hash);
-                }
-                self.record(true);
-                return Some(v);
-            }
+        let mut now = None;
+        let e = self.store.entry(i);
+        if e.is_expired(&mut now, clock) {
+            let (k, e) = self.take(i);
+            self.counters.evictions[EvictionCause::Expired as usize] += 1;
+            removed.push((k, e, EvictionCause::Expired));
+            self.record(false);
+            return None;
         }
-        self.record(false);
-        None
+        let v = (e.value.clone(), e.weight);
+        self.counters.time_saved += e.load_time;
+        match self.store.region(i) {
+            Region::Probation => {
+                // A second access in main: promote to protected.
+                self.move_to(i, Region::Protected);
+                self.demote_protected_overflow();
+            }
+            r => self.store.move_to_front(i, r),
+        }
+        if let Some(s) = &mut self.sketch {
+            s.increment(hash);
+        }
+        self.record(true);
+        Some(v)
     }
 
     /// Like `get` but without counting an access or a hit/miss.
-    pub(crate) fn peek(&self, key: &K, clock: &dyn crate::Clock) -> Option<&Entry<V>> {
-        let r = self.locate(key)?;
-        let e = match r {
-            Region::Window => self.window.peek(key),
-            Region::Probation => self.probation.peek(key),
-            Region::Protected => self.protected.peek(key),
-        }?;
+    pub(crate) fn peek(&self, key: &K, hash: u64, clock: &dyn crate::Clock) -> Option<&Entry<V>> {
+        let i = self.store.find(hash, key)?;
+        let e = self.store.entry(i);
         let mut now = None;
         (!e.is_expired(&mut now, clock)).then_some(e)
     }
 
     /// Inserts or replaces `key`; evictions go to `removed`. True when the
     /// key was not stored before.
+    ///
+    /// Here and in the other methods that take one, `hash` is
+    /// [`hash_key`]`(key)`: the store's index is keyed by it, and the
+    /// sketch and the ghost count it.
     pub(crate) fn insert(
         &mut self,
         key: K,
@@ -360,27 +343,37 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
         entry: Entry<V>,
         removed: &mut Removed<K, V>,
     ) -> bool {
+        debug_assert_eq!(hash, hash_key(&key), "the hash of another key");
         self.counters.inserts += 1;
         if let Some(s) = &mut self.sketch {
             s.increment(hash);
         }
-        let found = self.locate(&key);
-        let region = match found {
-            Some(r) => {
-                if let Some((k, old)) = self.take(&key, r) {
-                    self.counters.evictions[EvictionCause::Replaced as usize] += 1;
-                    removed.push((k, old, EvictionCause::Replaced));
+        let found = self.store.find(hash, &key);
+        match found {
+            Some(i) => {
+                // Replaced in place: the most recently used of its region.
+                let r = self.store.region(i);
+                let w = entry.weight;
+                let (k, old) = self.store.replace(i, key, entry);
+                let region_weight = self.weight_mut(r);
+                *region_weight = *region_weight - old.weight + w;
+                self.counters.evictions[EvictionCause::Replaced as usize] += 1;
+                removed.push((k, old, EvictionCause::Replaced));
+                if r == Region::Protected {
+                    self.demote_protected_overflow();
                 }
-                r
             }
-            // A rejected candidate that came back goes straight to main (with
-            // the probability the tuning gives the ghost).
-            None if self.ghost_return(hash) && self.use_ghost() => Region::Probation,
-            None => Region::Window,
-        };
-        self.put(key, entry, region);
-        if region == Region::Protected {
-            self.demote_protected_overflow();
+            None => {
+                // A rejected candidate that came back goes straight to main
+                // (with the probability the tuning gives the ghost).
+                let r = if self.ghost_return(hash) && self.use_ghost() {
+                    Region::Probation
+                } else {
+                    Region::Window
+                };
+                *self.weight_mut(r) += entry.weight;
+                self.store.push(r, key, hash, entry);
+            }
         }
         self.grow_sketch();
         self.maintain(removed);
@@ -404,16 +397,15 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
     }
 
     /// Removes `key` explicitly.
-    pub(crate) fn remove(&mut self, key: &K) -> Option<(K, Entry<V>)> {
-        let r = self.locate(key)?;
-        let out = self.take(key, r);
-        if out.is_some() {
-            self.counters.evictions[EvictionCause::Explicit as usize] += 1;
-        }
-        out
+    pub(crate) fn remove(&mut self, key: &K, hash: u64) -> Option<(K, Entry<V>)> {
+        let i = self.store.find(hash, key)?;
+        self.counters.evictions[EvictionCause::Explicit as usize] += 1;
+        Some(self.take(i))
     }
 
-    /// Removes every entry for which `pred` holds, with `cause`.
+    /// Removes every entry for which `pred` holds, with `cause`: the
+    /// window's, then probation's, then protected's, each most recently used
+    /// first.
     pub(crate) fn remove_where(
         &mut self,
         mut pred: impl FnMut(&K, &Entry<V>) -> bool,
@@ -421,17 +413,16 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
         removed: &mut Removed<K, V>,
     ) {
         for r in [Region::Window, Region::Probation, Region::Protected] {
-            let (list, _) = self.region_mut(r);
-            let keys: Vec<K> = list
-                .iter()
-                .filter(|(k, e)| pred(k, e))
-                .map(|(k, _)| k.clone())
+            let slots: Vec<u32> = self
+                .store
+                .iter(r)
+                .filter(|(_, k, e)| pred(k, e))
+                .map(|(i, _, _)| i)
                 .collect();
-            for k in keys {
-                if let Some((k, e)) = self.take(&k, r) {
-                    self.counters.evictions[cause as usize] += 1;
-                    removed.push((k, e, cause));
-                }
+            for i in slots {
+                let (k, e) = self.take(i);
+                self.counters.evictions[cause as usize] += 1;
+                removed.push((k, e, cause));
             }
         }
     }
@@ -466,92 +457,93 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
 
     fn demote_protected_overflow(&mut self) {
         while self.protected_weight > self.protected_max {
-            let Some((k, e)) = self.protected.pop_lru() else {
+            let Some(i) = self.store.lru(Region::Protected) else {
                 break;
             };
-            self.protected_weight -= e.weight;
-            self.put(k, e, Region::Probation);
+            self.move_to(i, Region::Probation);
         }
     }
 
-    fn evict(&mut self, r: Region, removed: &mut Removed<K, V>) {
-        let (list, w) = self.region_mut(r);
-        if let Some((k, e)) = list.pop_lru() {
-            *w -= e.weight;
-            self.counters.evictions[EvictionCause::Capacity as usize] += 1;
-            removed.push((k, e, EvictionCause::Capacity));
-        }
+    /// Evicts the entry in slot `i` for capacity.
+    fn evict(&mut self, i: u32, removed: &mut Removed<K, V>) {
+        let (k, e) = self.take(i);
+        self.counters.evictions[EvictionCause::Capacity as usize] += 1;
+        removed.push((k, e, EvictionCause::Capacity));
     }
 
-    fn evict_key(&mut self, key: &K, r: Region, removed: &mut Removed<K, V>) {
-        if let Some((k, e)) = self.take(key, r) {
-            self.counters.evictions[EvictionCause::Capacity as usize] += 1;
-            removed.push((k, e, EvictionCause::Capacity));
+    /// Moves the window's least recently used entries to probation while it
+    /// is over its size; with `candidates`, their slots are queued there.
+    fn shrink_window(&mut self, candidates: bool) {
+        while self.window_weight > self.window_max {
+            let Some(i) = self.store.lru(Region::Window) else {
+                break;
+            };
+            if candidates {
+                self.candidates.push_back(i);
+            }
+            self.move_to(i, Region::Probation);
         }
     }
 
     /// Restores the size invariants after an insert or a resize.
     fn maintain(&mut self, removed: &mut Removed<K, V>) {
         if !self.admission {
-            while self.weight() > self.capacity && !self.window.is_empty() {
-                self.evict(Region::Window, removed);
+            while self.weight() > self.capacity {
+                let Some(i) = self.store.lru(Region::Window) else {
+                    break;
+                };
+                self.evict(i, removed);
             }
             return;
         }
         // Window overflow moves to probation; those entries are the candidates.
-        let mut candidates = std::collections::VecDeque::new();
-        while self.window_weight > self.window_max {
-            let Some((k, e)) = self.window.pop_lru() else {
-                break;
-            };
-            self.window_weight -= e.weight;
-            candidates.push_back(k.clone());
-            self.put(k, e, Region::Probation);
-        }
+        self.candidates.clear();
+        self.shrink_window(true);
         while self.weight() > self.capacity {
-            // Drop candidates that already left (evicted as victims).
-            while candidates
+            // Drop candidates that already left (evicted as victims). No
+            // entry is stored during this loop, so a candidate's slot is
+            // not reused: it holds the candidate exactly while it is in
+            // probation.
+            while self
+                .candidates
                 .front()
-                .is_some_and(|c| !self.probation.contains(c))
+                .is_some_and(|&c| !self.store.holds_in(c, Region::Probation))
             {
-                candidates.pop_front();
+                self.candidates.pop_front();
             }
-            let candidate = candidates.front().cloned();
+            let candidate = self.candidates.front().copied();
             // The victim: probation's LRU unless only candidates remain there,
             // then protected's LRU, then the window's.
-            let victim = if self.probation.len() > candidates.len() {
-                self.probation
-                    .peek_lru()
-                    .map(|(k, _)| (k.clone(), Region::Probation))
-            } else if let Some((k, _)) = self.protected.peek_lru() {
-                Some((k.clone(), Region::Protected))
+            let victim = if self.store.region_len(Region::Probation) > self.candidates.len() {
+                self.store.lru(Region::Probation)
+            } else if let Some(i) = self.store.lru(Region::Protected) {
+                Some(i)
             } else if candidate.is_none() {
-                self.window
-                    .peek_lru()
-                    .map(|(k, _)| (k.clone(), Region::Window))
+                self.store.lru(Region::Window)
             } else {
                 None
             };
             match (candidate, victim) {
                 (None, None) => break,
                 (Some(c), None) => {
-                    candidates.pop_front();
-                    self.evict_key(&c, Region::Probation, removed);
+                    self.candidates.pop_front();
+                    self.evict(c, removed);
                 }
-                (None, Some((v, r))) => self.evict_key(&v, r, removed),
-                (Some(c), Some((v, r))) => {
-                    candidates.pop_front();
-                    if self.admit(&c, &v) {
-                        self.evict_key(&v, r, removed);
+                (None, Some(v)) => self.evict(v, removed),
+                (Some(c), Some(v)) => {
+                    self.candidates.pop_front();
+                    if self.admit(c, v) {
+                        self.evict(v, removed);
                     } else {
-                        self.evict_key(&c, Region::Probation, removed);
+                        let hash = self.store.hash(c);
+                        self.evict(c, removed);
                         if self.ghost.is_some() {
                             let limit = usize::try_from(self.projected_entries() / 2)
                                 .unwrap_or(usize::MAX)
                                 .max(1);
                             let tick = self.counters.hits + self.counters.misses;
                             if let Some(g) = &mut self.ghost {
-                                g.remember(hash_key(&c), tick, limit);
+                                g.remember(hash, tick, limit);
                             }
                         }
                     }
@@ -560,10 +552,12 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
         }
     }
 
-    fn admit(&mut self, candidate: &K, victim: &K) -> bool {
+    /// Whether the candidate in slot `candidate` enters main in place of
+    /// the victim in slot `victim`.
+    fn admit(&mut self, candidate: u32, victim: u32) -> bool {
         let Some(s) = &self.sketch else { return true };
-        let cf = s.frequency(hash_key(candidate));
-        let vf = s.frequency(hash_key(victim));
+        let cf = s.frequency(self.store.hash(candidate));
+        let vf = s.frequency(self.store.hash(victim));
         if cf > vf || (cf == vf && self.tie > 0.0 && self.random_unit() < self.tie) {
             true
         } else if cf >= HASHDOS_THRESHOLD {
@@ -634,13 +628,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
         self.protected_max =
             (self.capacity.saturating_sub(self.window_max) as f64 * self.protected_share) as u64;
         self.demote_protected_overflow();
-        while self.window_weight > self.window_max {
-            let Some((k, e)) = self.window.pop_lru() else {
-                break;
-            };
-            self.window_weight -= e.weight;
-            self.put(k, e, Region::Probation);
-        }
+        self.shrink_window(false);
     }
 
     /// Counts a hit or miss; in admission mode feeds the hill climber.
@@ -705,17 +693,16 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
         self.protected_max += quota;
         self.window_max -= quota;
         while quota > 0 {
-            let Some((k, e)) = self.window.pop_lru() else {
+            let Some(i) = self.store.lru(Region::Window) else {
                 break;
             };
-            if e.weight > quota {
-                self.window.push(k.clone(), e);
-                self.window.demote(&k);
+            // One heavier than what is left stays the window's LRU.
+            let w = self.store.entry(i).weight;
+            if w > quota {
                 break;
             }
-            self.window_weight -= e.weight;
-            quota -= e.weight;
-            self.put(k, e, Region::Probation);
+            quota -= w;
+            self.move_to(i, Region::Probation);
         }
         self.protected_max -= quota;
         self.window_max += quota;
