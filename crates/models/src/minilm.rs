@@ -469,6 +469,20 @@ pub struct MiniLmMemory {
 }
 
 impl MiniLmMemory {
+    /// How many of the forward's buffers are live at once at its peak, at
+    /// most: in the layers, `hidden`, `ctx` and `work` with the int8
+    /// kernel's scratch (its quantized rows and their scales), and, on
+    /// candle's path, a call's input copy, output and quantized input;
+    /// while the embeddings are looked up, the three activation buffers
+    /// with the token ids, type ids and positions. Whoever maps large
+    /// buffers whole pages (glibc, for chunks of at least its mmap
+    /// threshold) pays up to a page more for each of them than
+    /// [`Self::batch_bytes`] counts.
+    pub fn buffers_at_peak(&self) -> u64 {
+        let layers = 5 + if self.per_chunk_token > 0 { 3 } else { 0 };
+        layers.max(6)
+    }
+
     /// Bytes one batch of `tokens` tokens over `texts` texts adds at its
     /// peak: its activations, the most a candle-path call takes for a chunk
     /// of them (each of the three candle terms the largest over the layers),

@@ -412,7 +412,9 @@ pub(crate) fn largest_batch(lens: &[u64], batch_tokens: u64, batch_size: usize) 
 /// them ([`ENCODING_BYTES_PER_TOKEN`]) and `tokenizing`, what the tokenizer
 /// holds at once while it works
 /// ([`models::MiniLmTokenizer::transient_bytes`]; both are freed before the
-/// forward, but their heap pages stay resident beneath it), two copies of
+/// forward, but their heap pages stay resident beneath it), up to a page
+/// more for each of the forward's buffers the allocator maps
+/// ([`models::MiniLmMemory::buffers_at_peak`]), two copies of
 /// the texts (the misses and the cache keys), and per text four copies of
 /// its answer (the batcher's, the pooled scratch, the returned vector, the
 /// cached one) with the cache's per-entry overhead.
@@ -430,8 +432,21 @@ pub(crate) fn request_bytes(
     memory.batch_bytes(tokens, texts)
         + (8 + ENCODING_BYTES_PER_TOKEN) * all_tokens
         + tokenizing
+        + memory.buffers_at_peak() * mapped_chunk_slack()
         + 2 * text_bytes
         + n * (4 * memory.per_text + CACHE_ENTRY_BYTES)
+}
+
+/// The most a buffer can take beyond its size when the allocator maps it
+/// (glibc, for chunks of at least the mmap threshold the runtime fixes):
+/// whole pages, with a 16-byte chunk header.
+fn mapped_chunk_slack() -> u64 {
+    #[cfg(unix)]
+    // SAFETY: sysconf only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    #[cfg(not(unix))]
+    let page = 4096;
+    u64::try_from(page).unwrap_or(4096).max(4096) + 16
 }
 
 /// Heap bytes per token of a `tokenizers::Encoding`, at most: seven
